@@ -1,0 +1,109 @@
+"""Paged attention backends, picked by name. A backend writes a step's new K/V into the paged
+cache, then attends each query over its request's blocks.
+
+The flattened batch is laid out decodes first (one token each), then prefill chunks:
+
+    tokens  [ d0 d1 ... d(B-1) | p0 p0 p0 ... | p1 p1 ... ]
+             decode_* fields      prefills[0]    prefills[1]
+
+One layer's cache view is [num_blocks, 2, block_size, num_kv_heads, head_dim] (K at 0, V at
+1); slot_block_ids/slot_offsets say where each new token's K/V goes. Keys are written before
+any query reads, so a chunk sees its own tokens and a prefix block filled earlier in the
+same step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    """Queries [q_start, q_start + q_len) of the batch, over keys 0 .. ctx_len-1 of a request."""
+
+    q_start: int
+    q_len: int
+    ctx_len: int
+    block_ids: torch.Tensor  # blocks covering ctx_len tokens
+    mask: torch.Tensor | None  # [q_len, ctx_len] bool, None when plain causal from position 0
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    slot_block_ids: torch.Tensor  # [T]
+    slot_offsets: torch.Tensor  # [T]
+    num_decodes: int = 0
+    decode_block_tables: torch.Tensor | None = None  # [B, max_blocks], padded with block 0
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size] bool
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+class TorchPagedAttention:
+    """Reference backend in plain torch: gathers each request's blocks and calls SDPA.
+    Decodes run as one padded, masked SDPA call; prefill chunks one call each."""
+
+    name = "torch"
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_layer: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]."""
+        k_cache, v_cache = kv_layer[:, 0], kv_layer[:, 1]
+        k_cache[meta.slot_block_ids, meta.slot_offsets] = k
+        v_cache[meta.slot_block_ids, meta.slot_offsets] = v
+        out = torch.empty_like(q)
+        if meta.num_decodes:
+            out[: meta.num_decodes] = self._decode(q[: meta.num_decodes], k_cache, v_cache, meta)
+        for chunk in meta.prefills:
+            rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
+            out[rows] = self._prefill(q[rows], k_cache, v_cache, chunk)
+        return out
+
+    def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        tables = meta.decode_block_tables
+        num_decodes, max_blocks = tables.shape
+        shape = (num_decodes, max_blocks * k_cache.shape[1], self.num_kv_heads, self.head_dim)
+        keys = k_cache[tables].view(shape).transpose(1, 2)
+        values = v_cache[tables].view(shape).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2), keys, values, attn_mask=meta.decode_mask, enable_gqa=True
+        )
+        return out.squeeze(2)
+
+    def _prefill(self, q, k_cache, v_cache, chunk: PrefillChunk) -> torch.Tensor:
+        shape = (-1, self.num_kv_heads, self.head_dim)
+        keys = k_cache[chunk.block_ids].view(shape)[: chunk.ctx_len].transpose(0, 1)
+        values = v_cache[chunk.block_ids].view(shape)[: chunk.ctx_len].transpose(0, 1)
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1),
+            keys,
+            values,
+            attn_mask=chunk.mask,
+            is_causal=chunk.mask is None,
+            enable_gqa=True,
+        )
+        return out.transpose(0, 1)
+
+
+BACKENDS = {"torch": TorchPagedAttention}
+
+
+def get_backend(name: str, device: torch.device) -> type[TorchPagedAttention]:
+    if name == "auto":
+        name = "torch"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; available: {sorted(BACKENDS)}")
+    return BACKENDS[name]

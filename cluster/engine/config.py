@@ -1,0 +1,228 @@
+"""Engine configuration: the model's shape read from a Hugging Face config.json, and the
+engine's own knobs (cache, scheduler, role). Built once at the edge, passed down as values.
+
+config.json is read as plain JSON rather than through `transformers` so that both the old
+(`rope_theta` + `rope_scaling`) and the new (`rope_parameters`) spellings load the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+# architecture -> (model family, q/k/v carry a bias regardless of config, q/k RMSNorm per head)
+SUPPORTED_ARCHITECTURES: dict[str, tuple[str, bool, bool]] = {
+    "LlamaForCausalLM": ("llama", False, False),
+    "MistralForCausalLM": ("mistral", False, False),
+    "Qwen2ForCausalLM": ("qwen2", True, False),
+    "Qwen3ForCausalLM": ("qwen3", False, True),
+}
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+Role = Literal["colocated", "prefill", "decode"]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(slots=True, frozen=True)
+class ModelConfig:
+    """The shape of a Llama-family decoder, as our model code needs it."""
+
+    path: str
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    sliding_window: int | None
+    checkpoint_dtype: str
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> ModelConfig:
+        config_file = Path(path) / "config.json"
+        if not config_file.is_file():
+            raise ValueError(f"{path} is not a model folder: it has no config.json")
+        return cls.from_dict(json.loads(config_file.read_text()), path=str(path))
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any], path: str = "") -> ModelConfig:
+        arch = _architecture(cfg)
+        _, forced_qkv_bias, qk_norm = SUPPORTED_ARCHITECTURES[arch]
+        _check_supported(cfg, arch)
+        num_heads = cfg["num_attention_heads"]
+        attention_bias = bool(cfg.get("attention_bias", False))
+        rope_theta, rope_scaling = _rope(cfg)
+        eos = cfg.get("eos_token_id")
+        return cls(
+            path=path,
+            architecture=arch,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=forced_qkv_bias or attention_bias,
+            o_bias=attention_bias and arch != "Qwen2ForCausalLM",  # Qwen2: q/k/v bias only
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            qk_norm=qk_norm,
+            sliding_window=_sliding_window(cfg, arch),
+            checkpoint_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
+        )
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """KV bytes one token occupies across all layers (K and V)."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+
+
+def _architecture(cfg: dict[str, Any]) -> str:
+    archs = cfg.get("architectures") or []
+    supported = ", ".join(SUPPORTED_ARCHITECTURES)
+    for arch in archs:
+        if arch in SUPPORTED_ARCHITECTURES:
+            return arch
+    name = archs[0] if archs else f"model_type={cfg.get('model_type')!r}"
+    raise ValueError(f"unsupported architecture {name}; supported: {supported}")
+
+
+def _check_supported(cfg: dict[str, Any], arch: str) -> None:
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"{arch} with hidden_act={act!r} is not supported; only 'silu' is")
+    for key in ("num_attention_heads", "hidden_size", "intermediate_size", "num_hidden_layers"):
+        if key not in cfg:
+            raise ValueError(f"config.json lacks {key!r}, which a {arch} config must have")
+
+
+def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    theta = float(params.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+    rope_type = params.pop("rope_type", params.pop("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(
+            f"RoPE scaling {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}"
+        )
+    if rope_type == "default":
+        return theta, None
+    return theta, {"rope_type": rope_type, **params}
+
+
+def _sliding_window(cfg: dict[str, Any], arch: str) -> int | None:
+    if arch == "MistralForCausalLM":
+        return cfg.get("sliding_window")
+    if cfg.get("use_sliding_window"):
+        raise ValueError(f"{arch} with use_sliding_window=true is not supported")
+    return None
+
+
+@dataclass(slots=True, frozen=True)
+class CacheConfig:
+    """Paged KV cache: block size and how much memory the pool may take."""
+
+    block_size: int = 16
+    kv_cache_memory_bytes: int | None = None  # None: 512 MiB on CPU, see below on CUDA
+    gpu_memory_utilization: float = 0.9  # CUDA: share of device memory for weights + KV
+    num_blocks: int | None = None  # overrides the memory budget when set
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise ValueError("kv_cache_memory_bytes must be > 0")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+
+
+@dataclass(slots=True, frozen=True)
+class SchedulerConfig:
+    """Iteration-level batching limits.
+
+    max_num_batched_tokens is the per-step token budget (decodes take one each, prefill chunks
+    the rest); long_prefill_token_threshold caps one request's chunk so that a long prompt
+    cannot take a whole step (0: no cap beyond the budget).
+    """
+
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    long_prefill_token_threshold: int = 0
+    policy: Literal["fcfs", "priority"] = "fcfs"
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
+            raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        if self.policy not in ("fcfs", "priority"):
+            raise ValueError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError("long_prefill_token_threshold must be >= 0")
+
+
+@dataclass(slots=True, frozen=True)
+class EngineConfig:
+    """Everything one engine instance needs. `model` is a checkpoint folder; None means the
+    embedded tiny default."""
+
+    model: str | None = None
+    role: Role = "colocated"
+    device: str = "cpu"
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    seed: int = 0
+    attention_backend: str = "auto"
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if self.role not in ("colocated", "prefill", "decode"):
+            raise ValueError(f"role must be colocated, prefill or decode, got {self.role!r}")
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be auto or one of {list(_DTYPES)}, got {self.dtype!r}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+    def torch_dtype(self, model: ModelConfig) -> torch.dtype:
+        """fp32 on CPU unless asked (bf16 matmuls are slow there); the checkpoint's on CUDA."""
+        if self.dtype != "auto":
+            return _DTYPES[self.dtype]
+        if torch.device(self.device).type == "cpu":
+            return torch.float32
+        return _DTYPES.get(model.checkpoint_dtype, torch.bfloat16)
+
+    def resolve_max_model_len(self, model: ModelConfig) -> int:
+        limit = model.max_position_embeddings
+        if self.max_model_len is None:
+            return limit
+        if self.max_model_len > limit:
+            raise ValueError(
+                f"max_model_len={self.max_model_len} exceeds the model's "
+                f"max_position_embeddings={limit}"
+            )
+        return self.max_model_len

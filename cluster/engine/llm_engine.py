@@ -1,0 +1,346 @@
+"""The engine: one model instance behind `add_request / step / abort / has_unfinished`.
+
+It glues the scheduler (what runs), the block manager (where KV lives) and the model runner
+(the tensors), and turns sampled tokens into outputs: stop conditions, incremental text,
+timestamps. The same class plays every role:
+
+    colocated  prompt and output here
+    prefill    a request finishes after its first token; its blocks stay pinned until
+               `release(request_id)` (the KV transfer layer reads them first)
+    decode     `add_remote_request` reserves blocks for a prompt computed elsewhere, the
+               caller writes the KV into them, `commit_remote` continues from the first token
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from cluster.engine.block_manager import BlockManager
+from cluster.engine.config import EngineConfig, ModelConfig
+from cluster.engine.model_runner import ModelRunner
+from cluster.engine.outputs import RequestMetrics, RequestOutput
+from cluster.engine.request import Request, RequestStatus
+from cluster.engine.sampling_params import SamplingParams
+from cluster.engine.scheduler import Scheduler
+from cluster.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+Prompt = str | Sequence[int]
+
+
+@dataclass(slots=True)
+class _RequestState:
+    """Per-request bookkeeping that is not scheduling data: text and randomness."""
+
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    text: str = ""  # all text so far, before the stop-string hold-back
+    num_emitted_chars: int = 0
+    num_emitted_tokens: int = 0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None):
+        config = config or EngineConfig()
+        model_dir = config.model or _default_model_dir()
+        self.config = config
+        self.model_config = ModelConfig.from_pretrained(model_dir)
+        self.max_model_len = config.resolve_max_model_len(self.model_config)
+        self.tokenizer = Tokenizer.from_pretrained(model_dir)
+        self.runner = ModelRunner(config, self.model_config, self.max_model_len)
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
+        self.eos_token_ids = tuple(
+            sorted(set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids))
+        )
+        self._states: dict[str, _RequestState] = {}
+        self._generators: dict[str, torch.Generator] = {}
+        self._pinned: dict[str, Request] = {}
+        self._ids = itertools.count()
+        torch.manual_seed(config.seed)
+
+    @classmethod
+    def from_model(cls, model: str | None = None, **kwargs) -> LLMEngine:
+        return cls(EngineConfig(model=model, **kwargs))
+
+    @property
+    def role(self) -> str:
+        return self.config.role
+
+    # -- requests in --------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str | None,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        *,
+        arrival_time: float | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> str:
+        """Queue a request; raises ValueError (and changes nothing) if it is invalid."""
+        request = self._new_request(request_id, prompt, params, arrival_time, priority, cache_salt)
+        self._track(request)
+        self.scheduler.add_request(request)
+        return request.request_id
+
+    def _new_request(self, request_id, prompt, params, arrival_time, priority, cache_salt):
+        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id in self._states or request_id in self._pinned:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        prompt_ids = self._prompt_token_ids(prompt)
+        request = Request(
+            request_id=request_id,
+            prompt_token_ids=prompt_ids,
+            params=params,
+            priority=priority,
+            cache_salt=cache_salt,
+            eos_token_ids=() if params.ignore_eos else self.eos_token_ids,
+        )
+        if arrival_time is not None:
+            request.times.arrival = arrival_time
+        return request
+
+    def _prompt_token_ids(self, prompt: Prompt) -> list[int]:
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ValueError("prompt is empty: give at least one token")
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}: "
+                "shorten it so that at least one output token fits"
+            )
+        needed = self.block_manager.num_blocks_needed(len(ids) + 1)
+        if needed > self.block_manager.num_blocks:
+            raise ValueError(
+                f"prompt needs {needed} KV blocks but the pool has "
+                f"{self.block_manager.num_blocks}: shorten it or give the cache more memory"
+            )
+        return ids
+
+    def _track(self, request: Request) -> None:
+        detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids)
+        self._states[request.request_id] = _RequestState(request, detok)
+        if request.params.seed is not None:
+            gen = torch.Generator(device=self.runner.device)
+            self._generators[request.request_id] = gen.manual_seed(request.params.seed)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch; return an output for every request that got a token."""
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return []
+        tables = {r.request_id: self.block_manager.block_ids(r.request_id) for r in plan.requests}
+        sampled, result = self.runner.execute(plan, tables, self._generators)
+        self.scheduler.update_after_step(plan)
+        outputs = []
+        now = time.time()
+        for i, request in enumerate(sampled):
+            if request.times.first_token is None:
+                request.times.first_token = now
+            self._record_logprobs(request, result, i)
+            outputs.append(self._process_token(request, result.token_ids[i]))
+        return outputs
+
+    def _record_logprobs(self, request: Request, result, i: int) -> None:
+        if request.params.logprobs is None:
+            return
+        request.output_logprobs.append(result.logprobs[i])
+        request.output_top_logprobs.append(result.top_logprobs[i])
+
+    def _process_token(self, request: Request, token_id: int) -> RequestOutput:
+        request.append_output_token(token_id)
+        state = self._states[request.request_id]
+        state.text += state.detokenizer.append([token_id])
+        status = self._check_stop(request, state)
+        if status is None and self.role == "prefill":
+            status = RequestStatus.FINISHED_PREFILLED
+        if status is not None:
+            state.text += state.detokenizer.flush()
+            self._check_stop_strings(request, state, final=True)
+            self._finish(request, status)
+        return self._output(state)
+
+    def _check_stop(self, request: Request, state: _RequestState) -> RequestStatus | None:
+        token_id = request.all_token_ids[-1]
+        params = request.params
+        if token_id in request.eos_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if token_id in params.stop_token_ids:
+            request.stop_reason = token_id
+            return RequestStatus.FINISHED_STOPPED
+        if self._check_stop_strings(request, state, final=False):
+            return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _check_stop_strings(self, request: Request, state: _RequestState, final: bool) -> bool:
+        """Cut the text at the first stop string; True if one matched."""
+        stops = request.params.stop
+        if not stops or request.stop_reason is not None:
+            return False
+        search_from = max(0, state.num_emitted_chars - max(len(s) for s in stops) + 1)
+        hits = [(i, s) for s in stops if (i := state.text.find(s, search_from)) >= 0]
+        if not hits:
+            return False
+        index, stop = min(hits)
+        keep = index + len(stop) if request.params.include_stop_str_in_output else index
+        state.text = state.text[:keep]
+        request.stop_reason = stop
+        return True
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        pin = status is RequestStatus.FINISHED_PREFILLED
+        self.scheduler.finish(request, status, free_blocks=not pin)
+        if pin:
+            self._pinned[request.request_id] = request
+
+    def _output(self, state: _RequestState) -> RequestOutput:
+        request = state.request
+        finished = request.is_finished
+        # While running, hold back a tail that could still grow into a stop string.
+        hold = 0 if finished or not request.params.stop else max(map(len, request.params.stop)) - 1
+        visible = max(state.num_emitted_chars, len(state.text) - hold)
+        delta = state.text[state.num_emitted_chars : visible]
+        state.num_emitted_chars = visible
+        new_ids = request.output_token_ids[state.num_emitted_tokens :]
+        state.num_emitted_tokens = request.num_output_tokens
+        wants_logprobs = request.params.logprobs is not None
+        out = RequestOutput(
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            token_ids=request.output_token_ids,
+            new_token_ids=new_ids,
+            text=state.text[:visible],
+            delta_text=delta,
+            finished=finished,
+            finish_reason=request.status.value if finished else None,
+            stop_reason=request.stop_reason,
+            logprobs=list(request.output_logprobs) if wants_logprobs else None,
+            top_logprobs=list(request.output_top_logprobs) if wants_logprobs else None,
+            num_cached_tokens=request.num_cached_tokens,
+            kv_block_ids=list(self.block_manager.block_ids(request.request_id))
+            if request.status is RequestStatus.FINISHED_PREFILLED
+            else [],
+            metrics=_metrics(request),
+        )
+        if finished:
+            self._states.pop(request.request_id, None)
+            self._generators.pop(request.request_id, None)
+        return out
+
+    # -- control ----------------------------------------------------------------------------
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request wherever it is and free its blocks. False if it is not here."""
+        if request_id in self._pinned:
+            self.release(request_id)
+            return True
+        state = self._states.pop(request_id, None)
+        if state is None:
+            return False
+        self._generators.pop(request_id, None)
+        self.scheduler.finish(state.request, RequestStatus.FINISHED_ABORTED)
+        return True
+
+    def release(self, request_id: str) -> None:
+        """Prefill role: free a finished request's pinned blocks (idempotent)."""
+        if self._pinned.pop(request_id, None) is not None:
+            self.block_manager.free(request_id)
+
+    def pinned_block_ids(self, request_id: str) -> list[int]:
+        if request_id not in self._pinned:
+            raise KeyError(f"request {request_id!r} holds no pinned blocks")
+        return list(self.block_manager.block_ids(request_id))
+
+    def add_remote_request(
+        self,
+        request_id: str,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        *,
+        arrival_time: float | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> list[int] | None:
+        """Decode role: reserve blocks for a prompt computed elsewhere and return their ids
+        (write the prompt's KV into them, then call commit_remote). None if the pool has no
+        room now; nothing is kept in that case."""
+        request = self._new_request(request_id, prompt, params, arrival_time, priority, cache_salt)
+        block_ids = self.scheduler.reserve_remote(request)
+        if block_ids is not None:
+            self._track(request)
+        return block_ids
+
+    def commit_remote(
+        self, request_id: str, first_token_id: int, first_logprob: float | None = None
+    ) -> RequestOutput:
+        """Decode role: the KV is in place; continue from the token the prefill sampled."""
+        request = self.scheduler.admit_remote(request_id)
+        request.times.first_token = time.time()
+        if request.params.logprobs is not None:
+            request.output_logprobs.append(first_logprob if first_logprob is not None else 0.0)
+            request.output_top_logprobs.append([])
+        return self._process_token(request, first_token_id)
+
+    # -- convenience ------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Run prompts to completion; outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if params is None or isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        ids = [self.add_request(None, p, sp) for p, sp in zip(prompts, params, strict=True)]
+        final: dict[str, RequestOutput] = {}
+        while len(final) < len(ids):
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[i] for i in ids]
+
+    def check_integrity(self) -> None:
+        live = set(self._states) | set(self._pinned)
+        self.block_manager.check_integrity(live)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.block_manager.num_free_blocks
+
+
+def _metrics(request: Request) -> RequestMetrics:
+    t = request.times
+    return RequestMetrics(
+        t.arrival, t.first_scheduled, t.first_token, t.finished, request.num_preemptions
+    )
+
+
+def _default_model_dir() -> str:
+    from cluster.engine.tiny import default_model_dir
+
+    return str(default_model_dir())

@@ -1,0 +1,164 @@
+"""Model runner: owns the weights and the paged KV tensor, turns a scheduler plan into input
+tensors, runs the forward pass and samples. The only engine part that touches tensors.
+
+The KV pool is one tensor, block-major:
+
+    kv_cache[num_blocks, num_layers, 2 (K, V), block_size, num_kv_heads, head_dim]
+
+so one block of one request is one contiguous region across all layers: the KV transfer
+layer moves a block with a single descriptor. Layer l sees the strided view kv_cache[:, l].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cluster.engine.attention import AttentionMetadata, PrefillChunk, get_backend
+from cluster.engine.config import CacheConfig, EngineConfig, ModelConfig
+from cluster.engine.models.loader import load_model
+from cluster.engine.request import Request
+from cluster.engine.sampler import Sampler, SamplerOutput
+from cluster.engine.scheduler import SchedulerOutput
+
+_CPU_DEFAULT_KV_BYTES = 512 * 1024**2
+
+
+@dataclass(slots=True)
+class ModelInput:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    sample_indices: torch.Tensor  # rows of the batch whose logits are sampled
+    sample_requests: list[Request]
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, max_model_len: int):
+        self.device = torch.device(config.device)
+        self.dtype = config.torch_dtype(model_config)
+        self.model_config = model_config
+        self.block_size = config.cache.block_size
+        self.sliding_window = model_config.sliding_window
+        backend_cls = get_backend(config.attention_backend, self.device)
+        backend = backend_cls(
+            model_config.num_heads, model_config.num_kv_heads, model_config.head_dim
+        )
+        self.model = load_model(model_config, backend, self.dtype, self.device, max_model_len)
+        self.num_blocks = self._num_blocks(config.cache)
+        self.kv_cache = torch.zeros(self.kv_cache_shape, dtype=self.dtype, device=self.device)
+        self.kv_layers = [self.kv_cache[:, i] for i in range(model_config.num_layers)]
+        self.sampler = Sampler()
+
+    @property
+    def kv_cache_shape(self) -> tuple[int, ...]:
+        m = self.model_config
+        return (self.num_blocks, m.num_layers, 2, self.block_size, m.num_kv_heads, m.head_dim)
+
+    @property
+    def block_bytes(self) -> int:
+        return self.model_config.kv_bytes_per_token(self.dtype) * self.block_size
+
+    def _num_blocks(self, cache: CacheConfig) -> int:
+        if cache.num_blocks is not None:
+            return cache.num_blocks
+        budget = cache.kv_cache_memory_bytes
+        if budget is None and self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            budget = int(total * cache.gpu_memory_utilization) - torch.cuda.memory_allocated()
+        elif budget is None:
+            budget = _CPU_DEFAULT_KV_BYTES
+        num_blocks = budget // self.block_bytes
+        if num_blocks < 1:
+            raise ValueError(
+                f"KV memory budget {budget} bytes holds no block of "
+                f"{self.block_bytes} bytes; raise kv_cache_memory_bytes"
+            )
+        return num_blocks
+
+    @torch.inference_mode()
+    def execute(
+        self,
+        plan: SchedulerOutput,
+        block_tables: dict[str, list[int]],
+        generators: dict[str, torch.Generator],
+    ) -> tuple[list[Request], SamplerOutput | None]:
+        """Run one step; return the requests that got a token and what was sampled."""
+        inp = self.prepare(plan, block_tables)
+        hidden = self.model(inp.input_ids, inp.positions, self.kv_layers, inp.meta)
+        if not inp.sample_requests:
+            return [], None
+        logits = self.model.compute_logits(hidden[inp.sample_indices])
+        params = [r.params for r in inp.sample_requests]
+        gens = [generators.get(r.request_id) for r in inp.sample_requests]
+        return inp.sample_requests, self.sampler(logits, params, gens)
+
+    def prepare(self, plan: SchedulerOutput, block_tables: dict[str, list[int]]) -> ModelInput:
+        """Flatten the plan (decodes first, as the scheduler ordered it) into tensors."""
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slot_blocks: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_ctx_lens: list[int] = []
+        prefills: list[tuple[int, int, int, list[int]]] = []
+        sample_indices: list[int] = []
+        sample_requests: list[Request] = []
+        bs = self.block_size
+        for request in plan.requests:
+            num_new = plan.num_scheduled_tokens[request.request_id]
+            start = request.num_computed_tokens
+            end = start + num_new
+            table = block_tables[request.request_id]
+            q_start = len(token_ids)
+            token_ids.extend(request.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            slot_blocks.extend(table[p // bs] for p in range(start, end))
+            if num_new == 1 and not prefills:
+                decode_tables.append(table[: -(-end // bs)])
+                decode_ctx_lens.append(end)
+            else:
+                prefills.append((q_start, num_new, end, table[: -(-end // bs)]))
+            if end == request.num_tokens:
+                sample_indices.append(len(token_ids) - 1)
+                sample_requests.append(request)
+        pos = torch.tensor(positions, dtype=torch.long)
+        meta = AttentionMetadata(
+            slot_block_ids=torch.tensor(slot_blocks, dtype=torch.long, device=self.device),
+            slot_offsets=(pos % bs).to(self.device),
+            num_decodes=len(decode_tables),
+            prefills=[self._prefill_chunk(*p) for p in prefills],
+        )
+        if decode_tables:
+            self._decode_meta(meta, decode_tables, decode_ctx_lens)
+        return ModelInput(
+            input_ids=torch.tensor(token_ids, dtype=torch.long, device=self.device),
+            positions=pos.to(self.device),
+            meta=meta,
+            sample_indices=torch.tensor(sample_indices, dtype=torch.long, device=self.device),
+            sample_requests=sample_requests,
+        )
+
+    def _decode_meta(self, meta: AttentionMetadata, tables: list[list[int]], ctx_lens: list[int]):
+        max_blocks = max(len(t) for t in tables)
+        padded = [t + [0] * (max_blocks - len(t)) for t in tables]
+        meta.decode_block_tables = torch.tensor(padded, dtype=torch.long, device=self.device)
+        key_pos = torch.arange(max_blocks * self.block_size, device=self.device)
+        ctx = torch.tensor(ctx_lens, device=self.device)[:, None]
+        mask = key_pos[None, :] < ctx
+        if self.sliding_window is not None:
+            mask &= key_pos[None, :] > ctx - 1 - self.sliding_window
+        meta.decode_mask = mask[:, None, None, :]
+
+    def _prefill_chunk(self, q_start: int, q_len: int, ctx_len: int, table: list[int]):
+        start = ctx_len - q_len
+        window = self.sliding_window
+        mask = None
+        if start > 0 or (window is not None and ctx_len > window):
+            q_pos = torch.arange(start, ctx_len, device=self.device)[:, None]
+            k_pos = torch.arange(ctx_len, device=self.device)[None, :]
+            mask = k_pos <= q_pos
+            if window is not None:
+                mask &= k_pos > q_pos - window
+        block_ids = torch.tensor(table, dtype=torch.long, device=self.device)
+        return PrefillChunk(q_start, q_len, ctx_len, block_ids, mask)

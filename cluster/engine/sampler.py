@@ -1,0 +1,173 @@
+"""Turns a batch of next-token logits into token ids, one row per request.
+
+Greedy rows take the argmax; random rows go through temperature, top-k, top-p and min-p as
+batched tensor ops, then draw by the exponential race with the row's own generator when it has
+one, so a seeded request samples the same tokens whatever it is batched with. Log-probabilities
+are reported under the raw (unmodified) model distribution.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from cluster.engine.sampling_params import SamplingParams
+
+# fp32 cumulative sums land a few ulps either side of the exact value; without this slack a
+# distribution whose prefix sums to exactly top_p would sometimes keep one token too many.
+_TOP_P_SLACK = 1e-6
+# exponential_ may return 0 on some backends; log(0) would let a masked token win the race.
+_MIN_EXPONENTIAL = 1e-20
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    """Per-row results; ``logprobs``/``top_logprobs`` are None when no row asked for them."""
+
+    token_ids: list[int]
+    logprobs: list[float] | None
+    top_logprobs: list[list[tuple[int, float]]] | None
+
+
+class Sampler:
+    """Stateless: every call samples one token for each row of ``logits``."""
+
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+    ) -> SamplerOutput:
+        if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(generators):
+            raise ValueError(
+                f"logits {tuple(logits.shape)} must be [rows, vocab] with one params and one "
+                f"generator per row (got {len(params)} params, {len(generators)} generators)"
+            )
+        logits = logits.float()
+        token_ids = _pick_tokens(logits, params, generators)
+        logprobs, top_logprobs = _raw_logprobs(logits, token_ids, params)
+        return SamplerOutput(token_ids.tolist(), logprobs, top_logprobs)
+
+
+def _pick_tokens(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> torch.Tensor:
+    """Greedy argmax for greedy rows, a filtered random draw for the rest."""
+    random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
+    if not random_rows:
+        return logits.argmax(dim=-1)
+    if len(random_rows) == len(params):
+        return _sample(logits, params, generators)
+    token_ids = logits.argmax(dim=-1)
+    rows = torch.tensor(random_rows, device=logits.device)
+    token_ids[rows] = _sample(
+        logits[rows], [params[i] for i in random_rows], [generators[i] for i in random_rows]
+    )
+    return token_ids
+
+
+def _sample(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> torch.Tensor:
+    """Sample one token per row of non-greedy ``logits`` (fp32, [rows, vocab])."""
+    temperatures = torch.tensor([p.temperature for p in params], device=logits.device)
+    scaled = logits / temperatures.unsqueeze(1)
+    scaled = _apply_top_k_top_p(scaled, params)
+    scaled = _apply_min_p(scaled, params)
+    return _exponential_race(scaled, generators)
+
+
+def _apply_top_k_top_p(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Mask (to -inf) tokens outside each row's top-k, then outside its top-p nucleus."""
+    vocab = scaled.shape[1]
+    top_ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+    use_top_p = any(p.top_p < 1.0 for p in params)
+    if not use_top_p and not any(top_ks):
+        return scaled
+    k = torch.tensor(top_ks, device=scaled.device)
+    if not use_top_p:
+        # Only the k largest matter, so a partial top-k beats a full vocabulary sort.
+        largest = scaled.topk(max(top_ks), dim=-1).values
+        return scaled.masked_fill(scaled < _kth_largest(largest, k), -math.inf)
+
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)
+    drop_sorted = sorted_logits < _kth_largest(sorted_logits, k)
+    sorted_logits = sorted_logits.masked_fill(drop_sorted, -math.inf)
+    drop_sorted |= _outside_nucleus(sorted_logits, params)
+    drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
+    return scaled.masked_fill(drop, -math.inf)
+
+
+def _kth_largest(descending: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Per-row threshold [rows, 1]: the k-th largest value, or -inf where k is 0 (off).
+
+    Thresholding by value (not rank) keeps ties at the boundary, so the partial-topk and
+    full-sort paths agree and a row's result never depends on its batch-mates.
+    """
+    kth = descending.gather(1, (k - 1).clamp_min(0).unsqueeze(1))
+    return kth.masked_fill(k.unsqueeze(1) == 0, -math.inf)
+
+
+def _outside_nucleus(sorted_logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Sorted-order mask of tokens past the smallest prefix whose probability reaches top_p."""
+    top_p = torch.tensor(
+        [p.top_p - _TOP_P_SLACK if p.top_p < 1.0 else math.inf for p in params],
+        device=sorted_logits.device,
+    )
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    outside = mass_before >= top_p.unsqueeze(1)
+    outside[:, 0] = False
+    return outside
+
+
+def _apply_min_p(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Mask tokens with prob < min_p * max_prob, compared in logit space (no softmax needed)."""
+    if not any(p.min_p > 0.0 for p in params):
+        return scaled
+    log_min_p = torch.tensor(
+        [math.log(p.min_p) if p.min_p > 0.0 else -math.inf for p in params],
+        device=scaled.device,
+    )
+    floor = scaled.amax(dim=-1, keepdim=True) + log_min_p.unsqueeze(1)
+    return scaled.masked_fill(scaled < floor, -math.inf)
+
+
+def _exponential_race(
+    scaled: torch.Tensor, generators: list[torch.Generator | None]
+) -> torch.Tensor:
+    """argmax(probs / q), q ~ Exp(1), done as argmax(logits - log q) to skip the softmax.
+
+    Noise is always laid out in vocabulary order, so a seeded row's draw depends only on its
+    own logits and generator, never on which filtering path the batch took.
+    """
+    noise = torch.empty_like(scaled)
+    unseeded = [i for i, g in enumerate(generators) if g is None]
+    if len(unseeded) == len(generators):
+        noise.exponential_()
+    elif unseeded:
+        rows = torch.tensor(unseeded, device=scaled.device)
+        noise[rows] = torch.empty_like(noise[rows]).exponential_()
+    for row, generator in enumerate(generators):
+        if generator is not None:
+            noise[row].exponential_(generator=generator)
+    return (scaled - noise.clamp_min_(_MIN_EXPONENTIAL).log_()).argmax(dim=-1)
+
+
+def _raw_logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]
+) -> tuple[list[float] | None, list[list[tuple[int, float]]] | None]:
+    """Sampled-token and top-N log-probs under log_softmax of the unmodified logits."""
+    if all(p.logprobs is None for p in params):
+        return None, None
+    logprobs = logits.log_softmax(dim=-1)
+    sampled = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1).tolist()
+    top_counts = [min(p.num_top_logprobs, logits.shape[1]) for p in params]
+    if max(top_counts) == 0:
+        return sampled, [[] for _ in params]
+    values, ids = logprobs.topk(max(top_counts), dim=-1)
+    values, ids = values.tolist(), ids.tolist()
+    top = [list(zip(ids[r][:n], values[r][:n], strict=True)) for r, n in enumerate(top_counts)]
+    return sampled, top
