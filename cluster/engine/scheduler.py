@@ -142,7 +142,8 @@ class Scheduler:
 
     def _admit_waiting(self, budget: int, out: SchedulerOutput) -> None:
         bm = self.block_manager
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        num_seats = self.config.max_num_seqs - len(self.remote)  # reserved requests hold seats
+        while self.waiting and budget > 0 and len(self.running) < num_seats:
             request = self.waiting.peek()
             cached_ids = bm.find_cached_prefix(request) if not request.num_computed_tokens else []
             num_cached = len(cached_ids) * bm.block_size
@@ -162,7 +163,8 @@ class Scheduler:
 
     def _pick_victim(self) -> Request:
         if self.config.policy == "priority":
-            return max(self.running, key=lambda r: (r.priority, r.times.arrival))
+            # reversed: among equal (priority, arrival), the latest admitted, as under FCFS
+            return max(reversed(self.running), key=lambda r: (r.priority, r.times.arrival))
         return self.running[-1]
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
@@ -197,7 +199,10 @@ class Scheduler:
 
     def reserve_remote(self, request: Request) -> list[int] | None:
         """Allocate blocks for a prompt whose KV will be written from outside. None if the
-        pool has no room now (the caller retries or goes elsewhere)."""
+        pool has no room now, or max_num_seqs is reached (the caller retries or goes
+        elsewhere)."""
+        if len(self.running) + len(self.remote) >= self.config.max_num_seqs:
+            return None  # admit_remote bypasses _admit_waiting's max_num_seqs check
         if not self.block_manager.allocate_slots(request, request.num_prompt_tokens):
             return None
         request.status = RequestStatus.WAITING_FOR_KV

@@ -1,0 +1,166 @@
+"""The `cluster` command: model utilities, local generation and benchmarks.
+
+cluster model init-tiny DIR          write the deterministic tiny default model
+cluster generate "prompt" [...]      generate with a local engine (default: tiny model)
+cluster bench engine [--json]        engine throughput against transformers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from cluster.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cluster", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    model = sub.add_parser("model", help="model utilities").add_subparsers(metavar="ACTION")
+    init = model.add_parser("init-tiny", help="write the deterministic tiny Llama")
+    init.add_argument("dir", help="output folder")
+    init.add_argument("--seed", type=int, default=0)
+    init.set_defaults(func=_init_tiny)
+
+    gen = sub.add_parser("generate", help="generate text with a local engine")
+    gen.add_argument("prompt", nargs="+", help="one or more prompts")
+    add_engine_arguments(gen)
+    add_sampling_arguments(gen)
+    gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    gen.set_defaults(func=_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(metavar="BENCHMARK")
+    engine_bench = bench.add_parser("engine", help="engine tokens/s against transformers")
+    _add_engine_bench(engine_bench)
+    return parser
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="Hugging Face checkpoint folder (default: the embedded tiny model)",
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
+    )
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--kv-cache-memory", type=int, default=None, metavar="BYTES")
+    parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+
+
+def engine_config_from_args(args: argparse.Namespace, role: str = "colocated") -> EngineConfig:
+    return EngineConfig(
+        model=args.model,
+        role=role,
+        device=args.device,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        cache=CacheConfig(
+            block_size=args.block_size,
+            kv_cache_memory_bytes=args.kv_cache_memory,
+            enable_prefix_caching=not args.no_prefix_caching,
+        ),
+        scheduler=SchedulerConfig(
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens
+        ),
+    )
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--ignore-eos", action="store_true")
+
+
+def sampling_params_from_args(args: argparse.Namespace):
+    from cluster.engine.sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        seed=args.seed,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+    )
+
+
+def _init_tiny(args: argparse.Namespace) -> int:
+    from cluster.engine.tiny import write_tiny_model
+
+    path = write_tiny_model(args.dir, seed=args.seed)
+    print(f"wrote the tiny Llama to {path}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from cluster.engine.llm_engine import LLMEngine
+
+    params = sampling_params_from_args(args)
+    start = time.perf_counter()
+    engine = LLMEngine(engine_config_from_args(args))
+    load_s = time.perf_counter() - start
+    start = time.perf_counter()
+    outputs = engine.generate(args.prompt, params)
+    gen_s = time.perf_counter() - start
+    num_tokens = sum(len(o.token_ids) for o in outputs)
+    for prompt, out in zip(args.prompt, outputs, strict=True):
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "prompt": prompt,
+                        "text": out.text,
+                        "token_ids": out.token_ids,
+                        "finish_reason": out.finish_reason,
+                    }
+                )
+            )
+        else:
+            print(f"{prompt!r} -> {out.text!r}  [{len(out.token_ids)} tokens, {out.finish_reason}]")
+    model = engine.config.model or "tiny default model"
+    print(
+        f"model: {model}; loaded in {load_s:.2f}s; {num_tokens} tokens in {gen_s:.2f}s "
+        f"({num_tokens / max(gen_s, 1e-9):.0f} tok/s)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _add_engine_bench(parser: argparse.ArgumentParser) -> None:
+    from cluster.bench import engine_bench
+
+    engine_bench.add_arguments(parser)
+    parser.set_defaults(func=lambda args: engine_bench.run(args) and 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
