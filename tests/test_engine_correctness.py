@@ -111,7 +111,8 @@ def test_preemption_recomputes_correctly(llama_case):
 
 def test_preemption_with_prefix_cache_and_small_chunks(llama_case):
     model_dir, prompts, expected = llama_case
-    cache = CacheConfig(num_blocks=12, block_size=8)
+    # 16 blocks of 8 tokens hold the longest request (110 tokens) alone, not all five at once.
+    cache = CacheConfig(num_blocks=16, block_size=8)
     scheduler = SchedulerConfig(max_num_batched_tokens=24)
     got, engine = run_engine(model_dir, prompts, cache=cache, scheduler=scheduler)
     assert got == expected

@@ -171,7 +171,7 @@ class BlockManager:
         total = request.num_computed_tokens + len(cached_ids) * self.block_size + num_new_tokens
         num_new_blocks = max(0, self.num_blocks_needed(total) - len(table) - len(cached_ids))
         num_revived = sum(1 for b in cached_ids if self.blocks[b].ref_count == 0)
-        return num_new_blocks
+        return num_new_blocks + num_revived
 
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]

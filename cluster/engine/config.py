@@ -172,7 +172,7 @@ class SchedulerConfig:
     """
 
     max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 256
+    max_num_seqs: int = 256  # effectively at most max_num_batched_tokens (one token per decode)
     long_prefill_token_threshold: int = 0
     policy: Literal["fcfs", "priority"] = "fcfs"
 

@@ -14,6 +14,7 @@ timestamps. The same class plays every role:
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from cluster.engine.scheduler import Scheduler
 from cluster.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 Prompt = str | Sequence[int]
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -55,6 +57,7 @@ class LLMEngine:
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
+        self.max_model_len = self._fit_max_model_len(self.max_model_len)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
         self.eos_token_ids = tuple(
             sorted(set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids))
@@ -64,6 +67,24 @@ class LLMEngine:
         self._pinned: dict[str, Request] = {}
         self._ids = itertools.count()
         torch.manual_seed(config.seed)
+
+    def _fit_max_model_len(self, max_model_len: int) -> int:
+        """A request alone in the pool must be able to reach max_model_len, or it could be
+        preempted forever. Cap a defaulted max_model_len to the pool; refuse an explicit one."""
+        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        if max_model_len <= capacity:
+            return max_model_len
+        if self.config.max_model_len is not None:
+            raise ValueError(
+                f"max_model_len={max_model_len} tokens does not fit in the KV pool "
+                f"({capacity} tokens): lower max_model_len or give the cache more memory"
+            )
+        logger.warning(
+            "max_model_len capped from %d to %d tokens: the KV pool holds no more",
+            max_model_len,
+            capacity,
+        )
+        return capacity
 
     @classmethod
     def from_model(cls, model: str | None = None, **kwargs) -> LLMEngine:
@@ -118,16 +139,16 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}: "
-                "shorten it so that at least one output token fits"
-            )
         needed = self.block_manager.num_blocks_needed(len(ids) + 1)
         if needed > self.block_manager.num_blocks:
             raise ValueError(
                 f"prompt needs {needed} KV blocks but the pool has "
                 f"{self.block_manager.num_blocks}: shorten it or give the cache more memory"
+            )
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}: "
+                "shorten it so that at least one output token fits"
             )
         return ids
 

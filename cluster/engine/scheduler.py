@@ -98,6 +98,11 @@ class Scheduler:
         self.num_preemptions = 0
 
     @property
+    def max_num_running(self) -> int:
+        """Seats: max_num_seqs, but never more decodes than one step's token budget can run."""
+        return min(self.config.max_num_seqs, self.config.max_num_batched_tokens)
+
+    @property
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running) + len(self.remote)
 
@@ -142,7 +147,7 @@ class Scheduler:
 
     def _admit_waiting(self, budget: int, out: SchedulerOutput) -> None:
         bm = self.block_manager
-        num_seats = self.config.max_num_seqs - len(self.remote)  # reserved requests hold seats
+        num_seats = self.max_num_running - len(self.remote)  # reserved requests hold seats
         while self.waiting and budget > 0 and len(self.running) < num_seats:
             request = self.waiting.peek()
             cached_ids = bm.find_cached_prefix(request) if not request.num_computed_tokens else []
@@ -201,7 +206,7 @@ class Scheduler:
         """Allocate blocks for a prompt whose KV will be written from outside. None if the
         pool has no room now, or max_num_seqs is reached (the caller retries or goes
         elsewhere)."""
-        if len(self.running) + len(self.remote) >= self.config.max_num_seqs:
+        if len(self.running) + len(self.remote) >= self.max_num_running:
             return None  # admit_remote bypasses _admit_waiting's max_num_seqs check
         if not self.block_manager.allocate_slots(request, request.num_prompt_tokens):
             return None
