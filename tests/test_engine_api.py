@@ -358,3 +358,15 @@ def test_async_streams_and_cancels(tiny_model_dir):
         engine.call(assert_clean, sync)
     finally:
         engine.shutdown()
+
+
+def test_bucket_by_length_bounds_padding():
+    from cluster.engine.model_runner import bucket_by_length
+
+    lengths = [700, 5, 300, 64, 90, 1, 1000, 130, 260]
+    groups = bucket_by_length(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        shortest, longest = min(lengths[i] for i in g), max(lengths[i] for i in g)
+        assert longest <= max(2 * shortest, shortest + 64)
+    assert len(groups) <= 5

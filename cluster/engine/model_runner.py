@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cluster.engine.attention import AttentionMetadata, PrefillChunk, get_backend
+from cluster.engine.attention import AttentionMetadata, DecodeGroup, PrefillChunk, get_backend
 from cluster.engine.config import CacheConfig, EngineConfig, ModelConfig
 from cluster.engine.models.loader import load_model
 from cluster.engine.request import Request
@@ -140,15 +140,26 @@ class ModelRunner:
         )
 
     def _decode_meta(self, meta: AttentionMetadata, tables: list[list[int]], ctx_lens: list[int]):
+        for rows in bucket_by_length(ctx_lens):
+            meta.decode_groups.append(
+                self._decode_group(rows, [tables[i] for i in rows], [ctx_lens[i] for i in rows])
+            )
+
+    def _decode_group(self, rows: list[int], tables: list[list[int]], ctx_lens: list[int]):
         max_blocks = max(len(t) for t in tables)
         padded = [t + [0] * (max_blocks - len(t)) for t in tables]
-        meta.decode_block_tables = torch.tensor(padded, dtype=torch.long, device=self.device)
-        key_pos = torch.arange(max_blocks * self.block_size, device=self.device)
+        key_pos = torch.arange(max_blocks * self.block_size, device=self.device)[None, :]
         ctx = torch.tensor(ctx_lens, device=self.device)[:, None]
-        mask = key_pos[None, :] < ctx
+        valid = key_pos < ctx
         if self.sliding_window is not None:
-            mask &= key_pos[None, :] > ctx - 1 - self.sliding_window
-        meta.decode_mask = mask[:, None, None, :]
+            valid &= key_pos > ctx - 1 - self.sliding_window
+        mask = torch.zeros(valid.shape, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~valid, float("-inf"))
+        return DecodeGroup(
+            rows=torch.tensor(rows, dtype=torch.long, device=self.device),
+            block_tables=torch.tensor(padded, dtype=torch.long, device=self.device),
+            mask=mask[:, None, None, :],
+        )
 
     def _prefill_chunk(self, q_start: int, q_len: int, ctx_len: int, table: list[int]):
         start = ctx_len - q_len
@@ -162,3 +173,21 @@ class ModelRunner:
                 mask &= k_pos > q_pos - window
         block_ids = torch.tensor(table, dtype=torch.long, device=self.device)
         return PrefillChunk(q_start, q_len, ctx_len, block_ids, mask)
+
+
+def bucket_by_length(
+    lengths: list[int], max_ratio: float = 2.0, min_span: int = 64
+) -> list[list[int]]:
+    """Indices grouped so that within a group the longest length is at most max_ratio times
+    the shortest (or within min_span of it: short keys are cheaper than another call). Each
+    group pads to at most about twice its real key count, and lengths spanning
+    L_min..L_max cost about log2(L_max / L_min) attention calls."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    groups: list[list[int]] = []
+    for i in order:
+        shortest = lengths[groups[-1][0]] if groups else 0
+        if groups and lengths[i] <= max(max_ratio * shortest, shortest + min_span):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
