@@ -38,7 +38,8 @@ class DecodeGroup:
 
     rows: torch.Tensor  # indices into the batch's decode rows
     block_tables: torch.Tensor  # [B, max_blocks], padded with block 0
-    mask: torch.Tensor  # [B, 1, 1, max_blocks * block_size] additive: 0 or -inf
+    mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size] additive: 0 or -inf
+    ctx_len: int  # keys to attend when mask is None (a lone row: slice, don't mask)
 
 
 @dataclass(slots=True)
@@ -92,8 +93,8 @@ class TorchPagedAttention:
         shape = (num_seqs, max_blocks * k_cache.shape[1], self.num_kv_heads, self.head_dim)
         flat_ids = group.block_tables.flatten()
         # index_select on dim 0 copies whole blocks; advanced indexing is ~4x slower here
-        keys = k_cache.index_select(0, flat_ids).view(shape).transpose(1, 2)
-        values = v_cache.index_select(0, flat_ids).view(shape).transpose(1, 2)
+        keys = k_cache.index_select(0, flat_ids).view(shape)[:, : group.ctx_len].transpose(1, 2)
+        values = v_cache.index_select(0, flat_ids).view(shape)[:, : group.ctx_len].transpose(1, 2)
         # Fold each kv head's query heads into the query length: one [G, L] matmul per kv
         # head instead of SDPA's GQA expansion.
         group_size = self.num_heads // self.num_kv_heads

@@ -148,6 +148,11 @@ class ModelRunner:
     def _decode_group(self, rows: list[int], tables: list[list[int]], ctx_lens: list[int]):
         max_blocks = max(len(t) for t in tables)
         padded = [t + [0] * (max_blocks - len(t)) for t in tables]
+        rows_t = torch.tensor(rows, dtype=torch.long, device=self.device)
+        tables_t = torch.tensor(padded, dtype=torch.long, device=self.device)
+        window = self.sliding_window
+        if len(rows) == 1 and (window is None or ctx_lens[0] <= window):
+            return DecodeGroup(rows_t, tables_t, mask=None, ctx_len=ctx_lens[0])
         key_pos = torch.arange(max_blocks * self.block_size, device=self.device)[None, :]
         ctx = torch.tensor(ctx_lens, device=self.device)[:, None]
         valid = key_pos < ctx
@@ -155,11 +160,7 @@ class ModelRunner:
             valid &= key_pos > ctx - 1 - self.sliding_window
         mask = torch.zeros(valid.shape, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~valid, float("-inf"))
-        return DecodeGroup(
-            rows=torch.tensor(rows, dtype=torch.long, device=self.device),
-            block_tables=torch.tensor(padded, dtype=torch.long, device=self.device),
-            mask=mask[:, None, None, :],
-        )
+        return DecodeGroup(rows_t, tables_t, mask[:, None, None, :], ctx_len=key_pos.shape[1])
 
     def _prefill_chunk(self, q_start: int, q_len: int, ctx_len: int, table: list[int]):
         start = ctx_len - q_len
