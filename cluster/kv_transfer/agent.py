@@ -1,0 +1,252 @@
+"""NIXL KV agent: one engine rank's KV pool, registered with NIXL's UCX backend, that pulls
+blocks from other ranks' pools (READ) and hears when others have pulled from it.
+
+The whole KV tensor is registered once at start-up (DRAM on CPU, VRAM on CUDA): registration
+pins memory and is far too slow to do per request. A pull is then only arithmetic on the two
+base addresses (block i lives at base + i * block_bytes, layout.py) merged into runs
+(descriptors.py), one transfer request, and a notification that NIXL delivers to the holder
+after the data has landed: the holder frees its blocks on it (lease.py).
+
+    decode rank (puller)                          prefill rank (holder)
+    add_remote(info)      <-- KVAgentInfo ---      info()
+    read_blocks(...)      --- READ + notif -->     get_notifications() -> free blocks
+    poll(handle) == "DONE"
+
+Pure transport: no scheduler, no Ray. UCX picks its own transports (CMA or shared memory
+within a host, RDMA or TCP across hosts, CUDA IPC for VRAM) and needs no UCX_* variables on
+a CPU-only host: there it reads the data with CMA (process_vm_readv, zero-copy) and carries
+wireup, flush and notifications over TCP loopback. A holder must keep UCX progressing for a
+READ of its memory to finish; the agent's own progress thread does that (_make_nixl_agent).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Literal
+
+import torch
+
+from cluster.kv_transfer.agent_info import KVAgentInfo
+from cluster.kv_transfer.descriptors import (
+    BlockRun,
+    check_block_ids,
+    merge_block_runs,
+    run_descs,
+)
+from cluster.kv_transfer.layout import KVLayout
+
+XferState = Literal["DONE", "PROC", "ERR"]
+
+
+class KVTransferError(RuntimeError):
+    """NIXL refused to set up or post a transfer (unknown remote, memory not registered...)."""
+
+
+def _import_nixl() -> tuple[ModuleType, ModuleType, tuple[type[Exception], ...]]:
+    """NIXL's Python API from whichever wheel is installed (`nixl` picks cu12/cu13 itself, but
+    refuses when it detects a CUDA major whose wheel is missing), and its exception types."""
+    last_error: ImportError | None = None
+    for prefix in ("nixl", "nixl_cu12", "nixl_cu13"):
+        try:
+            api = importlib.import_module(f"{prefix}._api")
+            bindings = importlib.import_module(f"{prefix}._bindings")
+        except ImportError as e:
+            last_error = e
+            continue
+        errors = tuple(
+            obj
+            for obj in vars(bindings).values()
+            if isinstance(obj, type) and issubclass(obj, Exception)
+        )
+        return api, bindings, errors
+    raise ImportError(
+        "NIXL is not importable; install `nixl` (it pulls nixl-cu12 or nixl-cu13), which "
+        "the KV transfer layer needs"
+    ) from last_error
+
+
+_nixl_api, _nixl_bindings, _NIXL_ERRORS = _import_nixl()
+
+
+def _make_nixl_agent(name: str, progress_delay_us: int) -> Any:
+    """A nixl_agent with the UCX backend and a progress thread that sleeps between wakeups.
+
+    The holder must progress UCX for a READ of its memory to complete: NIXL flushes the
+    endpoint after the READ and, on hosts where UCX has no one-sided path both ways (here:
+    CMA for the data, TCP loopback for everything else), the flush waits for the holder.
+    NIXL's progress thread does that without Python or the GIL, but the Python API fixes its
+    poll delay at 0 µs, which busy-spins a whole core per agent. So the agent is built bare
+    and its C++ agent swapped for one configured with a delay: the thread then sleeps in poll()
+    on UCX's event fd, wakes on traffic at once and on the delay otherwise
+    (1 ms: ~3% of a core idle; 10 ms: ~1%). Measured on this host: a READ from an idle
+    holder completes in under 1 ms with either delay, so the delay is only a backstop."""
+    if progress_delay_us < 1:
+        raise ValueError("progress_delay_us must be >= 1; 0 busy-spins a core")
+    agent = _nixl_api.nixl_agent(name, _nixl_api.nixl_agent_config(backends=[]))
+    config = _nixl_bindings.nixlAgentConfig()
+    config.useProgThread = True
+    config.useListenThread = False
+    config.syncMode = _nixl_bindings.NIXL_THREAD_SYNC_NONE  # the Python API's own default
+    config.pthrDelay = progress_delay_us
+    agent.agent = _nixl_bindings.nixlAgent(name, config)
+    if "UCX" not in agent.get_plugin_list():
+        raise KVTransferError("NIXL has no UCX backend plugin on this host")
+    agent.create_backend("UCX")
+    return agent
+
+
+@dataclass(slots=True)
+class TransferHandle:
+    remote_name: str
+    num_bytes: int
+    num_descs: int
+    xfer: Any  # nixl_xfer_handle
+    state: XferState = "PROC"
+
+
+class NixlKVAgent:
+    def __init__(
+        self,
+        name: str,
+        kv_cache: torch.Tensor,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        progress_delay_us: int = 10_000,
+    ) -> None:
+        self.name = name
+        self.layout = KVLayout.from_tensor(kv_cache, tp_rank, tp_size)
+        self.num_blocks = kv_cache.shape[0]
+        self.base_addr = kv_cache.data_ptr()
+        self.device_id = max(kv_cache.get_device(), 0)
+        self._kv_cache = kv_cache  # NIXL keeps raw addresses: the tensor must outlive us
+        self._nixl = _make_nixl_agent(name, progress_delay_us)
+        self._reg_descs = self._nixl.register_memory(kv_cache)
+        self._remotes: dict[str, KVAgentInfo] = {}
+
+    @property
+    def mem_type(self) -> str:
+        return "VRAM" if self.layout.device_type == "cuda" else "DRAM"
+
+    def metadata(self) -> bytes:
+        return self._nixl.get_agent_metadata()
+
+    def info(self) -> KVAgentInfo:
+        """What a puller needs to read our blocks; publish it through Ray or the router."""
+        return KVAgentInfo(
+            self.name,
+            self.metadata(),
+            self.base_addr,
+            self.num_blocks,
+            self.layout,
+            self.device_id,
+        )
+
+    def add_remote(self, info: KVAgentInfo) -> str:
+        """Make `info`'s pool readable; idempotent. A remote that restarted under the same name
+        brings new metadata (new endpoint, new registrations): NIXL refuses to load it over
+        the old one, so the old one is dropped first."""
+        self.layout.check_compatible(info.layout)
+        known = self._remotes.get(info.agent_name)
+        if known is not None and known.metadata == info.metadata:
+            return info.agent_name
+        if known is not None:
+            self.remove_remote(info.agent_name)
+        try:
+            name = self._nixl.add_remote_agent(info.metadata)
+        except _NIXL_ERRORS as e:
+            raise KVTransferError(f"cannot load metadata of {info.agent_name!r}: {e}") from e
+        name = name.decode() if isinstance(name, bytes) else name
+        if name != info.agent_name:
+            self._nixl.remove_remote_agent(name)
+            raise ValueError(f"metadata is of agent {name!r}, info says {info.agent_name!r}")
+        self._remotes[name] = info
+        return name
+
+    def remove_remote(self, remote_name: str) -> None:
+        """Forget a remote (it died or left); NIXL disconnects from it."""
+        if self._remotes.pop(remote_name, None) is not None:
+            self._nixl.remove_remote_agent(remote_name)
+
+    def read_blocks(
+        self,
+        remote_name: str,
+        remote_block_ids: Sequence[int],
+        local_block_ids: Sequence[int],
+        notif: bytes,
+    ) -> TransferHandle:
+        """Post a READ of remote_block_ids[i] into local_block_ids[i] for every i; NIXL sends
+        `notif` to the remote once all of it has landed. Poll the handle, then release it."""
+        remote = self._remote(remote_name)
+        self._check_pull(remote, remote_block_ids, local_block_ids)
+        runs = merge_block_runs(remote_block_ids, local_block_ids)
+        num_bytes = len(local_block_ids) * self.layout.block_bytes
+        xfer, state = self._post(remote, runs, notif)
+        return TransferHandle(remote_name, num_bytes, len(runs), xfer, state)
+
+    def _remote(self, remote_name: str) -> KVAgentInfo:
+        try:
+            return self._remotes[remote_name]
+        except KeyError:
+            raise KeyError(f"unknown remote KV agent {remote_name!r}; add_remote it") from None
+
+    def _check_pull(self, remote: KVAgentInfo, remote_block_ids, local_block_ids) -> None:
+        if not local_block_ids:
+            raise ValueError("a pull needs at least one block")
+        if len(set(local_block_ids)) != len(local_block_ids):
+            raise ValueError(f"local block ids repeat: {list(local_block_ids)}")
+        check_block_ids(remote_block_ids, remote.num_blocks, "remote")
+        check_block_ids(local_block_ids, self.num_blocks, "local")
+
+    def _post(self, remote: KVAgentInfo, runs: list[BlockRun], notif: bytes) -> tuple[Any, str]:
+        nixl, block_bytes = self._nixl, self.layout.block_bytes
+        run_lens = [r.num_blocks for r in runs]
+        local_firsts = [r.dst_block_id for r in runs]
+        remote_firsts = [r.src_block_id for r in runs]
+        local = run_descs(self.base_addr, block_bytes, self.device_id, local_firsts, run_lens)
+        remote_descs = run_descs(
+            remote.base_addr, block_bytes, remote.device_id, remote_firsts, run_lens
+        )
+        try:
+            xfer = nixl.initialize_xfer(
+                "READ",
+                nixl.get_xfer_descs(local, self.mem_type),
+                nixl.get_xfer_descs(remote_descs, remote.mem_type),
+                remote.agent_name,
+                notif,
+            )
+            return xfer, nixl.transfer(xfer)
+        except _NIXL_ERRORS as e:
+            raise KVTransferError(f"cannot READ from {remote.agent_name!r}: {e!r}") from e
+
+    def poll(self, handle: TransferHandle) -> XferState:
+        """DONE and ERR are final; only PROC asks NIXL again."""
+        if handle.state == "PROC":
+            handle.state = self._nixl.check_xfer_state(handle.xfer)
+        return handle.state
+
+    def release(self, handle: TransferHandle) -> None:
+        """Free the NIXL request. On a READ still in flight NIXL tries to cancel it and raises
+        if it cannot: then the local destination blocks may still be written and must not be
+        reused yet."""
+        try:
+            handle.xfer.release()
+        except _NIXL_ERRORS as e:
+            raise KVTransferError(f"cannot release a READ from {handle.remote_name!r}") from e
+
+    def get_notifications(self) -> list[tuple[str, bytes]]:
+        """(remote agent name, notif) for every pull of our blocks finished since last call."""
+        notifs = self._nixl.get_new_notifs()
+        return [(name, msg) for name, msgs in notifs.items() for msg in msgs]
+
+    def close(self) -> None:
+        """Disconnect from every remote, deregister the KV tensor and drop the NIXL agent (its
+        progress thread stops once no TransferHandle refers to it); idempotent."""
+        if self._nixl is None:
+            return
+        for name in list(self._remotes):
+            self.remove_remote(name)
+        self._nixl.deregister_memory(self._reg_descs)
+        self._nixl = None

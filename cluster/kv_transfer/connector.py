@@ -1,0 +1,249 @@
+"""The two ends of one KV handoff, glued to an engine: `KVSender` on a prefill instance,
+`KVReceiver` on a decode instance. Workers own one of each role; the router carries the
+`KVHandle` from one to the other.
+
+    prefill                                      decode
+    engine output "prefilled" ─▶ sender.offer() ─ KVHandle ─▶ receiver.pull(handle, renew)
+       blocks pinned under a lease                  reserve local blocks
+                                   ◀── renew ───    (lease view = before the call + remaining)
+                                   ◀══ READ ═════   one descriptor per run of blocks
+       sender.poll(): notif ──▶ release  ◀─ notif   commit_remote(first token) ─▶ decode
+
+Failure: a READ that errors, outlives its deadline or its lease view aborts the decode-side
+request (its blocks are freed, the READ is cancelled first) and raises a `TransferError`
+subclass; the prefill side frees on the notification, or on lease expiry if none comes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cluster.kv_transfer.agent import KVTransferError
+from cluster.kv_transfer.agent_info import KVAgentInfo
+from cluster.kv_transfer.lease import LeaseTable
+
+
+class TransferError(RuntimeError):
+    """A KV pull did not complete; the decode side has freed what it had reserved."""
+
+    reason = "error"
+
+
+class TransferTimeout(TransferError):
+    reason = "timeout"
+
+
+class LeaseExpired(TransferError):
+    reason = "lease_expired"
+
+
+class RemoteTransferError(TransferError):
+    reason = "remote_error"
+
+
+class NoCapacity(TransferError):
+    reason = "no_capacity"
+
+
+@dataclass(slots=True, frozen=True)
+class KVHandle:
+    """Where a prefilled request's KV is, and what decode needs to continue it."""
+
+    request_id: str  # the prefill instance's id for it (the notification carries it)
+    agent_name: str
+    agent_epoch: bytes  # changes when the prefill agent restarts: re-fetch its info
+    block_ids: tuple[int, ...]
+    layout_hash: str
+    first_token_id: int
+    first_logprob: float | None = None
+    lease_s: float = 0.0
+
+
+@dataclass(slots=True)
+class TransferStats:
+    """Counters behind the vllm:nixl_* style metrics."""
+
+    num_transfers: int = 0
+    num_failures: dict[str, int] = field(default_factory=dict)
+    num_bytes: int = 0
+    num_descriptors: int = 0
+    transfer_s: list[float] = field(default_factory=list)  # latest durations, bounded
+    num_expired_leases: int = 0
+
+    def record(self, num_bytes: int, num_descs: int, seconds: float) -> None:
+        self.num_transfers += 1
+        self.num_bytes += num_bytes
+        self.num_descriptors += num_descs
+        self.transfer_s.append(seconds)
+        del self.transfer_s[:-1000]
+
+    def fail(self, reason: str) -> None:
+        self.num_failures[reason] = self.num_failures.get(reason, 0) + 1
+
+
+def agent_epoch(info: KVAgentInfo) -> bytes:
+    import hashlib
+
+    return hashlib.blake2b(info.metadata, digest_size=8).digest()
+
+
+class KVSender:
+    """Prefill side: pins blocks under leases, frees them on notification or expiry."""
+
+    def __init__(self, engine, agent, lease_s: float = 30.0, grace_s: float = 1.0):
+        self.engine = engine
+        self.agent = agent
+        self.lease_s = lease_s
+        self.leases = LeaseTable(grace_s=grace_s)
+        self.stats = TransferStats()
+        self._info = agent.info()
+        self._epoch = agent_epoch(self._info)
+
+    def info(self) -> KVAgentInfo:
+        return self._info
+
+    def offer(self, out) -> KVHandle:
+        """Lease a prefilled request's pinned blocks; the handle goes to a decode instance."""
+        self.leases.grant(out.request_id, out.kv_block_ids, self.lease_s)
+        return KVHandle(
+            request_id=out.request_id,
+            agent_name=self._info.agent_name,
+            agent_epoch=self._epoch,
+            block_ids=tuple(out.kv_block_ids),
+            layout_hash=self._info.layout.compat_hash,
+            first_token_id=out.token_ids[0],
+            first_logprob=out.logprobs[0] if out.logprobs else None,
+            lease_s=self.lease_s,
+        )
+
+    def renew(self, request_id: str) -> float | None:
+        """Remaining lease seconds after renewal, None if it is gone (expired or released)."""
+        return self.leases.renew(request_id)
+
+    def poll(self) -> list[str]:
+        """Free blocks of finished pulls and expired leases; return the request ids freed."""
+        freed = []
+        for _, notif in self.agent.get_notifications():
+            request_id = notif.decode(errors="replace")
+            if self.leases.complete(request_id) is not None:  # late/unknown: ignored
+                self.engine.release(request_id)
+                freed.append(request_id)
+        for request_id in self.leases.expire():
+            self.stats.num_expired_leases += 1
+            self.engine.release(request_id)
+            freed.append(request_id)
+        return freed
+
+    def drop(self, request_id: str) -> None:
+        """The router gave up on the request before any pull: free its blocks now."""
+        if self.leases.complete(request_id) is not None:
+            self.engine.release(request_id)
+
+
+class KVReceiver:
+    """Decode side: reserves blocks, pulls, and commits the request to the engine."""
+
+    def __init__(self, engine, agent, poll_interval_s: float = 0.0002):
+        self.engine = engine
+        self.agent = agent
+        self.poll_interval_s = poll_interval_s
+        self.stats = TransferStats()
+        self._epochs: dict[str, bytes] = {}
+        self._stuck: dict[str, object] = {}  # request id -> READ that would not release
+
+    def connect(self, info: KVAgentInfo) -> None:
+        """Load a prefill agent's metadata (once per epoch; raises on a layout mismatch)."""
+        self.agent.add_remote(info)
+        self._epochs[info.agent_name] = agent_epoch(info)
+
+    def needs_info(self, handle: KVHandle) -> bool:
+        """True when this receiver has not seen the handle's agent at its current epoch."""
+        return self._epochs.get(handle.agent_name) != handle.agent_epoch
+
+    def pull(
+        self,
+        handle: KVHandle,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params,
+        renew: Callable[[str], float | None],
+        deadline_s: float = 5.0,
+        **request_kwargs,
+    ):
+        """Pull the prompt's KV and start decoding; returns the first RequestOutput. Raises a
+        TransferError subclass within deadline_s (plus one renew call) on any failure, with
+        every block it reserved freed."""
+        if handle.layout_hash != self.agent.layout.compat_hash:
+            self.stats.fail("layout")
+            raise TransferError(f"prefill agent {handle.agent_name!r} has an incompatible layout")
+        block_ids = self.engine.add_remote_request(
+            request_id, prompt_token_ids, params, **request_kwargs
+        )
+        if block_ids is None:
+            self.stats.fail(NoCapacity.reason)
+            raise NoCapacity("decode instance has no free KV blocks for this prompt now")
+        try:
+            self._read(handle, request_id, block_ids, renew, deadline_s)
+        except TransferError as e:
+            if request_id not in self._stuck:  # a stuck READ's blocks wait for reap()
+                self.engine.abort(request_id)
+            self.stats.fail(e.reason)
+            raise
+        return self.engine.commit_remote(request_id, handle.first_token_id, handle.first_logprob)
+
+    def _read(self, handle, request_id, block_ids, renew, deadline_s) -> None:
+        if len(block_ids) != len(handle.block_ids):
+            raise TransferError(f"{len(handle.block_ids)} remote blocks for {len(block_ids)}")
+        asked = time.monotonic()
+        remaining = renew(handle.request_id)
+        if remaining is None:
+            raise LeaseExpired(f"lease on {handle.request_id!r} expired before the pull")
+        # Our view of the lease ends `remaining` after we asked, never later than the holder's.
+        until = min(asked + remaining, time.monotonic() + deadline_s)
+        start = time.monotonic()
+        try:
+            xfer = self.agent.read_blocks(
+                handle.agent_name, list(handle.block_ids), block_ids, handle.request_id.encode()
+            )
+        except KVTransferError as e:  # e.g. the remote disconnected: nothing was posted
+            raise RemoteTransferError(str(e)) from e
+        try:
+            state = self._wait(xfer, until)
+        finally:
+            self._release(xfer, request_id)
+        if state == "ERR":
+            raise RemoteTransferError(f"READ from {handle.agent_name!r} failed")
+        if state != "DONE":
+            cls = LeaseExpired if until == asked + remaining else TransferTimeout
+            raise cls(f"READ from {handle.agent_name!r} not done in time")
+        self.stats.record(xfer.num_bytes, xfer.num_descs, time.monotonic() - start)
+
+    def _release(self, xfer, request_id: str) -> None:
+        """Release the NIXL request. If NIXL cannot cancel a READ in flight, the destination
+        blocks may still be written: keep them (and the request) until reap() succeeds."""
+        try:
+            self.agent.release(xfer)
+        except KVTransferError:
+            self._stuck[request_id] = xfer
+
+    def reap(self) -> list[str]:
+        """Retry releasing stuck READs; free the blocks of those that let go."""
+        freed = []
+        for request_id, xfer in list(self._stuck.items()):
+            try:
+                self.agent.release(xfer)
+            except KVTransferError:
+                continue
+            del self._stuck[request_id]
+            self.engine.abort(request_id)
+            freed.append(request_id)
+        return freed
+
+    def _wait(self, xfer, until: float) -> str:
+        while (state := self.agent.poll(xfer)) == "PROC":
+            if time.monotonic() > until:
+                return "TIMEOUT"
+            time.sleep(self.poll_interval_s)
+        return state if time.monotonic() <= until else "TIMEOUT"

@@ -1,0 +1,169 @@
+"""NixlKVAgent between two real Ray actor processes, real NIXL/UCX over DRAM: a decode-side
+actor pulls scattered blocks of a prefill-side actor's engine-shaped KV pool, and the bytes
+are compared on the driver."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("nixl")
+
+from cluster.kv_transfer import KVAgentInfo, KVLayout, LayoutMismatchError  # noqa: E402
+
+pytestmark = pytest.mark.timeout(60)
+
+NUM_BLOCKS = 12
+NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM = 2, 2, 16
+# Runs 5..7 -> 0..2 merge; the rest is scattered on one side or the other.
+REMOTE_BLOCK_IDS = [5, 6, 7, 1, 9, 3, 4]
+LOCAL_BLOCK_IDS = [0, 1, 2, 8, 4, 6, 10]
+NUM_RUNS = 5
+
+
+def kv_shape(block_size: int) -> tuple[int, ...]:
+    return (NUM_BLOCKS, NUM_LAYERS, 2, block_size, NUM_KV_HEADS, HEAD_DIM)
+
+
+@ray.remote(num_cpus=0)
+class KVRank:
+    """One engine rank's KV pools (one per layout under test), each behind a NixlKVAgent."""
+
+    def __init__(self) -> None:
+        self.agents = {}
+        self.pools = {}
+
+    def open(self, name: str, block_size: int, dtype: str, seed: int | None) -> KVAgentInfo:
+        from cluster.kv_transfer.agent import NixlKVAgent
+
+        kv_cache = torch.zeros(kv_shape(block_size), dtype=getattr(torch, dtype))
+        if seed is not None:
+            kv_cache.copy_(
+                torch.randn(kv_shape(block_size), generator=torch.Generator().manual_seed(seed))
+            )
+        self.pools[name] = kv_cache
+        self.agents[name] = NixlKVAgent(name, kv_cache)
+        return self.agents[name].info()
+
+    def close(self, name: str) -> None:
+        self.agents.pop(name).close()
+        del self.pools[name]
+
+    def compat_hash(self, name: str) -> str:
+        return self.agents[name].layout.compat_hash
+
+    def add_remote(self, name: str, info: KVAgentInfo) -> str:
+        return self.agents[name].add_remote(info)
+
+    def pull(self, name: str, remote_name: str, remote_ids, local_ids, notif: bytes):
+        """Read and wait; return (final state, descriptors used, seconds)."""
+        agent = self.agents[name]
+        start = time.perf_counter()
+        handle = agent.read_blocks(remote_name, remote_ids, local_ids, notif)
+        while agent.poll(handle) == "PROC":
+            pass
+        seconds = time.perf_counter() - start
+        agent.release(handle)
+        return handle.state, handle.num_descs, seconds
+
+    def blocks(self, name: str) -> torch.Tensor:
+        return self.pools[name].clone()
+
+    def wait_notifications(self, name: str, timeout_s: float = 5.0) -> list[tuple[str, bytes]]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            notifs = self.agents[name].get_notifications()
+            if notifs:
+                return notifs
+            time.sleep(0.001)
+        return []
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    prefill, decode = KVRank.remote(), KVRank.remote()
+    yield prefill, decode
+    ray.shutdown()
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+def test_pull_scattered_blocks_is_byte_exact(ranks, dtype, block_size):
+    prefill, decode = ranks
+    src_name, dst_name = f"prefill-{dtype}-{block_size}", f"decode-{dtype}-{block_size}"
+    src_info = ray.get(prefill.open.remote(src_name, block_size, dtype, seed=block_size))
+    ray.get(decode.open.remote(dst_name, block_size, dtype, seed=None))
+    assert ray.get(decode.add_remote.remote(dst_name, src_info)) == src_name
+    state, num_descs, _ = ray.get(
+        decode.pull.remote(dst_name, src_name, REMOTE_BLOCK_IDS, LOCAL_BLOCK_IDS, b"req-7")
+    )
+    assert (state, num_descs) == ("DONE", NUM_RUNS)
+    src, dst = ray.get([prefill.blocks.remote(src_name), decode.blocks.remote(dst_name)])
+    assert torch.equal(as_bytes(dst[LOCAL_BLOCK_IDS]), as_bytes(src[REMOTE_BLOCK_IDS]))
+    untouched = sorted(set(range(NUM_BLOCKS)) - set(LOCAL_BLOCK_IDS))
+    assert not dst[untouched].any(), "a pull wrote outside its destination blocks"
+    assert ray.get(prefill.wait_notifications.remote(src_name)) == [(dst_name, b"req-7")]
+    ray.get([prefill.close.remote(src_name), decode.close.remote(dst_name)])
+
+
+def test_compat_hash_is_stable_across_processes(ranks):
+    prefill, _ = ranks
+    ray.get(prefill.open.remote("hash-check", 16, "bfloat16", seed=None))
+    here = KVLayout.from_tensor(torch.empty(kv_shape(16), dtype=torch.bfloat16))
+    assert ray.get(prefill.compat_hash.remote("hash-check")) == here.compat_hash
+    ray.get(prefill.close.remote("hash-check"))
+
+
+@pytest.mark.parametrize(
+    ("remote_block_size", "remote_dtype", "field"),
+    [(16, "float32", "dtype"), (32, "bfloat16", "block_size")],
+)
+def test_mismatched_layout_refuses_naming_the_field(ranks, remote_block_size, remote_dtype, field):
+    prefill, decode = ranks
+    src_info = ray.get(prefill.open.remote("mismatch-src", remote_block_size, remote_dtype, None))
+    ray.get(decode.open.remote("mismatch-dst", 16, "bfloat16", None))
+    with pytest.raises(LayoutMismatchError, match=rf"{field}: local=.* remote="):
+        ray.get(decode.add_remote.remote("mismatch-dst", src_info))
+    ray.get([prefill.close.remote("mismatch-src"), decode.close.remote("mismatch-dst")])
+
+
+def test_re_add_after_remote_restart(ranks):
+    """The holder process dies and comes back under the same agent name with a new pool; the
+    puller sees new metadata, drops the old remote and reads the new pool's bytes."""
+    _, decode = ranks
+    ray.get(decode.open.remote("restart-dst", 8, "float32", None))
+    infos, pools = [], []
+    for seed in (1, 2):
+        holder = KVRank.remote()
+        infos.append(ray.get(holder.open.remote("restart-src", 8, "float32", seed)))
+        ray.get(decode.add_remote.remote("restart-dst", infos[-1]))
+        state, _, _ = ray.get(decode.pull.remote("restart-dst", "restart-src", [3], [0], b"r"))
+        assert state == "DONE"
+        pools.append(ray.get(holder.blocks.remote("restart-src")))
+        assert torch.equal(ray.get(decode.blocks.remote("restart-dst"))[0], pools[-1][3])
+        ray.kill(holder)
+    assert infos[0].metadata != infos[1].metadata
+    assert not torch.equal(pools[0][3], pools[1][3])
+    ray.get(decode.close.remote("restart-dst"))
+
+
+def test_bad_pulls_refuse_before_touching_nixl(ranks):
+    prefill, decode = ranks
+    src_info = ray.get(prefill.open.remote("bad-src", 8, "float32", None))
+    ray.get(decode.open.remote("bad-dst", 8, "float32", None))
+    with pytest.raises(KeyError, match="unknown remote KV agent 'bad-src'"):
+        ray.get(decode.pull.remote("bad-dst", "bad-src", [1], [1], b""))
+    ray.get(decode.add_remote.remote("bad-dst", src_info))
+    with pytest.raises(ValueError, match=r"remote block ids \[12\] outside \[0, 12\)"):
+        ray.get(decode.pull.remote("bad-dst", "bad-src", [12], [1], b""))
+    with pytest.raises(ValueError, match="local block ids repeat"):
+        ray.get(decode.pull.remote("bad-dst", "bad-src", [1, 2], [3, 3], b""))
+    ray.get([prefill.close.remote("bad-src"), decode.close.remote("bad-dst")])
