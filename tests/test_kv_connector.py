@@ -67,8 +67,9 @@ class EngineHost:
         self.engine.check_integrity()
         return self.engine.num_free_blocks, self.engine.block_manager.num_blocks
 
-    def num_failures(self) -> dict:
-        return dict(self.receiver.stats.num_failures)
+    def metric(self, name: str, **labels) -> float:
+        side = self.receiver if self.engine.role == "decode" else self.sender
+        return side.metrics.value(name, **labels)
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +120,8 @@ def test_disaggregated_equals_colocated(hosts, tiny_model_dir):
     while len(freed) < len(PROMPTS) and time.monotonic() < deadline:
         freed += ray.get(prefill.poll.remote())  # notifications free the pinned blocks
     assert sorted(freed) == ["p0", "p1", "p2"]
+    assert ray.get(decode.metric.remote("vllm:nixl_xfer_time_seconds_count")) == 3
+    assert ray.get(decode.metric.remote("vllm:nixl_bytes_transferred_sum")) > 0
     assert_all_free(prefill, decode)
 
 
@@ -132,6 +135,7 @@ def test_expired_lease_is_never_read(ray_cluster, tiny_model_dir):
     info = ray.get(prefill.info.remote())
     got = ray.get(decode.decode.remote(handle, info, "d", PROMPTS[0], renew_via(prefill)))
     assert got == "LeaseExpired"
+    assert ray.get(prefill.metric.remote("vllm:nixl_num_kv_expired_reqs_total")) == 1
     assert ray.get(prefill.poll.remote()) == []  # nothing freed twice, no late notif effect
     assert_all_free(prefill, decode)
 
@@ -155,5 +159,45 @@ def test_prefill_killed_mid_handoff_ends_in_error_without_leaks(ray_cluster, tin
     )
     assert got in ("RemoteTransferError", "TransferTimeout")
     assert time.monotonic() - start < 2.0 + 0.5 + 5.0  # deadline + the kill + Ray overhead
-    assert ray.get(decode.num_failures.remote())
+    failures = [
+        ray.get(decode.metric.remote("vllm:nixl_num_failed_transfers_total", reason=r))
+        for r in ("remote_error", "timeout")
+    ]
+    assert sum(failures) == 1
     assert_all_free(decode)
+
+
+def test_registry_in_ray_and_restart_detection(hosts):
+    from cluster.kv_transfer.connector import agent_epoch
+    from cluster.kv_transfer.registry import RayKVRegistry
+
+    prefill, _ = hosts
+    info = ray.get(prefill.info.remote())
+    registry = RayKVRegistry()
+    registry.publish(info)
+    assert RayKVRegistry().lookup(info.agent_name) == info  # a second client, same actor
+    assert info.agent_name in registry.names()
+    with pytest.raises(KeyError, match="no KV agent named 'nobody'"):
+        registry.lookup("nobody")
+    # A restarted agent publishes new metadata under its name: the epoch in handles changes.
+    restarted = type(info)(
+        info.agent_name, info.metadata + b"x", info.base_addr, info.num_blocks, info.layout
+    )
+    registry.publish(restarted)
+    assert agent_epoch(registry.lookup(info.agent_name)) != agent_epoch(info)
+    registry.remove(info.agent_name)
+    assert info.agent_name not in registry.names()
+
+
+def test_plain_address_fallback(hosts):
+    from cluster.kv_transfer.registry import AgentInfoServer, fetch_agent_info
+
+    prefill, _ = hosts
+    info = ray.get(prefill.info.remote())
+    server = AgentInfoServer(info)
+    try:
+        assert fetch_agent_info(*server.address) == info
+    finally:
+        server.close()
+    with pytest.raises(ConnectionError, match="no KV agent info at 127.0.0.1"):
+        fetch_agent_info(*server.address, timeout_s=1.0)

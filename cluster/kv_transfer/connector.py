@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cluster.kv_transfer.agent import KVTransferError
 from cluster.kv_transfer.agent_info import KVAgentInfo
 from cluster.kv_transfer.lease import LeaseTable
+from cluster.kv_transfer.metrics import KVTransferMetrics
 
 
 class TransferError(RuntimeError):
@@ -61,28 +62,6 @@ class KVHandle:
     lease_s: float = 0.0
 
 
-@dataclass(slots=True)
-class TransferStats:
-    """Counters behind the vllm:nixl_* style metrics."""
-
-    num_transfers: int = 0
-    num_failures: dict[str, int] = field(default_factory=dict)
-    num_bytes: int = 0
-    num_descriptors: int = 0
-    transfer_s: list[float] = field(default_factory=list)  # latest durations, bounded
-    num_expired_leases: int = 0
-
-    def record(self, num_bytes: int, num_descs: int, seconds: float) -> None:
-        self.num_transfers += 1
-        self.num_bytes += num_bytes
-        self.num_descriptors += num_descs
-        self.transfer_s.append(seconds)
-        del self.transfer_s[:-1000]
-
-    def fail(self, reason: str) -> None:
-        self.num_failures[reason] = self.num_failures.get(reason, 0) + 1
-
-
 def agent_epoch(info: KVAgentInfo) -> bytes:
     import hashlib
 
@@ -92,12 +71,19 @@ def agent_epoch(info: KVAgentInfo) -> bytes:
 class KVSender:
     """Prefill side: pins blocks under leases, frees them on notification or expiry."""
 
-    def __init__(self, engine, agent, lease_s: float = 30.0, grace_s: float = 1.0):
+    def __init__(
+        self,
+        engine,
+        agent,
+        lease_s: float = 30.0,
+        grace_s: float = 1.0,
+        metrics: KVTransferMetrics | None = None,
+    ):
         self.engine = engine
         self.agent = agent
         self.lease_s = lease_s
         self.leases = LeaseTable(grace_s=grace_s)
-        self.stats = TransferStats()
+        self.metrics = metrics or KVTransferMetrics("prefill")
         self._info = agent.info()
         self._epoch = agent_epoch(self._info)
 
@@ -127,11 +113,13 @@ class KVSender:
         freed = []
         for _, notif in self.agent.get_notifications():
             request_id = notif.decode(errors="replace")
-            if self.leases.complete(request_id) is not None:  # late/unknown: ignored
-                self.engine.release(request_id)
-                freed.append(request_id)
+            if self.leases.complete(request_id) is None:  # late or unknown: ignored
+                self.metrics.unmatched_notification()
+                continue
+            self.engine.release(request_id)
+            freed.append(request_id)
         for request_id in self.leases.expire():
-            self.stats.num_expired_leases += 1
+            self.metrics.expired()
             self.engine.release(request_id)
             freed.append(request_id)
         return freed
@@ -145,11 +133,17 @@ class KVSender:
 class KVReceiver:
     """Decode side: reserves blocks, pulls, and commits the request to the engine."""
 
-    def __init__(self, engine, agent, poll_interval_s: float = 0.0002):
+    def __init__(
+        self,
+        engine,
+        agent,
+        poll_interval_s: float = 0.0002,
+        metrics: KVTransferMetrics | None = None,
+    ):
         self.engine = engine
         self.agent = agent
         self.poll_interval_s = poll_interval_s
-        self.stats = TransferStats()
+        self.metrics = metrics or KVTransferMetrics("decode")
         self._epochs: dict[str, bytes] = {}
         self._stuck: dict[str, object] = {}  # request id -> READ that would not release
 
@@ -176,20 +170,20 @@ class KVReceiver:
         TransferError subclass within deadline_s (plus one renew call) on any failure, with
         every block it reserved freed."""
         if handle.layout_hash != self.agent.layout.compat_hash:
-            self.stats.fail("layout")
+            self.metrics.failed("layout")
             raise TransferError(f"prefill agent {handle.agent_name!r} has an incompatible layout")
         block_ids = self.engine.add_remote_request(
             request_id, prompt_token_ids, params, **request_kwargs
         )
         if block_ids is None:
-            self.stats.fail(NoCapacity.reason)
+            self.metrics.failed(NoCapacity.reason)
             raise NoCapacity("decode instance has no free KV blocks for this prompt now")
         try:
             self._read(handle, request_id, block_ids, renew, deadline_s)
         except TransferError as e:
             if request_id not in self._stuck:  # a stuck READ's blocks wait for reap()
                 self.engine.abort(request_id)
-            self.stats.fail(e.reason)
+            self.metrics.failed(e.reason)
             raise
         return self.engine.commit_remote(request_id, handle.first_token_id, handle.first_logprob)
 
@@ -209,6 +203,7 @@ class KVReceiver:
             )
         except KVTransferError as e:  # e.g. the remote disconnected: nothing was posted
             raise RemoteTransferError(str(e)) from e
+        posted = time.monotonic()
         try:
             state = self._wait(xfer, until)
         finally:
@@ -218,7 +213,9 @@ class KVReceiver:
         if state != "DONE":
             cls = LeaseExpired if until == asked + remaining else TransferTimeout
             raise cls(f"READ from {handle.agent_name!r} not done in time")
-        self.stats.record(xfer.num_bytes, xfer.num_descs, time.monotonic() - start)
+        self.metrics.transfer(
+            xfer.num_bytes, xfer.num_descs, posted - start, time.monotonic() - start
+        )
 
     def _release(self, xfer, request_id: str) -> None:
         """Release the NIXL request. If NIXL cannot cancel a READ in flight, the destination
