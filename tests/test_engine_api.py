@@ -370,3 +370,95 @@ def test_bucket_by_length_bounds_padding():
         shortest, longest = min(lengths[i] for i in g), max(lengths[i] for i in g)
         assert longest <= max(2 * shortest, shortest + 64)
     assert len(groups) <= 5
+
+
+# -- review findings: each was a real failure before its fix ----------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"stop": [123]},
+        {"logprobs": 1.5},
+        {"top_k": 2.5},
+        {"temperature": float("nan")},
+        {"seed": 2**64},
+        {"max_tokens": True},
+    ],
+)
+def test_wrongly_typed_sampling_params_are_refused_up_front(kwargs):
+    with pytest.raises(ValueError):
+        SamplingParams(**kwargs)
+
+
+def test_bad_cache_salt_and_priority(engine):
+    with pytest.raises(ValueError, match="cache_salt"):
+        engine.add_request(None, PROMPTS[0], GREEDY, cache_salt=5)
+    with pytest.raises(ValueError, match="priority"):
+        engine.add_request(None, PROMPTS[0], GREEDY, priority="high")
+    assert_clean(engine)
+
+
+def test_auto_ids_never_collide_with_caller_ids(engine):
+    engine.add_request("0", PROMPTS[0], GREEDY)
+    assert engine.generate(PROMPTS[1], GREEDY)[0].finish_reason == "length"
+    engine.abort("0")
+    assert_clean(engine)
+
+
+def test_commit_remote_checks_its_inputs(tiny_model_dir):
+    decode = LLMEngine(EngineConfig(model=str(tiny_model_dir), role="decode"))
+    with pytest.raises(ValueError, match="not waiting for its KV"):
+        decode.commit_remote("nobody", 5)
+    decode.add_remote_request("d", PROMPTS[0], GREEDY)
+    with pytest.raises(ValueError, match="outside"):
+        decode.commit_remote("d", 10**6)
+    decode.abort("d")
+    assert_clean(decode)
+
+
+def test_seeded_sampling_survives_disaggregation(tiny_model_dir):
+    model = str(tiny_model_dir)
+    seeded = SamplingParams(max_tokens=12, temperature=1.0, seed=99, ignore_eos=True)
+    colocated = LLMEngine(EngineConfig(model=model)).generate(PROMPTS[0], seeded)[0]
+    prefill = LLMEngine(EngineConfig(model=model, role="prefill"))
+    decode = LLMEngine(EngineConfig(model=model, role="decode"))
+    first = prefill.generate(PROMPTS[0], seeded)[0]
+    dst = decode.add_remote_request("d", first.prompt_token_ids, seeded)
+    decode.runner.kv_cache[dst] = prefill.runner.kv_cache[first.kv_block_ids]
+    prefill.release(first.request_id)
+    outs = [decode.commit_remote("d", first.token_ids[0])]
+    while not outs[-1].finished:
+        outs += decode.step()
+    assert outs[-1].token_ids == colocated.token_ids
+    for e in (prefill, decode):
+        assert_clean(e)
+
+
+def test_async_abort_from_outside_ends_the_stream_and_shutdown_ends_all(tiny_model_dir):
+    from cluster.engine.async_engine import RequestAborted
+
+    sync = LLMEngine(EngineConfig(model=str(tiny_model_dir)))
+    engine = AsyncLLMEngine(sync)
+    long = SamplingParams(max_tokens=1000, ignore_eos=True)
+
+    async def consume(request_id):
+        return [o async for o in engine.generate(PROMPTS[0], long, request_id=request_id)]
+
+    async def main():
+        aborted = asyncio.create_task(consume("a"))
+        stranded = asyncio.create_task(consume("b"))
+        await asyncio.sleep(0.3)
+        assert engine.abort("a")
+        with pytest.raises(RequestAborted):
+            await aborted
+        await asyncio.to_thread(engine.shutdown)
+        with pytest.raises(RuntimeError, match="shut down"):
+            await asyncio.wait_for(stranded, timeout=10)
+        with pytest.raises(RuntimeError, match="shut down"):
+            async for _ in engine.generate(PROMPTS[1], GREEDY):
+                pass
+
+    asyncio.run(main())
+    sync.abort("b")  # the loop is gone; free what it held by hand
+    assert_clean(sync)

@@ -2,7 +2,9 @@
 
 The engine is synchronous and not thread-safe. One background thread owns the step loop
 (torch releases the GIL in its kernels, so the event loop stays responsive); every engine
-call goes through one lock. Outputs cross to the caller's loop with call_soon_threadsafe.
+call goes through one lock, taken off the event loop so a long step never blocks it.
+Outputs cross to the caller's loop with call_soon_threadsafe. Every stream ends: with its
+final output, or with an exception when it is aborted, the engine fails or shuts down.
 A caller that stops iterating (cancelled, client gone) aborts its request, which frees its
 blocks.
 """
@@ -10,6 +12,7 @@ blocks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 import uuid
@@ -22,13 +25,17 @@ from cluster.engine.outputs import RequestOutput
 from cluster.engine.sampling_params import SamplingParams
 
 _Sink = tuple[asyncio.AbstractEventLoop, asyncio.Queue]
+_IDLE_WAIT_S = 0.005  # nothing schedulable (e.g. all waiting for KV): poll, don't spin
+
+
+class RequestAborted(RuntimeError):
+    """The request was aborted by someone other than its own stream."""
 
 
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
-        self._lock = threading.Lock()
-        self._work = threading.Condition(self._lock)
+        self._work = threading.Condition(threading.Lock())
         self._sinks: dict[str, _Sink] = {}
         self._error: BaseException | None = None
         self._stopped = False
@@ -48,29 +55,31 @@ class AsyncLLMEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Stream one request's outputs; the last has finished=True. ValueError for bad input."""
         request_id = request_id or uuid.uuid4().hex
-        queue: asyncio.Queue = asyncio.Queue()
-        self.call(
-            self._add, request_id, prompt, params, (asyncio.get_running_loop(), queue), kwargs
-        )
+        sink = (asyncio.get_running_loop(), asyncio.Queue())
+        await asyncio.to_thread(self.call, self._add, request_id, prompt, params, sink, kwargs)
         finished = False
         try:
             while not finished:
-                item = await queue.get()
+                item = await sink[1].get()
                 if isinstance(item, BaseException):
+                    finished = True  # nothing more will come
                     raise item
                 finished = item.finished
                 yield item
         finally:
             if not finished:
-                self.abort(request_id)
+                with contextlib.suppress(RuntimeError):  # engine already down: nothing to free
+                    self.abort(request_id)
 
     def _add(self, request_id, prompt, params, sink: _Sink, kwargs) -> None:
         self.engine.add_request(request_id, prompt, params, **kwargs)
         self._sinks[request_id] = sink
 
     def abort(self, request_id: str) -> bool:
+        """Abort a request; its stream, if any, ends with RequestAborted."""
+
         def _abort() -> bool:
-            self._sinks.pop(request_id, None)
+            self._send(request_id, RequestAborted(f"request {request_id!r} was aborted"))
             return self.engine.abort(request_id)
 
         return self.call(_abort)
@@ -80,15 +89,20 @@ class AsyncLLMEngine:
         with self._work:
             if self._error is not None:
                 raise RuntimeError("engine loop died") from self._error
+            if self._stopped:
+                raise RuntimeError("engine is shut down")
             result = fn(*args)
             self._work.notify()
             return result
 
     def shutdown(self) -> None:
+        """Stop the loop; every open stream ends with an error, new calls are refused."""
         with self._work:
             self._stopped = True
             self._work.notify()
         self._thread.join(timeout=10)
+        with self._work:
+            self._fail_all(RuntimeError("engine shut down"))
 
     def _loop(self) -> None:
         while True:
@@ -98,24 +112,30 @@ class AsyncLLMEngine:
                 if self._stopped:
                     return
                 try:
-                    outputs = self.engine.step()
+                    for out in self.engine.step():
+                        self._send(out.request_id, out)
                 except BaseException as e:  # noqa: BLE001 - every waiter must hear of it
-                    self._fail_all(e)
+                    self._error = e
+                    self._fail_all(RuntimeError(f"engine failed: {e}"))
                     return
-                for out in outputs:
-                    self._deliver(out)
+                if self.engine.last_step_num_tokens == 0:
+                    self._work.wait(_IDLE_WAIT_S)  # woken early by new work
+                    continue
             time.sleep(0)  # let callers waiting on the lock in before the next step
 
-    def _deliver(self, out: RequestOutput) -> None:
-        sink = self._sinks.get(out.request_id)
-        if out.finished:
-            self._sinks.pop(out.request_id, None)
-        if sink is not None:
-            loop, queue = sink
-            loop.call_soon_threadsafe(queue.put_nowait, out)
+    def _send(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        """Hand an item to the request's stream; a stream whose loop is gone is aborted."""
+        final = isinstance(item, BaseException) or item.finished
+        sink = self._sinks.pop(request_id, None) if final else self._sinks.get(request_id)
+        if sink is None:
+            return
+        loop, queue = sink
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is closed: nobody is listening
+            self._sinks.pop(request_id, None)
+            self.engine.abort(request_id)
 
     def _fail_all(self, error: BaseException) -> None:
-        self._error = error
-        for loop, queue in self._sinks.values():
-            loop.call_soon_threadsafe(queue.put_nowait, RuntimeError(f"engine failed: {error}"))
-        self._sinks.clear()
+        for request_id in list(self._sinks):
+            self._send(request_id, error)

@@ -26,6 +26,7 @@ from cluster.engine.config import EngineConfig, ModelConfig
 from cluster.engine.model_runner import ModelRunner
 from cluster.engine.outputs import RequestMetrics, RequestOutput
 from cluster.engine.request import Request, RequestStatus
+from cluster.engine.sampler import skip_one_draw
 from cluster.engine.sampling_params import SamplingParams
 from cluster.engine.scheduler import Scheduler
 from cluster.engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -66,6 +67,7 @@ class LLMEngine:
         self._generators: dict[str, torch.Generator] = {}
         self._pinned: dict[str, Request] = {}
         self._ids = itertools.count()
+        self.last_step_num_tokens = 0  # 0: nothing could run (e.g. all waiting for KV)
         torch.manual_seed(config.seed)
 
     def _fit_max_model_len(self, max_model_len: int) -> int:
@@ -113,12 +115,16 @@ class LLMEngine:
         return request.request_id
 
     def _new_request(self, request_id, prompt, params, arrival_time, priority, cache_salt):
-        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        request_id = f"auto-{next(self._ids)}" if request_id is None else str(request_id)
         if request_id in self._states or request_id in self._pinned:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise ValueError(f"cache_salt must be a string, got {cache_salt!r}")
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
         prompt_ids = self._prompt_token_ids(prompt)
         request = Request(
             request_id=request_id,
@@ -153,11 +159,15 @@ class LLMEngine:
         return ids
 
     def _track(self, request: Request) -> None:
+        """Per-request state; built fully before anything is recorded, so a failure here
+        leaves the engine as it was."""
         detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids)
-        self._states[request.request_id] = _RequestState(request, detok)
+        gen = None
         if request.params.seed is not None:
-            gen = torch.Generator(device=self.runner.device)
-            self._generators[request.request_id] = gen.manual_seed(request.params.seed)
+            gen = torch.Generator(device=self.runner.device).manual_seed(request.params.seed)
+        self._states[request.request_id] = _RequestState(request, detok)
+        if gen is not None:
+            self._generators[request.request_id] = gen
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -167,6 +177,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; return an output for every request that got a token."""
         plan = self.scheduler.schedule()
+        self.last_step_num_tokens = plan.total_num_tokens
         if plan.is_empty:
             return []
         tables = {r.request_id: self.block_manager.block_ids(r.request_id) for r in plan.requests}
@@ -310,15 +321,30 @@ class LLMEngine:
         room now; nothing is kept in that case."""
         request = self._new_request(request_id, prompt, params, arrival_time, priority, cache_salt)
         block_ids = self.scheduler.reserve_remote(request)
-        if block_ids is not None:
+        if block_ids is None:
+            return None
+        try:
             self._track(request)
+        except BaseException:
+            self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
+            raise
         return block_ids
 
     def commit_remote(
         self, request_id: str, first_token_id: int, first_logprob: float | None = None
     ) -> RequestOutput:
         """Decode role: the KV is in place; continue from the token the prefill sampled."""
+        request = self.scheduler.remote.get(request_id)
+        if request is None:
+            raise ValueError(f"request {request_id!r} is not waiting for its KV here")
+        vocab = self.model_config.vocab_size
+        if isinstance(first_token_id, bool) or not isinstance(first_token_id, int):
+            raise ValueError(f"first_token_id must be an integer, got {first_token_id!r}")
+        if not 0 <= first_token_id < vocab:
+            raise ValueError(f"first_token_id {first_token_id} is outside [0, {vocab})")
         request = self.scheduler.admit_remote(request_id)
+        if request_id in self._generators:  # the prefill spent one draw on this token
+            skip_one_draw(self._generators[request_id], vocab, request.params)
         request.times.first_token = time.time()
         if request.params.logprobs is not None:
             request.output_logprobs.append(first_logprob if first_logprob is not None else 0.0)

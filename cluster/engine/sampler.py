@@ -156,6 +156,15 @@ def _exponential_race(
     return (scaled - noise.clamp_min_(_MIN_EXPONENTIAL).log_()).argmax(dim=-1)
 
 
+def skip_one_draw(generator: torch.Generator, vocab_size: int, params: SamplingParams) -> None:
+    """Advance a seeded request's generator past one token, exactly as sampling it here would
+    (a decode instance continuing a token sampled elsewhere keeps the seeded stream)."""
+    if not params.is_greedy:
+        torch.empty(vocab_size, dtype=torch.float32, device=generator.device).exponential_(
+            generator=generator
+        )
+
+
 def _raw_logprobs(
     logits: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]
 ) -> tuple[list[float] | None, list[list[tuple[int, float]]] | None]:

@@ -5,6 +5,7 @@ Validated once when a request enters the engine; everything downstream trusts th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
@@ -35,12 +36,38 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        self._check_types()
         self.stop = list(self.stop)
-        self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+        self.stop_token_ids = list(self.stop_token_ids)
         self._validate()
 
+    def _check_types(self) -> None:
+        """Wrong types must fail here, not later inside a batched step."""
+        for name in ("max_tokens", "top_k"):
+            _require_int(name, getattr(self, name))
+        for name in ("seed", "logprobs"):
+            if getattr(self, name) is not None:
+                _require_int(name, getattr(self, name))
+        for name in ("temperature", "top_p", "min_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value!r}")
+        stops_ok = isinstance(self.stop, list | tuple) and all(
+            isinstance(x, str) for x in self.stop
+        )
+        if not stops_ok:
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        if not isinstance(self.stop_token_ids, list | tuple):
+            raise ValueError(f"stop_token_ids must be a list of ints, got {self.stop_token_ids!r}")
+        for token_id in self.stop_token_ids:
+            _require_int("stop_token_ids", token_id)
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+
     def _validate(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
@@ -64,3 +91,8 @@ class SamplingParams:
     @property
     def num_top_logprobs(self) -> int:
         return self.logprobs or 0
+
+
+def _require_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
