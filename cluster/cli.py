@@ -3,6 +3,7 @@
 cluster model init-tiny DIR          write the deterministic tiny default model
 cluster generate "prompt" [...]      generate with a local engine (default: tiny model)
 cluster bench engine [--json]        engine throughput against transformers
+cluster bench transfer [--json]      NIXL KV pull bandwidth against memcpy
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(metavar="BENCHMARK")
     engine_bench = bench.add_parser("engine", help="engine tokens/s against transformers")
     _add_engine_bench(engine_bench)
+    transfer_bench = bench.add_parser("transfer", help="NIXL KV pull bandwidth against memcpy")
+    _add_transfer_bench(transfer_bench)
     return parser
 
 
@@ -160,6 +163,13 @@ def _add_engine_bench(parser: argparse.ArgumentParser) -> None:
 
     engine_bench.add_arguments(parser)
     parser.set_defaults(func=lambda args: engine_bench.run(args) and 0)
+
+
+def _add_transfer_bench(parser: argparse.ArgumentParser) -> None:
+    from cluster.bench import transfer_bench
+
+    transfer_bench.add_arguments(parser)
+    parser.set_defaults(func=lambda args: transfer_bench.run(args) and 0)
 
 
 if __name__ == "__main__":
