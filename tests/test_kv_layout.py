@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
 from cluster.kv_transfer import KVAgentInfo, KVLayout, LayoutMismatchError
-from cluster.kv_transfer.descriptors import BlockRun, merge_block_runs, run_descs
+from cluster.kv_transfer.descriptors import count_runs, run_descs
 
 SHAPE = (10, 3, 2, 16, 4, 8)  # blocks, layers, K/V, block_size, kv heads, head_dim
 
@@ -70,23 +71,17 @@ def test_agent_info_pickles():
 
 
 @pytest.mark.parametrize(
-    ("src", "dst", "runs"),
+    ("src", "dst", "num_runs"),
     [
-        ([3], [0], [BlockRun(3, 0, 1)]),
-        ([5, 6, 7, 1, 9], [0, 1, 2, 8, 4], [BlockRun(5, 0, 3), BlockRun(1, 8, 1),
-                                            BlockRun(9, 4, 1)]),
-        ([1, 2, 3], [4, 6, 7], [BlockRun(1, 4, 1), BlockRun(2, 6, 2)]),  # dst breaks the run
-        ([3, 2, 1], [0, 1, 2], [BlockRun(3, 0, 1), BlockRun(2, 1, 1), BlockRun(1, 2, 1)]),
+        ([3], [0], 1),
+        ([5, 6, 7, 1, 9], [0, 1, 2, 8, 4], 3),  # 5..7 -> 0..2, 1 -> 8, 9 -> 4
+        ([1, 2, 3], [4, 6, 7], 2),  # dst breaks the run
+        ([3, 2, 1], [0, 1, 2], 3),  # descending ids never merge
+        ([], [], 0),
     ],
-)  # fmt: skip
-def test_merge_block_runs(src, dst, runs):
-    assert merge_block_runs(src, dst) == runs
-    assert sum(r.num_blocks for r in runs) == len(src)
-
-
-def test_merge_block_runs_refuses_unequal_lengths():
-    with pytest.raises(ValueError, match="3 source blocks but 2"):
-        merge_block_runs([1, 2, 3], [1, 2])
+)
+def test_count_runs(src, dst, num_runs):
+    assert count_runs(np.asarray(src, np.int32), np.asarray(dst, np.int32)) == num_runs
 
 
 def test_run_descs_rows():

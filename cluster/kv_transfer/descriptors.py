@@ -10,41 +10,24 @@ consecutive on BOTH sides form one contiguous range on each side and move as one
 
 Every descriptor costs a fixed amount in NIXL and UCX (a work request, a completion), and the
 block allocator hands out long runs more often than not, so merging cuts that cost to the
-number of runs.
+number of runs. The agent prepares one descriptor per block per side once and lets NIXL do
+the merging; `count_runs` says how many descriptors a pull became.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 
-@dataclass(slots=True, frozen=True)
-class BlockRun:
-    src_block_id: int
-    dst_block_id: int
-    num_blocks: int
-
-
-def merge_block_runs(src_block_ids: Sequence[int], dst_block_ids: Sequence[int]) -> list[BlockRun]:
-    """Pair src_block_ids[i] with dst_block_ids[i], merging runs consecutive on both sides."""
-    if len(src_block_ids) != len(dst_block_ids):
-        raise ValueError(
-            f"{len(src_block_ids)} source blocks but {len(dst_block_ids)} destination blocks"
-        )
-    runs: list[BlockRun] = []
-    for src, dst in zip(src_block_ids, dst_block_ids, strict=True):
-        last = runs[-1] if runs else None
-        if last and (src, dst) == (
-            last.src_block_id + last.num_blocks,
-            last.dst_block_id + last.num_blocks,
-        ):
-            runs[-1] = BlockRun(last.src_block_id, last.dst_block_id, last.num_blocks + 1)
-        else:
-            runs.append(BlockRun(src, dst, 1))
-    return runs
+def count_runs(src_block_ids: np.ndarray, dst_block_ids: np.ndarray) -> int:
+    """How many descriptors a pull takes once runs consecutive on both sides are merged (what
+    NIXL does with prepared lists)."""
+    if len(src_block_ids) == 0:
+        return 0
+    breaks = (np.diff(src_block_ids) != 1) | (np.diff(dst_block_ids) != 1)
+    return 1 + int(np.count_nonzero(breaks))
 
 
 def run_descs(
