@@ -154,9 +154,11 @@ class TransferRank:
     def open(self, name: str, shape: tuple[int, ...], dtype: str, is_holder: bool):
         """A fresh pool, every page touched. The holder's block i holds i % 256 (exact in
         fp32 and bf16) so the puller can check what landed where; the puller's holds -1."""
+        from cluster.engine.kv_pool import allocate_kv_pool
         from cluster.kv_transfer.agent import NixlKVAgent
 
-        kv_cache = torch.empty(shape, dtype=getattr(torch, dtype))
+        huge_pages = os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"  # set per run, see _run
+        kv_cache = allocate_kv_pool(shape, getattr(torch, dtype), torch.device("cpu"), huge_pages)
         if is_holder:
             kv_cache.view(shape[0], -1).copy_(_block_tags(shape[0], kv_cache.dtype)[:, None])
         else:
@@ -262,9 +264,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="NixlKVAgent progress thread's poll delay, both sides (default 10000, as agent.py)",
     )
     add(
-        "--huge-pages",
-        action="store_true",
-        help="allocate pools and memcpy buffers on transparent huge pages (both processes)",
+        "--no-huge-pages",
+        dest="huge_pages",
+        action="store_false",
+        help="pools and memcpy buffers on 4 KiB pages (default: transparent huge pages, as the "
+        "engine allocates its KV pool)",
     )
     add("--seed", type=int, default=0, help="seed for the scattered block ids")
 
@@ -319,8 +323,8 @@ def _run(args: argparse.Namespace, grid: list[TransferPoint], repeats: Repeats) 
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    # torch's CPU allocator madvises allocations >= 2 MiB for huge pages when this is set;
-    # pinning 2 MiB pages is what makes CMA's process_vm_readv cheaper.
+    # Pools come from the engine's allocate_kv_pool; torch's CPU allocator also madvises
+    # memcpy buffers >= 2 MiB for huge pages when this is set, so both sides match.
     thp_env = {"THP_MEM_ALLOC_ENABLE": "1" if args.huge_pages else "0"}
     rank_cls = ray.remote(num_cpus=0)(TransferRank).options(runtime_env={"env_vars": thp_env})
     holder, puller = (rank_cls.remote(args.progress_delay_us) for _ in range(2))

@@ -17,6 +17,7 @@ import torch
 
 from cluster.engine.attention import AttentionMetadata, DecodeGroup, PrefillChunk, get_backend
 from cluster.engine.config import CacheConfig, EngineConfig, ModelConfig
+from cluster.engine.kv_pool import allocate_kv_pool
 from cluster.engine.models.loader import load_model
 from cluster.engine.request import Request
 from cluster.engine.sampler import Sampler, SamplerOutput
@@ -47,7 +48,7 @@ class ModelRunner:
         )
         self.model = load_model(model_config, backend, self.dtype, self.device, max_model_len)
         self.num_blocks = self._num_blocks(config.cache)
-        self.kv_cache = torch.zeros(self.kv_cache_shape, dtype=self.dtype, device=self.device)
+        self.kv_cache = allocate_kv_pool(self.kv_cache_shape, self.dtype, self.device)
         self.kv_layers = [self.kv_cache[:, i] for i in range(model_config.num_layers)]
         self.sampler = Sampler()
 
