@@ -16,7 +16,6 @@ only has to load, since prompts are passed as token ids.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from cluster.bench.common import int_list, report, resolve
 from cluster.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from cluster.engine.llm_engine import LLMEngine
 from cluster.engine.sampling_params import SamplingParams
@@ -111,7 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--num-requests", type=int, help=f"requests in the workload (default {d['num_requests']})")
     add("--prompt-len", type=_int_range, help="MIN,MAX prompt tokens, log-uniform (16,512)")
     add("--output-len", type=_int_range, help="MIN,MAX output tokens, log-uniform (8,256)")
-    add("--concurrency", type=_int_list, help="comma-separated N values (default 1,8,32,64)")
+    add("--concurrency", type=int_list, help="comma-separated N values (default 1,8,32,64)")
     add(
         "--batch1-requests",
         type=int,
@@ -122,25 +122,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--seed", type=int, default=0, help="seed for the weights and the workload")
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    values = tuple(int(v) for v in text.split(",") if v.strip())
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers like 1,8,32, got {text!r}")
-    return values
-
-
 def _int_range(text: str) -> tuple[int, int]:
-    values = _int_list(text)
+    values = int_list(text)
     if len(values) != 2 or values[0] > values[1]:
         raise argparse.ArgumentTypeError(f"expected MIN,MAX with MIN <= MAX, got {text!r}")
     return values
-
-
-def _resolve(args: argparse.Namespace, name: str):
-    given = getattr(args, name, None)
-    if given is not None:
-        return given
-    return (QUICK if getattr(args, "quick", False) else DEFAULTS)[name]
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -160,12 +146,12 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(num_threads)
         if had_bars:
             hf_logging.enable_progress_bar()
-    _report(result, args)
+    report(result, format_table(result), args)
     return result
 
 
 def _run(args: argparse.Namespace) -> dict:
-    opt = {name: _resolve(args, name) for name in DEFAULTS}
+    opt = {name: resolve(args, name, DEFAULTS, QUICK) for name in DEFAULTS}
     longest = opt["prompt_len"][1] + opt["output_len"][1]
     max_len = max(1024, -(-longest // _BLOCK_SIZE) * _BLOCK_SIZE)  # see _make_engine
     shape = ModelShape(opt["num_layers"], opt["hidden_size"], max_position_embeddings=max_len)
@@ -236,17 +222,6 @@ def _describe_workload(requests: list[BenchRequest], opt: dict, args) -> dict:
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "seed": args.seed,
     }
-
-
-def _report(result: dict, args) -> None:
-    table = format_table(result)
-    if not args.json:
-        print(table)
-    else:
-        print(table, file=sys.stderr)
-        print(json.dumps(result))
-    if args.output is not None:
-        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
 
 
 def format_table(result: dict) -> str:

@@ -24,7 +24,6 @@ overhead (post, completion, flush round trip to the holder) with the handshake e
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
@@ -37,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from cluster.bench.common import int_list, report, resolve
 
 KiB, MiB = 1 << 10, 1 << 20
 MIN_BLOCK_BYTES = 4 * KiB  # below this a "block" is smaller than any real engine's
@@ -252,7 +253,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--output", type=Path, help="also write the JSON result to this file")
     add("--quick", action="store_true", help="a tiny run for tests: 64 KiB and 1 MiB, 1-16 blocks")
     add("--sizes", type=_size_list, help="comma-separated totals, e.g. 64K,1M (64K...256M)")
-    add("--block-counts", type=_int_list, help="blocks per pull, comma-separated (1,16,256,4096)")
+    add("--block-counts", type=int_list, help="blocks per pull, comma-separated (1,16,256,4096)")
     add("--dtype", default="float32", choices=["float32", "bfloat16"], help="KV pool dtype")
     add("--min-time-s", type=float, help=f"time each point at least this long ({d['min_time_s']})")
     add("--min-reps", type=int, help=f"at least this many timed pulls a point ({d['min_reps']})")
@@ -273,13 +274,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--seed", type=int, default=0, help="seed for the scattered block ids")
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    values = tuple(int(v) for v in text.split(",") if v.strip())
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers like 1,16, got {text!r}")
-    return values
-
-
 def _size_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(_parse_size(v.strip()) for v in text.split(",") if v.strip())
@@ -297,23 +291,16 @@ def _parse_size(text: str) -> int:
     return int(text[:-1]) * scale if scale else int(text)
 
 
-def _resolve(args: argparse.Namespace, name: str):
-    given = getattr(args, name, None)
-    if given is not None:
-        return given
-    return (QUICK if getattr(args, "quick", False) else DEFAULTS)[name]
-
-
 # -- the run ------------------------------------------------------------------------------------
 
 
 def run(args: argparse.Namespace) -> dict:
     """Run the sweep, print the table (and JSON with --json), return the result."""
-    opt = {name: _resolve(args, name) for name in DEFAULTS}
+    opt = {name: resolve(args, name, DEFAULTS, QUICK) for name in DEFAULTS}
     grid = make_grid(opt["sizes"], opt["block_counts"])
     repeats = Repeats(opt["min_time_s"], opt["min_reps"], opt["max_reps"])
     result = _run(args, grid, repeats)
-    _report(result, args)
+    report(result, format_table(result), args)
     return result
 
 
@@ -427,17 +414,6 @@ def _summarize(pulls: dict) -> dict:
 
 
 # -- output -------------------------------------------------------------------------------------
-
-
-def _report(result: dict, args) -> None:
-    table = format_table(result)
-    if not args.json:
-        print(table)
-    else:
-        print(table, file=sys.stderr)
-        print(json.dumps(result))
-    if args.output is not None:
-        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
 
 
 _HEADER = (
