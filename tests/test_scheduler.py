@@ -59,7 +59,7 @@ class Harness:
     ) -> None:
         self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.config = SchedulerConfig(**config)
-        self.sched = Scheduler(self.config, self.bm, max_model_len=4096)
+        self.sched = Scheduler(self.config, self.bm)
         self.kv: dict[tuple[int, int], int] = {}
         self.num_cached_at_admission: dict[str, int] = {}
         self.finished: list[Request] = []

@@ -59,7 +59,7 @@ class LLMEngine:
             self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
         self.max_model_len = self._fit_max_model_len(self.max_model_len)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.eos_token_ids = tuple(
             sorted(set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids))
         )

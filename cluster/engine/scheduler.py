@@ -86,12 +86,9 @@ class WaitingQueue:
 
 
 class Scheduler:
-    def __init__(
-        self, config: SchedulerConfig, block_manager: BlockManager, max_model_len: int
-    ) -> None:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
         self.config = config
         self.block_manager = block_manager
-        self.max_model_len = max_model_len
         self.waiting = WaitingQueue(config.policy)
         self.running: list[Request] = []
         self.remote: dict[str, Request] = {}  # decode role: blocks reserved, KV in flight
