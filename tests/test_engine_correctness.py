@@ -84,6 +84,8 @@ def test_prefix_caching_on_and_off(llama_case, prefix_caching):
     num_cached = [o.num_cached_tokens for o in rest]
     if prefix_caching:
         assert all(n >= 32 for n in num_cached[:3]), num_cached  # two 16-token blocks at least
+        assert engine.scheduler.num_prefix_hit_tokens == sum(num_cached)
+        assert engine.scheduler.num_prefix_query_tokens == sum(map(len, prompts))
     else:
         assert num_cached == [0] * len(rest)
     engine.check_integrity()

@@ -53,8 +53,6 @@ class BlockManager:
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.cached_block_ids: dict[bytes, int] = {}
         self.req_block_ids: dict[str, list[int]] = {}
-        self.num_prefix_queries = 0
-        self.num_prefix_hits = 0  # tokens
 
     @property
     def num_blocks(self) -> int:
@@ -91,8 +89,6 @@ class BlockManager:
                 break
             hits.append(block_id)
             parent = block_hash
-        self.num_prefix_queries += request.num_tokens
-        self.num_prefix_hits += len(hits) * self.block_size
         return hits
 
     def cache_full_blocks(self, request: Request, num_computed_tokens: int) -> None:

@@ -93,6 +93,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.remote: dict[str, Request] = {}  # decode role: blocks reserved, KV in flight
         self.num_preemptions = 0
+        self.num_prefix_query_tokens = 0  # at admission (vLLM's prefix_cache_queries)
+        self.num_prefix_hit_tokens = 0
 
     @property
     def max_num_running(self) -> int:
@@ -153,6 +155,8 @@ class Scheduler:
             if not bm.allocate_slots(request, num_new, cached_ids):
                 break
             self.waiting.pop()
+            self.num_prefix_query_tokens += request.num_tokens
+            self.num_prefix_hit_tokens += num_cached
             request.num_computed_tokens += num_cached
             if request.num_preemptions == 0:
                 request.num_cached_tokens = num_cached
