@@ -440,7 +440,7 @@ def test_async_abort_from_outside_ends_the_stream_and_shutdown_ends_all(tiny_mod
 
     sync = LLMEngine(EngineConfig(model=str(tiny_model_dir)))
     engine = AsyncLLMEngine(sync)
-    long = SamplingParams(max_tokens=1000, ignore_eos=True)
+    long = SamplingParams(max_tokens=2000, ignore_eos=True)  # outlives the 0.3 s wait
 
     async def consume(request_id):
         return [o async for o in engine.generate(PROMPTS[0], long, request_id=request_id)]
