@@ -4,7 +4,6 @@ family, written by `transformers` itself so our loader reads real Hugging Face f
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -53,6 +52,8 @@ def write_family_model(family: str, out_dir: Path, tokenizer_dir: Path) -> Path:
     with the tiny model's tokenizer beside it."""
     import transformers
 
+    from cluster.engine.tiny import save_random_checkpoint
+
     class_name, extra = FAMILY_CONFIGS[family]
     config = getattr(transformers, class_name)(
         vocab_size=512,
@@ -71,16 +72,20 @@ def write_family_model(family: str, out_dir: Path, tokenizer_dir: Path) -> Path:
     )
     if family == "qwen2":
         config.attention_bias = True  # harmless for Qwen2 (q/k/v always biased)
-    torch.manual_seed(sum(map(ord, family)))
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():  # random biases: zero-init ones would hide a missing bias
-        for name, param in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                param.add_(torch.randn_like(param) * 0.1)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer_dir / name, out_dir / name)
-    return out_dir
+    return save_random_checkpoint(
+        config,
+        out_dir,
+        seed=sum(map(ord, family)),
+        tokenizer_dir=tokenizer_dir,
+        adjust=_randomize_biases_and_norms,
+    )
+
+
+def _randomize_biases_and_norms(model) -> None:
+    """Zero-init biases and unit norms would hide a missing bias or a skipped norm."""
+    for name, param in model.named_parameters():
+        if name.endswith("bias") or "norm" in name:
+            param.add_(torch.randn_like(param) * 0.1)
 
 
 @pytest.fixture(scope="session")

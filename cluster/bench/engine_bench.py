@@ -19,7 +19,6 @@ import argparse
 import math
 import os
 import random
-import shutil
 import sys
 import tempfile
 import time
@@ -249,9 +248,9 @@ def format_table(result: dict) -> str:
 def write_checkpoint(model_dir: Path, shape: ModelShape, seed: int) -> Path:
     """Save a seeded random-weight Llama of `shape` with save_pretrained, plus the tiny
     default's tokenizer files. No eos id: neither side may stop before its budget."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import LlamaConfig
 
-    from cluster.engine.tiny import default_model_dir
+    from cluster.engine.tiny import default_model_dir, save_random_checkpoint
 
     config = LlamaConfig(
         vocab_size=shape.vocab_size,
@@ -268,13 +267,7 @@ def write_checkpoint(model_dir: Path, shape: ModelShape, seed: int) -> Path:
         pad_token_id=PAD_TOKEN_ID,
         tie_word_embeddings=False,
     )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.save_pretrained(model_dir)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_model_dir() / name, model_dir / name)
-    return model_dir
+    return save_random_checkpoint(config, model_dir, seed, default_model_dir())
 
 
 def make_workload(

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -231,3 +232,28 @@ def default_model_dir() -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return model_dir
+
+
+def save_random_checkpoint(
+    config,
+    out_dir: str | Path,
+    seed: int,
+    tokenizer_dir: str | Path,
+    adjust: Callable[[torch.nn.Module], None] | None = None,
+) -> Path:
+    """A seeded random-weight `transformers` model of `config` (any *Config object), saved with
+    save_pretrained as safetensors, with the tokenizer files of `tokenizer_dir` beside it. The
+    global RNG is left as it was; `adjust` may edit the weights (under no_grad) before saving."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        if adjust is not None:
+            with torch.no_grad():
+                adjust(model)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(tokenizer_dir) / name, out_dir / name)
+    return out_dir
