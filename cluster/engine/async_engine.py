@@ -55,8 +55,21 @@ class AsyncLLMEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Stream one request's outputs; the last has finished=True. ValueError for bad input."""
         request_id = request_id or uuid.uuid4().hex
+
+        def start() -> None:
+            self.engine.add_request(request_id, prompt, params, **kwargs)
+
+        async for out in self.follow(request_id, start):
+            yield out
+
+    async def follow(
+        self, request_id: str, start: Callable[[], RequestOutput | None]
+    ) -> AsyncIterator[RequestOutput]:
+        """Run start() under the engine lock (it puts request_id into the engine, e.g.
+        add_request or commit_remote, and may return its first output), then stream the
+        request's outputs. A caller that stops iterating aborts the request."""
         sink = (asyncio.get_running_loop(), asyncio.Queue())
-        await asyncio.to_thread(self.call, self._add, request_id, prompt, params, sink, kwargs)
+        await asyncio.to_thread(self.call, self._start, request_id, start, sink)
         finished = False
         try:
             while not finished:
@@ -71,9 +84,11 @@ class AsyncLLMEngine:
                 with contextlib.suppress(RuntimeError):  # engine already down: nothing to free
                     self.abort(request_id)
 
-    def _add(self, request_id, prompt, params, sink: _Sink, kwargs) -> None:
-        self.engine.add_request(request_id, prompt, params, **kwargs)
+    def _start(self, request_id: str, start: Callable[[], RequestOutput | None], sink) -> None:
+        first = start()
         self._sinks[request_id] = sink
+        if first is not None:
+            self._send(request_id, first)
 
     def abort(self, request_id: str) -> bool:
         """Abort a request; its stream, if any, ends with RequestAborted."""

@@ -22,6 +22,7 @@ READ of its memory to finish; the agent's own progress thread does that (_make_n
 from __future__ import annotations
 
 import importlib
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
@@ -128,6 +129,8 @@ class NixlKVAgent:
             "NIXL_INIT_AGENT", self.base_addr, self.num_blocks, self.device_id, self.mem_type
         )
         self._remote_dlists: dict[str, Any] = {}
+        # Workers pull for several requests from several threads; NIXL calls go one at a time.
+        self._lock = threading.RLock()
 
     @property
     def mem_type(self) -> str:
@@ -152,11 +155,15 @@ class NixlKVAgent:
         brings new metadata (new endpoint, new registrations): NIXL refuses to load it over
         the old one, so the old one is dropped first."""
         self.layout.check_compatible(info.layout)
+        with self._lock:
+            return self._add_remote(info)
+
+    def _add_remote(self, info: KVAgentInfo) -> str:
         known = self._remotes.get(info.agent_name)
         if known is not None and known.metadata == info.metadata:
             return info.agent_name
         if known is not None:
-            self.remove_remote(info.agent_name)
+            self._remove_remote(info.agent_name)
         try:
             name = self._nixl.add_remote_agent(info.metadata)
         except _NIXL_ERRORS as e:
@@ -180,6 +187,10 @@ class NixlKVAgent:
 
     def remove_remote(self, remote_name: str) -> None:
         """Forget a remote (it died or left); NIXL disconnects from it."""
+        with self._lock:
+            self._remove_remote(remote_name)
+
+    def _remove_remote(self, remote_name: str) -> None:
         dlist = self._remote_dlists.pop(remote_name, None)
         if dlist is not None:
             self._nixl.release_dlist_handle(dlist)
@@ -200,7 +211,8 @@ class NixlKVAgent:
         src = np.asarray(remote_block_ids, dtype=np.int32)
         dst = np.asarray(local_block_ids, dtype=np.int32)
         num_bytes = len(dst) * self.layout.block_bytes
-        xfer, state = self._post(remote, src, dst, notif)
+        with self._lock:
+            xfer, state = self._post(remote, src, dst, notif)
         return TransferHandle(remote_name, num_bytes, count_runs(src, dst), xfer, state)
 
     def _remote(self, remote_name: str) -> KVAgentInfo:
@@ -233,7 +245,8 @@ class NixlKVAgent:
     def poll(self, handle: TransferHandle) -> XferState:
         """DONE and ERR are final; only PROC asks NIXL again."""
         if handle.state == "PROC":
-            handle.state = self._nixl.check_xfer_state(handle.xfer)
+            with self._lock:
+                handle.state = self._nixl.check_xfer_state(handle.xfer)
         return handle.state
 
     def release(self, handle: TransferHandle) -> None:
@@ -241,22 +254,28 @@ class NixlKVAgent:
         if it cannot: then the local destination blocks may still be written and must not be
         reused yet."""
         try:
-            handle.xfer.release()
+            with self._lock:
+                handle.xfer.release()
         except _NIXL_ERRORS as e:
             raise KVTransferError(f"cannot release a READ from {handle.remote_name!r}") from e
 
     def get_notifications(self) -> list[tuple[str, bytes]]:
         """(remote agent name, notif) for every pull of our blocks finished since last call."""
-        notifs = self._nixl.get_new_notifs()
+        with self._lock:
+            notifs = self._nixl.get_new_notifs()
         return [(name, msg) for name, msgs in notifs.items() for msg in msgs]
 
     def close(self) -> None:
         """Disconnect from every remote, deregister the KV tensor and drop the NIXL agent (its
         progress thread stops once no TransferHandle refers to it); idempotent."""
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         if self._nixl is None:
             return
         for name in list(self._remotes):
-            self.remove_remote(name)
+            self._remove_remote(name)
         self._nixl.release_dlist_handle(self._local_dlist)
         self._nixl.deregister_memory(self._reg_descs)
         self._nixl = None

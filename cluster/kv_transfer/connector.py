@@ -169,23 +169,38 @@ class KVReceiver:
         """Pull the prompt's KV and start decoding; returns the first RequestOutput. Raises a
         TransferError subclass within deadline_s (plus one renew call) on any failure, with
         every block it reserved freed."""
+        block_ids = self.reserve(handle, request_id, prompt_token_ids, params, **request_kwargs)
+        try:
+            self.read(handle, request_id, block_ids, renew, deadline_s)
+        except TransferError:
+            if not self.is_stuck(request_id):  # a stuck READ's blocks wait for reap()
+                self.engine.abort(request_id)
+            raise
+        return self.engine.commit_remote(request_id, handle.first_token_id, handle.first_logprob)
+
+    def reserve(self, handle: KVHandle, request_id: str, prompt_token_ids, params, **kwargs):
+        """First phase of pull(), the only one that needs the engine: the local blocks the
+        READ will fill. Raises TransferError (layout) or NoCapacity with nothing reserved."""
         if handle.layout_hash != self.agent.layout.compat_hash:
             self.metrics.failed("layout")
             raise TransferError(f"prefill agent {handle.agent_name!r} has an incompatible layout")
-        block_ids = self.engine.add_remote_request(
-            request_id, prompt_token_ids, params, **request_kwargs
-        )
+        block_ids = self.engine.add_remote_request(request_id, prompt_token_ids, params, **kwargs)
         if block_ids is None:
             self.metrics.failed(NoCapacity.reason)
             raise NoCapacity("decode instance has no free KV blocks for this prompt now")
+        return block_ids
+
+    def read(self, handle, request_id: str, block_ids, renew, deadline_s: float) -> None:
+        """Second phase: the READ, no engine involved (run it off the engine's thread). On a
+        TransferError the caller aborts the request in the engine unless is_stuck()."""
         try:
             self._read(handle, request_id, block_ids, renew, deadline_s)
         except TransferError as e:
-            if request_id not in self._stuck:  # a stuck READ's blocks wait for reap()
-                self.engine.abort(request_id)
             self.metrics.failed(e.reason)
             raise
-        return self.engine.commit_remote(request_id, handle.first_token_id, handle.first_logprob)
+
+    def is_stuck(self, request_id: str) -> bool:
+        return request_id in self._stuck
 
     def _read(self, handle, request_id, block_ids, renew, deadline_s) -> None:
         if len(block_ids) != len(handle.block_ids):

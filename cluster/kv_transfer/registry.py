@@ -54,6 +54,16 @@ class _Registry:
         return sorted(self._infos)
 
 
+class LocalKVRegistry(_Registry):
+    """The same registry in one process (engines without Ray, e.g. `Router.create_local`)."""
+
+    def lookup(self, agent_name: str, timeout_s: float = 0.0) -> KVAgentInfo:
+        info = super().lookup(agent_name)
+        if info is None:
+            raise KeyError(f"no KV agent named {agent_name!r} is registered")
+        return info
+
+
 class RayKVRegistry:
     """Client of the registry actor of the current Ray cluster (created on first use)."""
 

@@ -1,0 +1,229 @@
+"""What `cluster serve` starts: the deployment config (YAML or flags), the pools of workers
+(Ray actors, or objects in this process for tests), and the router over them.
+
+    model: /models/llama-3-8b          # a Hugging Face folder; absent: the tiny default
+    mode: disaggregated                # or colocated
+    engine: {dtype: auto, block_size: 16}          # every pool
+    prefill: {num_instances: 1, engine: {max_num_batched_tokens: 4096}}
+    decode: {num_instances: 1, engine: {max_num_seqs: 256}}
+    colocated: {num_instances: 1}
+    transfer: {lease_s: 30, grace_s: 1, deadline_s: 10}
+    router: {max_in_flight: 256, max_queued: 1024, failure_policy: retry}
+    grpc: {host: 127.0.0.1, port: 50051}
+    http: {host: 127.0.0.1, port: 8000}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cluster.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from cluster.worker_common import TransferSettings
+
+_CACHE_KEYS = {f.name for f in dataclasses.fields(CacheConfig)}
+_SCHEDULER_KEYS = {f.name for f in dataclasses.fields(SchedulerConfig)}
+_ENGINE_KEYS = {"device", "dtype", "max_model_len", "seed", "attention_backend"}
+ENGINE_OPTIONS = sorted(_CACHE_KEYS | _SCHEDULER_KEYS | _ENGINE_KEYS)
+RAY_NAMESPACE = "pd-cluster"
+
+
+@dataclass(slots=True)
+class PoolSpec:
+    num_instances: int = 1
+    engine: dict[str, Any] = field(default_factory=dict)  # overrides of the shared engine
+    num_cpus: float = 0.0  # Ray resources per instance
+    num_gpus: float | None = None  # None: 1 when the engine's device is cuda, else 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_instances, bool) or not isinstance(self.num_instances, int):
+            raise ValueError(f"num_instances must be an integer, got {self.num_instances!r}")
+        if self.num_instances < 0:
+            raise ValueError(f"num_instances must be >= 0, got {self.num_instances}")
+        _check_engine_keys(self.engine)
+
+
+@dataclass(slots=True)
+class DeploymentConfig:
+    model: str | None = None
+    mode: str = "disaggregated"
+    served_model_name: str | None = None
+    engine: dict[str, Any] = field(default_factory=dict)
+    prefill: PoolSpec = field(default_factory=PoolSpec)
+    decode: PoolSpec = field(default_factory=PoolSpec)
+    colocated: PoolSpec = field(default_factory=PoolSpec)
+    transfer: TransferSettings = field(default_factory=TransferSettings)
+    router: dict[str, Any] = field(default_factory=dict)  # RouterSettings fields
+    grpc: dict[str, Any] = field(default_factory=lambda: {"host": "127.0.0.1", "port": 50051})
+    http: dict[str, Any] = field(default_factory=lambda: {"host": "127.0.0.1", "port": 8000})
+    api_key: str | None = None
+    ray_address: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("disaggregated", "colocated"):
+            raise ValueError(f"mode must be disaggregated or colocated, got {self.mode!r}")
+        _check_engine_keys(self.engine)
+        roles = ("prefill", "decode") if self.mode == "disaggregated" else ("colocated",)
+        for role in roles:
+            if getattr(self, role).num_instances < 1:
+                raise ValueError(f"{self.mode} mode needs at least one {role} instance")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DeploymentConfig:
+        if not isinstance(data, dict):
+            raise ValueError("a deployment config is a mapping (YAML object) at the top level")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; known: {sorted(known)}")
+        data = dict(data)
+        for role in ("prefill", "decode", "colocated"):
+            if role in data:
+                data[role] = _build(PoolSpec, data[role], role)
+        if "transfer" in data:
+            data["transfer"] = _build(TransferSettings, data["transfer"], "transfer")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> DeploymentConfig:
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ValueError(f"cannot read config {path}: {e}") from e
+        return cls.from_dict(data)
+
+    def roles(self) -> tuple[str, ...]:
+        return ("prefill", "decode") if self.mode == "disaggregated" else ("colocated",)
+
+    def engine_config(self, role: str) -> EngineConfig:
+        options = {**self.engine, **getattr(self, role).engine}
+        cache = CacheConfig(**{k: v for k, v in options.items() if k in _CACHE_KEYS})
+        scheduler = SchedulerConfig(**{k: v for k, v in options.items() if k in _SCHEDULER_KEYS})
+        engine = {k: v for k, v in options.items() if k in _ENGINE_KEYS}
+        return EngineConfig(model=self.model, role=role, cache=cache, scheduler=scheduler, **engine)
+
+    def router_settings(self):
+        from cluster.router.router import RouterSettings
+
+        known = {f.name for f in dataclasses.fields(RouterSettings)} - {"mode", "served_model_name"}
+        unknown = sorted(set(self.router) - known)
+        if unknown:
+            raise ValueError(f"unknown router settings {unknown}; known: {sorted(known)}")
+        return RouterSettings(
+            mode=self.mode, served_model_name=self.served_model_name, **self.router
+        )
+
+
+def _check_engine_keys(options: dict[str, Any]) -> None:
+    if not isinstance(options, dict):
+        raise ValueError("engine settings are a mapping of option: value")
+    unknown = sorted(set(options) - set(ENGINE_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown engine settings {unknown}; known: {ENGINE_OPTIONS}")
+
+
+def _build(cls, data: Any, where: str):
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a mapping")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown keys {unknown} in {where}; known: {sorted(known)}")
+    return cls(**data)
+
+
+def _worker_class(role: str):
+    if role == "prefill":
+        from cluster.prefill_worker.worker import PrefillWorker
+
+        return PrefillWorker
+    from cluster.decode_worker.worker import ColocatedWorker, DecodeWorker
+
+    return DecodeWorker if role == "decode" else ColocatedWorker
+
+
+def _worker_args(config: DeploymentConfig, role: str, instance_id: str, registry) -> tuple:
+    engine = config.engine_config(role)
+    if role == "colocated":
+        return (instance_id, engine)
+    return (instance_id, engine, config.transfer, registry)
+
+
+async def start_local(config: DeploymentConfig, settings=None):
+    """Every instance as an object in this process (no Ray): tests and quick local runs."""
+    from cluster.kv_transfer.registry import LocalKVRegistry
+    from cluster.router.clients import LocalClient
+
+    registry = LocalKVRegistry()
+    clients = []
+    for role in config.roles():
+        for n in range(getattr(config, role).num_instances):
+            args = _worker_args(config, role, f"{role}-{n}", registry)
+            worker = await asyncio.to_thread(_worker_class(role), *args)
+            clients.append((role, LocalClient(worker)))
+
+    async def shutdown() -> None:
+        for _, client in clients:
+            await client.worker.shutdown()
+
+    return await _router(config, settings, clients, shutdown)
+
+
+async def start_ray(config: DeploymentConfig, settings=None, ready_timeout_s: float = 600.0):
+    """Every instance as a Ray actor (restarted by Ray if it dies) in the current Ray
+    cluster; call ray.init() first."""
+    import ray
+
+    from cluster.router.clients import RayClient
+
+    deployment_id = uuid.uuid4().hex[:6]
+    clients = []
+    for role in config.roles():
+        pool = getattr(config, role)
+        engine = config.engine_config(role)
+        num_gpus = pool.num_gpus
+        if num_gpus is None:
+            num_gpus = 1 if engine.device.startswith("cuda") else 0
+        actor_cls = ray.remote(_worker_class(role)).options(
+            num_cpus=pool.num_cpus,
+            num_gpus=num_gpus,
+            max_restarts=-1,
+            max_task_retries=0,
+            namespace=RAY_NAMESPACE,
+        )
+        for n in range(pool.num_instances):
+            instance_id = f"{role}-{n}-{deployment_id}"
+            actor = actor_cls.options(name=f"pd-cluster-{instance_id}").remote(
+                *_worker_args(config, role, instance_id, "ray")
+            )
+            clients.append((role, RayClient(actor)))
+
+    async def shutdown() -> None:
+        for _, client in clients:
+            ray.kill(client.actor, no_restart=True)
+
+    try:
+        return await asyncio.wait_for(_router(config, settings, clients, shutdown), ready_timeout_s)
+    except BaseException:
+        await shutdown()
+        raise
+
+
+async def _router(config: DeploymentConfig, settings, clients, shutdown):
+    from cluster.engine.tokenizer import Tokenizer
+    from cluster.router.router import Instance, Router
+
+    infos = await asyncio.gather(*(client.call("ready") for _, client in clients))
+    instances = [
+        Instance(info["instance_id"], role, client, info)
+        for (role, client), info in zip(clients, infos, strict=True)
+    ]
+    tokenizer = await asyncio.to_thread(Tokenizer.from_pretrained, infos[0]["model_path"])
+    settings = settings or config.router_settings()
+    return Router(instances, settings, tokenizer, on_shutdown=shutdown)

@@ -1,0 +1,114 @@
+"""Prefill instance: runs prompts, samples each request's first token, and keeps its KV
+blocks pinned under a lease until a decode instance has pulled them (or the lease ends).
+
+    router ── prefill(request) ──▶ engine (prefill role) ── first token, blocks pinned
+           ◀── {"handle": KVHandle} ─ sender.offer(): lease granted
+    decode ── renew(request id) ──▶ lease extended         (decode then READs over NIXL)
+    NIXL notification ──▶ housekeeping thread ──▶ sender.poll() frees the blocks
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from cluster.engine.config import EngineConfig
+from cluster.engine.sampling_params import SamplingParams
+from cluster.kv_transfer.agent import NixlKVAgent
+from cluster.kv_transfer.connector import KVSender
+from cluster.kv_transfer.metrics import KVTransferMetrics
+from cluster.worker_common import Chunk, EngineWorker, TransferSettings, engine_timing
+
+_POLL_INTERVAL_S = 0.002  # notifications and lease expiry
+
+
+class PrefillWorker(EngineWorker):
+    role = "prefill"
+
+    def __init__(
+        self,
+        instance_id: str,
+        engine_config: EngineConfig,
+        transfer: TransferSettings | None = None,
+        registry=None,
+    ):
+        super().__init__(instance_id, engine_config)
+        transfer = transfer or TransferSettings()
+        self.agent = NixlKVAgent(instance_id, self.llm.runner.kv_cache)
+        metrics = KVTransferMetrics("prefill", instance_id, registry=self.registry)
+        self.sender = KVSender(
+            self.llm,
+            self.agent,
+            lease_s=transfer.lease_s,
+            grace_s=transfer.grace_s,
+            metrics=metrics,
+        )
+        self.kv_registry = _registry(registry)
+        if self.kv_registry is not None:
+            self.kv_registry.publish(self.sender.info())
+        self._every(_POLL_INTERVAL_S, lambda: self.engine.call(self.sender.poll))
+
+    async def prefill(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> dict:
+        """Run the prompt. Returns {"handle": KVHandle, "timing"} with the blocks leased, or
+        {"chunk": Chunk} when the first token already ends the request (nothing to pull)."""
+        self._count_prompt(len(prompt_token_ids))
+        stream = self.engine.generate(
+            prompt_token_ids, params, request_id, priority=priority, cache_salt=cache_salt
+        )
+        async for out in stream:
+            if not out.finished:
+                continue
+            timing = engine_timing(out)
+            self._count(out, first=True)
+            if out.finish_reason != "prefilled":
+                return {"chunk": Chunk.from_output(out, timing)}
+            # No await between the engine pinning the blocks and the lease: a cancelled
+            # call either aborted the request above (blocks freed) or got its lease here.
+            handle = self.sender.offer(out)
+            return {"handle": handle, "timing": timing}
+        raise RuntimeError(f"prefill of {request_id!r} ended without a final output")
+
+    async def renew(self, request_id: str) -> float | None:
+        return await asyncio.to_thread(self.engine.call, self.sender.renew, request_id)
+
+    def renew_blocking(self, request_id: str) -> float | None:
+        """renew() for a caller in this process on another thread (a local decode worker)."""
+        return self.engine.call(self.sender.renew, request_id)
+
+    async def drop(self, request_id: str) -> None:
+        """The router gave up on a prefilled request before decode pulled it: free now."""
+        await asyncio.to_thread(self.engine.call, self.sender.drop, request_id)
+
+    async def abort(self, request_id: str) -> bool:
+        """Stop a request wherever it is here: computing (its prefill() call raises
+        RequestAborted) or prefilled and leased (its blocks are freed)."""
+        leased = request_id in self.sender.leases
+        await self.drop(request_id)
+        return await asyncio.to_thread(self.engine.abort, request_id) or leased
+
+    def agent_info(self):
+        return self.sender.info()
+
+    async def shutdown(self) -> None:
+        await super().shutdown()
+        if self.kv_registry is not None:
+            try:
+                self.kv_registry.remove(self.instance_id)
+            except Exception:  # noqa: BLE001 - the registry may be gone first at teardown
+                pass
+        self.agent.close()
+
+
+def _registry(registry):
+    """ "ray": this Ray cluster's registry actor (made here: a client holds the ray module)."""
+    if registry == "ray":
+        from cluster.kv_transfer.registry import RayKVRegistry
+
+        return RayKVRegistry()
+    return registry

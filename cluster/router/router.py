@@ -1,0 +1,586 @@
+"""The router: admits a request, pairs a prefill instance with a decode instance (or picks a
+colocated one), drives the handoff, streams the tokens back, and recovers from instance
+failures by the request's failure policy.
+
+    generate(inp) ─ validate ─ admission (bounded: Overloaded past max_queued)
+        disaggregated: prefill.prefill() ─▶ KVHandle ─▶ decode.generate_from(handle) ═▶ chunks
+        colocated:     colocated.generate() ══════════════════════════════════════════▶ chunks
+        failure:       fail       RequestFailed
+                       retry      the lost phase again on a healthy instance: a new prefill
+                                  (of prompt + tokens already streamed), then a new handoff
+                       recompute  a decode instance runs prompt + tokens streamed itself
+        abort / client gone: the request is aborted on every instance it touched
+
+The router knows instances only through `clients.LocalClient` / `clients.RayClient` calls
+of the workers' public methods; `deployment.py` builds them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cluster.engine.async_engine import RequestAborted
+from cluster.engine.sampling_params import SamplingParams
+from cluster.engine.tokenizer import Tokenizer
+from cluster.kv_transfer.connector import TransferError
+from cluster.router.clients import InstanceLost
+from cluster.router.metrics import RouterMetrics
+from cluster.router.types import (
+    FAILURE_POLICIES,
+    GenerateInput,
+    InvalidRequest,
+    ModelInfo,
+    Overloaded,
+    RequestFailed,
+    StreamChunk,
+    Timing,
+    Unavailable,
+    Usage,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class RouterSettings:
+    mode: str = "disaggregated"  # or colocated
+    served_model_name: str | None = None  # default: the model folder's name
+    max_in_flight: int = 256  # requests being served at once (across all instances)
+    max_queued: int = 1024  # requests waiting for a slot; beyond: Overloaded (429)
+    failure_policy: str = "retry"
+    max_attempts: int = 3  # runs of one request, the first included
+    instance_wait_s: float = 30.0  # how long to wait for a healthy instance of a role
+    call_timeout_s: float = 600.0  # one prefill call; one gap between streamed chunks
+    load_poll_interval_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("disaggregated", "colocated"):
+            raise ValueError(f"mode must be disaggregated or colocated, got {self.mode!r}")
+        if self.failure_policy not in FAILURE_POLICIES:
+            raise ValueError(
+                f"failure_policy must be one of {', '.join(FAILURE_POLICIES)}, "
+                f"got {self.failure_policy!r}"
+            )
+        for name in ("max_in_flight", "max_attempts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_queued < 0:
+            raise ValueError(f"max_queued must be >= 0, got {self.max_queued}")
+
+
+@dataclass(slots=True)
+class Instance:
+    """One engine as the router sees it."""
+
+    instance_id: str
+    role: str  # prefill | decode | colocated
+    client: Any  # LocalClient | RayClient
+    info: dict
+    healthy: bool = True
+    load: dict = field(default_factory=dict)
+    pending_prompt_tokens: int = 0  # prefill: prompt tokens sent, not yet answered
+    num_streams: int = 0  # decode/colocated: streams open through the router
+
+    @property
+    def free_blocks(self) -> int:
+        return self.load.get("num_free_kv_blocks", self.info["num_blocks"])
+
+
+@dataclass(slots=True)
+class _Live:
+    """A request in flight: where it is now, so Abort and cancellation can reach it."""
+
+    request_id: str
+    instances: list[tuple[Instance, str]] = field(default_factory=list)  # (where, its id)
+    aborted: bool = False
+
+
+class _Recoverable(Exception):
+    """A run lost an instance or its KV; the failure policy decides what comes next."""
+
+
+class Router:
+    def __init__(
+        self,
+        instances: list[Instance],
+        settings: RouterSettings,
+        tokenizer: Tokenizer,
+        on_shutdown=None,
+    ):
+        self.settings = settings
+        self.instances = instances
+        self.tokenizer = tokenizer
+        self._on_shutdown = on_shutdown
+        roles = {i.role for i in instances}
+        needed = {"prefill", "decode"} if settings.mode == "disaggregated" else {"colocated"}
+        if not needed <= roles:
+            raise ValueError(f"{settings.mode} mode needs {sorted(needed)} instances")
+        info = instances[0].info
+        name = settings.served_model_name or Path(info["model_path"]).name
+        self.model_info = ModelInfo(
+            name=name,
+            architecture=info["architecture"],
+            max_model_len=min(i.info["max_model_len"] for i in instances),
+            vocab_size=info["vocab_size"],
+            dtype=info["dtype"],
+            num_layers=info["num_layers"],
+            block_size=info["block_size"],
+            eos_token_ids=tuple(info["eos_token_ids"]),
+        )
+        self.metrics = RouterMetrics()
+        self._live: dict[str, _Live] = {}
+        self._slots = asyncio.Semaphore(settings.max_in_flight)
+        self._num_queued = 0
+        self._attempt_ids = itertools.count()
+        self._background: set[asyncio.Task] = set()
+        self._poller = asyncio.ensure_future(self._poll_loads())
+
+    # -- construction -----------------------------------------------------------------------
+
+    @classmethod
+    async def create_local(
+        cls, model_dir: str | None = None, mode: str = "colocated", **settings: Any
+    ) -> Router:
+        """Real engines in this process, no Ray: 1 colocated instance, or 1 prefill + 1
+        decode (KV over NIXL between two agents of this process)."""
+        from cluster.deployment import DeploymentConfig, start_local
+
+        config = DeploymentConfig(model=model_dir, mode=mode)
+        return await start_local(config, RouterSettings(mode=mode, **settings))
+
+    async def shutdown(self) -> None:
+        self._poller.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._poller
+        if self._on_shutdown is not None:
+            await self._on_shutdown()
+
+    # -- public API -------------------------------------------------------------------------
+
+    def is_ready(self) -> bool:
+        return all(any(i.healthy for i in self._pool(role)) for role in self._roles)
+
+    async def generate(self, inp: GenerateInput) -> AsyncIterator[StreamChunk]:
+        """Stream a request's output. Raises InvalidRequest / Overloaded before the first
+        chunk, Unavailable or RequestFailed when no instance can serve it."""
+        arrival = time.monotonic()
+        prompt_ids, policy = self._validate(inp)
+        request_id = inp.request_id or uuid.uuid4().hex
+        if request_id in self._live:
+            raise InvalidRequest(f"request id {request_id!r} is already in flight; use a new one")
+        live = self._live[request_id] = _Live(request_id)
+        try:
+            async with self._admission():
+                queued_s = time.monotonic() - arrival
+                run = _Run(self, inp, live, prompt_ids, policy, arrival, queued_s)
+                async for chunk in run.stream():
+                    yield chunk
+        finally:
+            del self._live[request_id]
+            if live.instances:  # stopped early (client gone, error): free it everywhere
+                self._spawn(self._abort_everywhere(live))
+
+    async def abort(self, request_id: str) -> bool:
+        live = self._live.get(request_id)
+        if live is None:
+            return False
+        live.aborted = True
+        await self._abort_everywhere(live)
+        return True
+
+    async def cluster_status(self) -> dict:
+        pools = []
+        for role in self._roles:
+            instances = []
+            for i in self._pool(role):
+                load = i.load
+                num_blocks = load.get("num_kv_blocks", i.info["num_blocks"])
+                free = i.free_blocks
+                instances.append(
+                    {
+                        "instance_id": i.instance_id,
+                        "role": i.role,
+                        "healthy": i.healthy,
+                        "num_running": load.get("num_running", 0),
+                        "num_waiting": load.get("num_waiting", 0),
+                        "pending_prompt_tokens": load.get("pending_prompt_tokens", 0),
+                        "num_kv_blocks": num_blocks,
+                        "num_free_kv_blocks": free,
+                        "kv_cache_usage": 1.0 - free / num_blocks,
+                        "node": i.info.get("node", ""),
+                    }
+                )
+            pools.append({"role": role, "instances": instances})
+        return {
+            "mode": self.settings.mode,
+            "pools": pools,
+            "num_requests_in_flight": len(self._live),
+            "max_requests_in_flight": self.settings.max_in_flight,
+            "max_queued_requests": self.settings.max_queued,
+        }
+
+    async def metrics_text(self) -> bytes:
+        """Prometheus exposition: the router's metrics plus every reachable instance's."""
+
+        async def families(i: Instance) -> list:
+            try:
+                return await i.client.call("metrics", timeout=2.0)
+            except Exception:  # noqa: BLE001 - a dead instance has no metrics to give
+                return []
+
+        per_instance = await asyncio.gather(*(families(i) for i in self.instances))
+        return self.metrics.render(len(self._live), self._num_queued, per_instance)
+
+    # -- internals --------------------------------------------------------------------------
+
+    @property
+    def _roles(self) -> tuple[str, ...]:
+        return ("prefill", "decode") if self.settings.mode == "disaggregated" else ("colocated",)
+
+    def _pool(self, role: str) -> list[Instance]:
+        return [i for i in self.instances if i.role == role]
+
+    def _validate(self, inp: GenerateInput) -> tuple[list[int], str]:
+        if inp.model and inp.model != self.model_info.name:
+            raise InvalidRequest(
+                f"model {inp.model!r} is not served here; use {self.model_info.name!r}"
+            )
+        if not isinstance(inp.params, SamplingParams):
+            raise InvalidRequest("params must be SamplingParams")
+        policy = inp.failure_policy or self.settings.failure_policy
+        if policy not in FAILURE_POLICIES:
+            raise InvalidRequest(
+                f"failure_policy must be one of {', '.join(FAILURE_POLICIES)}, got {policy!r}"
+            )
+        if isinstance(inp.prompt, str):
+            ids = self.tokenizer.encode(inp.prompt)
+        elif isinstance(inp.prompt, list | tuple):
+            ids = list(inp.prompt)
+        else:
+            raise InvalidRequest("prompt must be a string or a list of token ids")
+        if not ids:
+            raise InvalidRequest("prompt is empty: give at least one token")
+        vocab = self.model_info.vocab_size
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise InvalidRequest(f"prompt token ids must be integers in [0, {vocab})")
+        limit = self.model_info.max_model_len
+        if len(ids) >= limit:
+            raise InvalidRequest(
+                f"prompt has {len(ids)} tokens but max_model_len is {limit}: shorten it so "
+                "that at least one output token fits"
+            )
+        if inp.cache_salt is not None and not isinstance(inp.cache_salt, str):
+            raise InvalidRequest("cache_salt must be a string")
+        if isinstance(inp.priority, bool) or not isinstance(inp.priority, int):
+            raise InvalidRequest(f"priority must be an integer, got {inp.priority!r}")
+        return ids, policy
+
+    @contextlib.asynccontextmanager
+    async def _admission(self):
+        if self._slots.locked():
+            if self._num_queued >= self.settings.max_queued:
+                self.metrics.rejected()
+                raise Overloaded(
+                    f"the cluster is at capacity ({self.settings.max_in_flight} requests in "
+                    f"flight, {self._num_queued} queued): retry later"
+                )
+        self._num_queued += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._num_queued -= 1
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    def attempt_id(self, request_id: str) -> str:
+        """Instance-side id of one run (a retried request must not reuse a live id)."""
+        return f"{request_id}#{next(self._attempt_ids)}"
+
+    async def pick(self, role: str, exclude: set[str] = frozenset(), need_blocks: int = 0):
+        """The instance of `role` to use now; waits up to instance_wait_s for a healthy one."""
+        deadline = time.monotonic() + self.settings.instance_wait_s
+        while True:
+            pool = [i for i in self._pool(role) if i.healthy and i.instance_id not in exclude]
+            if not pool and exclude:  # excluded ones may be all there is: better than none
+                pool = [i for i in self._pool(role) if i.healthy]
+            if pool:
+                random.shuffle(pool)  # ties: spread
+                if role == "prefill":
+                    return min(pool, key=lambda i: i.pending_prompt_tokens)
+                return min(
+                    pool, key=lambda i: (i.free_blocks < need_blocks, i.num_streams, -i.free_blocks)
+                )
+            if time.monotonic() > deadline:
+                raise Unavailable(
+                    f"no healthy {role} instance (waited {self.settings.instance_wait_s:.0f} s)"
+                )
+            await asyncio.sleep(0.1)
+
+    def mark_lost(self, instance: Instance, error: BaseException) -> None:
+        if instance.healthy:
+            logger.warning("instance %s lost: %s", instance.instance_id, error)
+        instance.healthy = False
+
+    async def _poll_loads(self) -> None:
+        while True:
+            await asyncio.gather(*(self._poll(i) for i in self.instances))
+            await asyncio.sleep(self.settings.load_poll_interval_s)
+
+    async def _poll(self, instance: Instance) -> None:
+        try:
+            instance.load = await instance.client.call("load", timeout=5.0)
+        except Exception as e:  # noqa: BLE001 - any failure to answer is ill health
+            self.mark_lost(instance, e)
+            return
+        if not instance.healthy:
+            logger.warning("instance %s is back", instance.instance_id)
+        instance.healthy = True
+
+    async def _abort_everywhere(self, live: _Live) -> None:
+        async def abort(instance: Instance, instance_request_id: str) -> None:
+            with contextlib.suppress(Exception):
+                await instance.client.call("abort", instance_request_id, timeout=5.0)
+
+        await asyncio.gather(*(abort(i, rid) for i, rid in live.instances))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+class _Run:
+    """One request through the router, across however many attempts the policy allows."""
+
+    def __init__(self, router, inp, live, prompt_ids, policy, arrival, queued_s):
+        self.router: Router = router
+        self.inp: GenerateInput = inp
+        self.live: _Live = live
+        self.prompt_ids: list[int] = prompt_ids
+        self.policy: str = policy
+        self.arrival = arrival
+        self.timing = Timing(queue_s=queued_s)
+        self.emitted: list[int] = []  # output tokens already streamed to the client
+        self.num_cached_tokens = 0
+        self.last_token_time: float | None = None
+
+    async def stream(self) -> AsyncIterator[StreamChunk]:
+        router = self.router
+        recompute = False
+        lost: set[str] = set()
+        for attempt in range(router.settings.max_attempts):
+            try:
+                if router.settings.mode == "colocated":
+                    chunks = self._colocated(lost)
+                elif recompute:
+                    chunks = self._recompute(lost)
+                else:
+                    chunks = self._disaggregated(lost)
+                async for chunk in chunks:
+                    yield chunk
+                    if chunk.finished:
+                        return
+                raise _Recoverable("the instance's stream ended without a final chunk")
+            except RequestAborted:
+                if self.live.aborted:  # Abort(): end the stream cleanly, vLLM-style
+                    yield self._final_abort()
+                    return
+                raise _failed("the request was aborted on an instance") from None
+            except _Recoverable as e:
+                if self.live.aborted:
+                    yield self._final_abort()
+                    return
+                last = attempt + 1 == router.settings.max_attempts
+                if self.policy == "fail" or last:
+                    raise RequestFailed(
+                        f"request failed ({e}); failure policy "
+                        f"{self.policy!r}, {attempt + 1} attempt(s)"
+                    ) from e
+                self.timing.num_recomputes += 1
+                recompute = self.policy == "recompute" or not any(
+                    i.healthy for i in router._pool("prefill")
+                )
+                logger.info(
+                    "request %s: %s; %s",
+                    self.live.request_id,
+                    e,
+                    "recomputing" if recompute else "retrying",
+                )
+
+    # -- the three ways to run ------------------------------------------------------------
+
+    def _continuation(self) -> tuple[list[int], SamplingParams]:
+        """The prompt and params that continue after the tokens already streamed."""
+        params = self.inp.params
+        if self.emitted:
+            params = dataclasses.replace(params, max_tokens=params.max_tokens - len(self.emitted))
+        return self.prompt_ids + self.emitted, params
+
+    async def _colocated(self, lost: set[str]) -> AsyncIterator[StreamChunk]:
+        instance = await self.router.pick("colocated", lost)
+        prompt, params = self._continuation()
+        async for chunk in self._follow(instance, "generate", prompt, params, lost):
+            yield chunk
+
+    async def _recompute(self, lost: set[str]) -> AsyncIterator[StreamChunk]:
+        instance = await self.router.pick("decode", lost)
+        prompt, params = self._continuation()
+        async for chunk in self._follow(instance, "generate", prompt, params, lost):
+            yield chunk
+
+    async def _disaggregated(self, lost: set[str]) -> AsyncIterator[StreamChunk]:
+        router = self.router
+        prompt, params = self._continuation()
+        prefill = await router.pick("prefill", lost)
+        rid = router.attempt_id(self.live.request_id)
+        self.live.instances.append((prefill, rid))
+        prefill.pending_prompt_tokens += len(prompt)
+        sent = time.monotonic()
+        try:
+            result = await prefill.client.call(
+                "prefill",
+                rid,
+                prompt,
+                params,
+                self.inp.priority,
+                self.inp.cache_salt,
+                timeout=router.settings.call_timeout_s,
+            )
+        except InstanceLost as e:
+            router.mark_lost(prefill, e)
+            lost.add(prefill.instance_id)
+            raise _Recoverable(f"prefill instance {prefill.instance_id} lost") from e
+        except (ValueError, TypeError) as e:
+            raise InvalidRequest(str(e)) from None
+        finally:
+            prefill.pending_prompt_tokens -= len(prompt)
+        self.timing.prefill_instance = prefill.instance_id
+        worker_timing = result["chunk"].timing if "chunk" in result else result["timing"]
+        self.timing.queue_s = sent - self.arrival + worker_timing.get("engine_queue_s", 0.0)
+        self.timing.prefill_s = worker_timing.get("prefill_s", 0.0)
+        if "chunk" in result:  # the first token ended it: nothing to hand off
+            yield self._chunk(result["chunk"], first_decode=False)
+            return
+        handle = result["handle"]
+        blocks = len(handle.block_ids)
+        try:
+            decode = await router.pick("decode", lost, need_blocks=blocks)
+        except BaseException:
+            self.router._spawn(prefill.client.call("drop", rid, timeout=5.0))
+            raise
+        try:
+            async for chunk in self._follow(
+                decode, "generate_from", prompt, params, lost, rid, handle, prefill.client.handle
+            ):
+                yield chunk
+        except _Recoverable:  # the KV will not be pulled now: free it rather than wait
+            self.router._spawn(prefill.client.call("drop", rid, timeout=5.0))
+            raise
+
+    async def _follow(self, instance, method, prompt, params, lost, rid=None, *extra):
+        """Stream one instance's chunks for this request; instance loss → _Recoverable."""
+        router = self.router
+        rid = rid or router.attempt_id(self.live.request_id)
+        self.live.instances.append((instance, rid))
+        instance.num_streams += 1
+        if instance.role == "colocated" or method == "generate":
+            self.timing.prefill_instance = self.timing.prefill_instance or instance.instance_id
+        self.timing.decode_instance = instance.instance_id
+        args = (rid, prompt, params, *extra) if extra else (rid, prompt, params)
+        args += (self.inp.priority, self.inp.cache_salt)
+        stream = instance.client.stream(method, *args)
+        got_any = False
+        try:
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(
+                        anext(stream, None), router.settings.call_timeout_s
+                    )
+                except InstanceLost as e:
+                    router.mark_lost(instance, e)
+                    lost.add(instance.instance_id)
+                    raise _Recoverable(
+                        f"{instance.role} instance {instance.instance_id} lost"
+                    ) from e
+                except TimeoutError as e:
+                    raise _Recoverable(
+                        f"{instance.instance_id} sent nothing for "
+                        f"{router.settings.call_timeout_s:.0f} s"
+                    ) from e
+                except TransferError as e:
+                    raise _Recoverable(f"KV transfer failed: {type(e).__name__}: {e}") from e
+                except (ValueError, TypeError) as e:
+                    if got_any:
+                        raise _failed(f"instance error: {e}") from e
+                    raise InvalidRequest(str(e)) from None
+                if chunk is None:
+                    return
+                if not got_any and method == "generate" and chunk.timing:
+                    self.timing.queue_s += chunk.timing.get("engine_queue_s", 0.0)
+                    self.timing.prefill_s = chunk.timing.get("prefill_s", 0.0)
+                if not got_any and chunk.timing.get("transfer_s") is not None:
+                    self.timing.transfer_s = chunk.timing["transfer_s"]
+                got_any = True
+                yield self._chunk(chunk, first_decode=True)
+        finally:
+            instance.num_streams -= 1
+            await stream.aclose()
+
+    # -- chunks -----------------------------------------------------------------------------
+
+    def _chunk(self, chunk, first_decode: bool) -> StreamChunk:
+        now = time.monotonic()
+        metrics = self.router.metrics
+        if not self.emitted and chunk.token_ids:
+            self.timing.ttft_s = now - self.arrival
+            rest = self.timing.ttft_s - self.timing.queue_s - self.timing.prefill_s
+            self.timing.first_decode_s = max(0.0, rest - self.timing.transfer_s)
+            metrics.first_token(self.timing)
+        elif chunk.token_ids and self.last_token_time is not None:
+            metrics.inter_token(now - self.last_token_time, len(chunk.token_ids))
+        if chunk.token_ids:
+            self.last_token_time = now
+        self.emitted += chunk.token_ids
+        self.num_cached_tokens = max(self.num_cached_tokens, chunk.num_cached_tokens)
+        out = StreamChunk(
+            request_id=self.live.request_id,
+            token_ids=list(chunk.token_ids),
+            text=chunk.text,
+            logprobs=chunk.logprobs,
+            top_logprobs=chunk.top_logprobs,
+            finished=chunk.finished,
+            finish_reason=chunk.finish_reason if chunk.finished else None,
+            stop_reason=chunk.stop_reason,
+        )
+        if chunk.finished:
+            self._finish(out)
+        return out
+
+    def _finish(self, out: StreamChunk) -> None:
+        self.timing.e2e_s = time.monotonic() - self.arrival
+        out.usage = Usage(len(self.prompt_ids), len(self.emitted), self.num_cached_tokens)
+        out.timing = self.timing
+        self.live.instances.clear()  # nothing left to abort anywhere
+        self.router.metrics.finished(out.finish_reason or "stop", self.timing, out.usage)
+
+    def _final_abort(self) -> StreamChunk:
+        out = StreamChunk(self.live.request_id, [], "", finished=True, finish_reason="abort")
+        self._finish(out)
+        return out
+
+
+def _failed(message: str) -> RequestFailed:
+    return RequestFailed(message)

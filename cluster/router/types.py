@@ -1,0 +1,121 @@
+"""What the router's front ends (gRPC, OpenAI HTTP) exchange with it: one request in, a
+stream of chunks out, and typed errors that each front end maps to its status codes.
+
+    front end ──GenerateInput──▶ Router.generate() ──▶ StreamChunk, StreamChunk, ... (last:
+                                                        finished, usage, timing)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cluster.engine.sampling_params import SamplingParams
+
+FAILURE_POLICIES = ("fail", "recompute", "retry")
+
+
+class RouterError(Exception):
+    """Base of the errors a front end turns into a status: gRPC code name, HTTP status."""
+
+    grpc_code = "INTERNAL"
+    http_status = 500
+    error_type = "InternalServerError"
+
+
+class InvalidRequest(RouterError, ValueError):
+    """Bad input; the message says what to change."""
+
+    grpc_code = "INVALID_ARGUMENT"
+    http_status = 400
+    error_type = "BadRequestError"
+
+
+class Overloaded(RouterError):
+    """The admission queue is full: retry later."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+    http_status = 429
+    error_type = "RateLimitError"
+
+
+class Unavailable(RouterError):
+    """No healthy instance can take the request."""
+
+    grpc_code = "UNAVAILABLE"
+    http_status = 503
+    error_type = "ServiceUnavailableError"
+
+
+class RequestFailed(RouterError):
+    """An instance failed and the request's failure policy could not save it."""
+
+    grpc_code = "INTERNAL"
+    http_status = 500
+    error_type = "InternalServerError"
+
+
+class RequestAbortedError(RouterError):
+    """Someone called Abort on this request."""
+
+    grpc_code = "CANCELLED"
+    http_status = 499
+    error_type = "RequestAborted"
+
+
+@dataclass(slots=True)
+class GenerateInput:
+    prompt: str | list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str | None = None  # None: the router makes one
+    model: str | None = None  # None or "": the served model; else must match its name
+    priority: int = 0
+    cache_salt: str | None = None
+    failure_policy: str | None = None  # None: the router's default
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+
+@dataclass(slots=True)
+class Timing:
+    """Where a request's time went, seconds (see proto/pdcluster/v1 Timing)."""
+
+    queue_s: float = 0.0
+    prefill_s: float = 0.0
+    transfer_s: float = 0.0
+    first_decode_s: float = 0.0
+    ttft_s: float = 0.0
+    e2e_s: float = 0.0
+    prefill_instance: str = ""
+    decode_instance: str = ""
+    num_recomputes: int = 0
+
+
+@dataclass(slots=True)
+class StreamChunk:
+    request_id: str
+    token_ids: list[int]  # new in this chunk
+    text: str  # new in this chunk
+    logprobs: list[float] | None = None  # one per new token when asked for
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    finished: bool = False
+    finish_reason: str | None = None  # stop | length | abort
+    stop_reason: str | int | None = None
+    usage: Usage | None = None  # last chunk only
+    timing: Timing | None = None  # last chunk only
+
+
+@dataclass(slots=True, frozen=True)
+class ModelInfo:
+    name: str
+    architecture: str
+    max_model_len: int
+    vocab_size: int
+    dtype: str
+    num_layers: int
+    block_size: int
+    eos_token_ids: tuple[int, ...]
