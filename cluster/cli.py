@@ -1,7 +1,8 @@
 """The `cluster` command: model utilities, local generation and benchmarks.
 
+cluster serve [--model DIR] [...]    serve the cluster: gRPC :50051, OpenAI HTTP :8000
+cluster generate "prompt" [...]      stream from a running `cluster serve` (--local: no server)
 cluster model init-tiny DIR          write the deterministic tiny default model
-cluster generate "prompt" [...]      generate with a local engine (default: tiny model)
 cluster bench engine [--json]        engine throughput against transformers
 cluster bench transfer [--json]      NIXL KV pull bandwidth against memcpy
 """
@@ -39,8 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--seed", type=int, default=0)
     init.set_defaults(func=_init_tiny)
 
-    gen = sub.add_parser("generate", help="generate text with a local engine")
+    serve = sub.add_parser("serve", help="serve the disaggregated cluster (gRPC + HTTP)")
+    _add_serve(serve)
+
+    gen = sub.add_parser("generate", help="generate text through a running cluster")
     gen.add_argument("prompt", nargs="+", help="one or more prompts")
+    gen.add_argument("--target", default="127.0.0.1:50051", help="gRPC address of the router")
+    gen.add_argument("--api-key", default=None, help="bearer token, if the server wants one")
+    gen.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    gen.add_argument("--local", action="store_true", help="run an engine here, no server")
     add_engine_arguments(gen)
     add_sampling_arguments(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
@@ -125,9 +133,17 @@ def _init_tiny(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    params = sampling_params_from_args(args)
+    if not args.local:
+        from cluster.client import generate
+
+        return generate(args.target, args.prompt, params, args.api_key, args.json, args.timeout)
+    return _generate_local(args, params)
+
+
+def _generate_local(args: argparse.Namespace, params) -> int:
     from cluster.engine.llm_engine import LLMEngine
 
-    params = sampling_params_from_args(args)
     start = time.perf_counter()
     engine = LLMEngine(engine_config_from_args(args))
     load_s = time.perf_counter() - start
@@ -156,6 +172,13 @@ def _generate(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _add_serve(parser: argparse.ArgumentParser) -> None:
+    from cluster import serve
+
+    serve.add_arguments(parser)
+    parser.set_defaults(func=serve.run)
 
 
 def _add_engine_bench(parser: argparse.ArgumentParser) -> None:

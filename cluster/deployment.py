@@ -190,16 +190,17 @@ async def start_ray(config: DeploymentConfig, settings=None, ready_timeout_s: fl
         num_gpus = pool.num_gpus
         if num_gpus is None:
             num_gpus = 1 if engine.device.startswith("cuda") else 0
-        actor_cls = ray.remote(_worker_class(role)).options(
-            num_cpus=pool.num_cpus,
-            num_gpus=num_gpus,
-            max_restarts=-1,
-            max_task_retries=0,
-            namespace=RAY_NAMESPACE,
-        )
+        actor_cls = ray.remote(_worker_class(role))
         for n in range(pool.num_instances):
             instance_id = f"{role}-{n}-{deployment_id}"
-            actor = actor_cls.options(name=f"pd-cluster-{instance_id}").remote(
+            actor = actor_cls.options(
+                name=f"pd-cluster-{instance_id}",
+                namespace=RAY_NAMESPACE,
+                num_cpus=pool.num_cpus,
+                num_gpus=num_gpus,
+                max_restarts=-1,
+                max_task_retries=0,
+            ).remote(
                 *_worker_args(config, role, instance_id, "ray")
             )
             clients.append((role, RayClient(actor)))

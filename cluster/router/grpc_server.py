@@ -1,0 +1,189 @@
+"""The router's gRPC front end: pdcluster.v1.PDCluster (proto/pdcluster/v1) on grpc.aio, with
+standard health checking, server reflection and an optional bearer-token check.
+
+Protobuf stops here: requests become the router's types (cluster/router/types.py), chunks
+become responses, one conversion each way. A RouterError becomes the call's status; a client
+that goes away (cancel, deadline, closed stream) closes the router's stream, which aborts the
+request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+from collections.abc import AsyncIterator
+from contextlib import aclosing, asynccontextmanager
+from typing import TYPE_CHECKING
+
+import grpc
+from google.protobuf import json_format
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cluster.api.pdcluster.v1 import pdcluster_pb2 as pb
+from cluster.api.pdcluster.v1 import pdcluster_pb2_grpc as pb_grpc
+from cluster.engine.sampling_params import SamplingParams
+from cluster.router.types import GenerateInput, InvalidRequest, RouterError, StreamChunk
+
+if TYPE_CHECKING:
+    from cluster.router.router import Router
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PDCluster"].full_name  # pdcluster.v1.PDCluster
+_OPTIONAL_PARAMS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "logprobs")
+
+
+# -- proto -> router ------------------------------------------------------------------------
+
+
+def to_generate_input(request: pb.GenerateRequest) -> GenerateInput:
+    """Raises InvalidRequest for a missing prompt or bad sampling parameters."""
+    kind = request.WhichOneof("prompt")
+    if kind is None:
+        raise InvalidRequest("GenerateRequest needs a prompt: set `text` or `token_ids`")
+    return GenerateInput(
+        prompt=request.text if kind == "text" else list(request.token_ids.ids),
+        params=to_sampling_params(request.sampling_params),
+        request_id=request.request_id or None,
+        model=request.model or None,
+        priority=request.priority,
+        cache_salt=request.cache_salt or None,
+        failure_policy=request.failure_policy or None,
+    )
+
+
+def to_sampling_params(msg: pb.SamplingParams) -> SamplingParams:
+    """Unset optional fields keep SamplingParams' defaults."""
+    given = {name: getattr(msg, name) for name in _OPTIONAL_PARAMS if msg.HasField(name)}
+    try:
+        return SamplingParams(
+            **given,
+            stop=list(msg.stop),
+            stop_token_ids=list(msg.stop_token_ids),
+            ignore_eos=msg.ignore_eos,
+            include_stop_str_in_output=msg.include_stop_str_in_output,
+        )
+    except ValueError as e:
+        raise InvalidRequest(f"sampling_params: {e}") from None
+
+
+# -- router -> proto ------------------------------------------------------------------------
+
+
+def to_response(chunk: StreamChunk) -> pb.GenerateResponse:
+    return pb.GenerateResponse(
+        request_id=chunk.request_id,
+        token_ids=chunk.token_ids,
+        text=chunk.text,
+        logprobs=_token_logprobs(chunk),
+        finish_reason=chunk.finish_reason or "",
+        stop_reason="" if chunk.stop_reason is None else str(chunk.stop_reason),
+        usage=pb.Usage(**dataclasses.asdict(chunk.usage)) if chunk.usage else None,
+        timing=pb.Timing(**dataclasses.asdict(chunk.timing)) if chunk.timing else None,
+    )
+
+
+def _token_logprobs(chunk: StreamChunk) -> list[pb.TokenLogprob]:
+    if chunk.logprobs is None:
+        return []
+    tops = chunk.top_logprobs or [[] for _ in chunk.logprobs]
+    return [
+        pb.TokenLogprob(logprob=lp, top=[pb.TopLogprob(token_id=t, logprob=x) for t, x in top])
+        for lp, top in zip(chunk.logprobs, tops, strict=True)
+    ]
+
+
+def _merge(total: pb.CompleteResponse, part: pb.GenerateResponse) -> None:
+    """Repeated fields concatenate and set scalars overwrite (the wire format's own merge
+    rule, the two messages share field numbers); only text needs joining by hand."""
+    text = total.text + part.text
+    total.MergeFromString(part.SerializeToString())
+    total.text = text
+
+
+# -- the service ----------------------------------------------------------------------------
+
+
+class PDClusterServicer(pb_grpc.PDClusterServicer):
+    def __init__(self, router: Router):
+        self.router = router
+
+    async def Generate(self, request, context) -> None:
+        # A coroutine that writes, not an async generator: a cancelled call then raises here,
+        # inside `_stream`, which closes the router's generator at once.
+        async with self._stream(request, context) as chunks:
+            async for chunk in chunks:
+                await context.write(to_response(chunk))
+
+    async def Complete(self, request, context) -> pb.CompleteResponse:
+        response = pb.CompleteResponse()
+        async with self._stream(request, context) as chunks:
+            async for chunk in chunks:
+                _merge(response, to_response(chunk))
+        return response
+
+    async def Abort(self, request, context) -> pb.AbortResponse:
+        return pb.AbortResponse(found=await self.router.abort(request.request_id))
+
+    async def GetModelInfo(self, request, context) -> pb.ModelInfo:
+        return pb.ModelInfo(**dataclasses.asdict(self.router.model_info))
+
+    async def GetClusterStatus(self, request, context) -> pb.ClusterStatus:
+        return json_format.ParseDict(await self.router.cluster_status(), pb.ClusterStatus())
+
+    @asynccontextmanager
+    async def _stream(self, request, context) -> AsyncIterator[AsyncIterator[StreamChunk]]:
+        """The router's chunks for `request`; a RouterError ends the call with its status and
+        leaving the block, however, closes the router's stream."""
+        try:
+            async with aclosing(self.router.generate(to_generate_input(request))) as chunks:
+                yield chunks
+        except RouterError as e:
+            await context.abort(grpc.StatusCode[e.grpc_code], str(e))
+
+
+# -- authentication -------------------------------------------------------------------------
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Requires `authorization: Bearer <key>` on PDCluster methods; health checking and
+    reflection stay open (like vLLM's /health) so probes need no secret."""
+
+    def __init__(self, api_key: str):
+        self._expected = f"Bearer {api_key}".encode()
+
+    async def intercept_service(self, continuation, handler_call_details):
+        if not handler_call_details.method.startswith(f"/{SERVICE_NAME}/"):
+            return await continuation(handler_call_details)
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        if hmac.compare_digest(metadata.get("authorization", "").encode(), self._expected):
+            return await continuation(handler_call_details)
+        return grpc.unary_unary_rpc_method_handler(_deny)
+
+
+async def _deny(request, context) -> None:
+    await context.abort(
+        grpc.StatusCode.UNAUTHENTICATED,
+        "missing or wrong API key: send gRPC metadata `authorization: Bearer <key>`",
+    )
+
+
+# -- the server -----------------------------------------------------------------------------
+
+
+async def start_grpc_server(
+    router: Router, host: str = "127.0.0.1", port: int = 50051, api_key: str | None = None
+) -> tuple[grpc.aio.Server, int]:
+    """Serve `router` on host:port (0 picks a free port); returns the started server and the
+    bound port. Stop it with `await server.stop(grace_s)`."""
+    server = grpc.aio.server(interceptors=[ApiKeyInterceptor(api_key)] if api_key else [])
+    pb_grpc.add_PDClusterServicer_to_server(PDClusterServicer(router), server)
+    health_servicer = health.aio.HealthServicer()
+    for service in (health.OVERALL_HEALTH, SERVICE_NAME):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    services = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(services, server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    bound_port = server.add_insecure_port(address)
+    await server.start()
+    return server, bound_port

@@ -1,0 +1,159 @@
+"""`cluster serve`: start (or join) Ray, the prefill and decode pools, the router, and its gRPC
+and HTTP front ends; run until SIGINT/SIGTERM, then drain and stop everything.
+
+With no arguments: local Ray, the tiny default model, 1 prefill + 1 decode instance, gRPC on
+127.0.0.1:50051, HTTP on 127.0.0.1:8000.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+from cluster.deployment import DeploymentConfig
+
+API_KEY_ENV = "PD_CLUSTER_API_KEY"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="Hugging Face checkpoint folder (default: tiny model)")
+    parser.add_argument("--config", help="deployment YAML (model, pools, engine, transfer...)")
+    parser.add_argument("--mode", choices=["disaggregated", "colocated"])
+    parser.add_argument("--plan", help="placement plan file (JSON/YAML) from `placement plan`")
+    parser.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of a new one")
+    parser.add_argument("--host", help="listen address of both APIs (default 127.0.0.1)")
+    parser.add_argument("--grpc-port", type=int)
+    parser.add_argument("--http-port", type=int)
+    parser.add_argument("--served-model-name", help="the model name clients use")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"require 'Authorization: Bearer KEY' on both APIs (or set {API_KEY_ENV})",
+    )
+    parser.add_argument("--num-prefill", type=int, help="prefill instances")
+    parser.add_argument("--num-decode", type=int, help="decode instances")
+    parser.add_argument("--num-colocated", type=int, help="colocated instances")
+    parser.add_argument(
+        "--failure-policy", choices=["fail", "recompute", "retry"], help="default policy"
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> DeploymentConfig:
+    config = DeploymentConfig.from_yaml(args.config) if args.config else DeploymentConfig()
+    if args.model:
+        config.model = args.model
+    if args.mode:
+        config.mode = args.mode
+    if args.plan:
+        apply_plan(config, load_plan(args.plan))
+    for role in ("prefill", "decode", "colocated"):
+        count = getattr(args, f"num_{role}")
+        if count is not None:
+            getattr(config, role).num_instances = count
+    if args.address:
+        config.ray_address = args.address
+    if args.host:
+        config.grpc["host"] = config.http["host"] = args.host
+    if args.grpc_port is not None:
+        config.grpc["port"] = args.grpc_port
+    if args.http_port is not None:
+        config.http["port"] = args.http_port
+    if args.served_model_name:
+        config.served_model_name = args.served_model_name
+    if args.api_key:
+        config.api_key = args.api_key
+    if args.failure_policy:
+        config.router["failure_policy"] = args.failure_policy
+    config.__post_init__()  # re-check after the overrides
+    return config
+
+
+def load_plan(path: str) -> dict:
+    text = Path(path).read_text(encoding="utf-8")
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        return yaml.safe_load(text)
+    return json.loads(text)
+
+
+def apply_plan(config: DeploymentConfig, plan: dict) -> None:
+    """Take the pools of a placement plan: mode and, per role, the instance count. A plan
+    asking for tensor or pipeline parallelism is refused until instances can span devices."""
+    plan = plan.get("deployment", plan)
+    if "mode" in plan:
+        config.mode = plan["mode"]
+    for role in ("prefill", "decode", "colocated"):
+        pool = plan.get(role)
+        if not pool:
+            continue
+        tp = pool.get("tensor_parallel_size", pool.get("tp", 1))
+        pp = pool.get("pipeline_parallel_size", pool.get("pp", 1))
+        if tp != 1 or pp != 1:
+            raise ValueError(
+                f"the plan's {role} pool asks for TP={tp} x PP={pp}; this build serves "
+                "single-device instances only (TP = PP = 1)"
+            )
+        getattr(config, role).num_instances = int(pool.get("num_instances", 1))
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    return asyncio.run(serve(config))
+
+
+async def serve(config: DeploymentConfig, ready: asyncio.Event | None = None) -> int:
+    import ray
+
+    from cluster.deployment import start_ray
+    from cluster.router.grpc_server import start_grpc_server
+    from cluster.router.http_server import start_http_server, stop_http_server
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    if not ray.is_initialized():
+        ray.init(
+            address=config.ray_address,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    router = await start_ray(config)
+    try:
+        grpc_server, grpc_port = await start_grpc_server(
+            router, config.grpc["host"], config.grpc["port"], config.api_key
+        )
+        http_server, http_task, http_port = await start_http_server(
+            router, config.http["host"], config.http["port"], config.api_key
+        )
+    except BaseException:
+        await router.shutdown()
+        raise
+    pools = " + ".join(f"{getattr(config, role).num_instances} {role}" for role in config.roles())
+    print(
+        f"pd-cluster serving {router.model_info.name!r} ({config.mode}: {pools}): "
+        f"gRPC {config.grpc['host']}:{grpc_port}, "
+        f"HTTP http://{config.http['host']}:{http_port}/v1"
+        + (" (API key required)" if config.api_key else "")
+        + "; Ctrl-C stops",
+        flush=True,
+    )
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        print("pd-cluster: stopping", file=sys.stderr, flush=True)
+        await grpc_server.stop(grace=2.0)
+        await stop_http_server(http_server, http_task)
+        await router.shutdown()
+    return 0
