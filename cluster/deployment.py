@@ -200,9 +200,7 @@ async def start_ray(config: DeploymentConfig, settings=None, ready_timeout_s: fl
                 num_gpus=num_gpus,
                 max_restarts=-1,
                 max_task_retries=0,
-            ).remote(
-                *_worker_args(config, role, instance_id, "ray")
-            )
+            ).remote(*_worker_args(config, role, instance_id, "ray"))
             clients.append((role, RayClient(actor)))
 
     async def shutdown() -> None:

@@ -99,3 +99,25 @@ def family_model_dir(tmp_path_factory, tiny_model_dir):
         return cache[family]
 
     return make
+
+
+class LoopThread:
+    """An event loop in a daemon thread, for async servers driven from sync tests."""
+
+    def __init__(self):
+        import asyncio
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coro, timeout_s: float = 120):
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.close()

@@ -6,8 +6,6 @@ gRPC clients, as a user's would be.
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 from dataclasses import dataclass
 
@@ -23,28 +21,12 @@ from cluster.engine.llm_engine import LLMEngine
 from cluster.engine.sampling_params import SamplingParams
 from cluster.engine.tokenizer import Tokenizer
 from cluster.router.grpc_server import SERVICE_NAME, start_grpc_server, to_sampling_params
+from tests.conftest import LoopThread
 
 API_KEY = "test-key"
 PROMPT = "Hello world"
 GREEDY = pb.SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 TIMEOUT_S = 30
-
-
-class _LoopThread:
-    """An event loop in a daemon thread, for async code driven from sync tests."""
-
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def run(self, coro, timeout_s: float = 120):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=10)
-        self.loop.close()
 
 
 @dataclass
@@ -57,7 +39,7 @@ class Served:
 def served(tiny_model_dir):
     from cluster.router.router import Router
 
-    loop = _LoopThread()
+    loop = LoopThread()
     servers = []
     try:
         router = loop.run(Router.create_local(model_dir=str(tiny_model_dir), mode="colocated"))

@@ -280,6 +280,12 @@ class Router:
                 f"prompt has {len(ids)} tokens but max_model_len is {limit}: shorten it so "
                 "that at least one output token fits"
             )
+        if len(ids) + inp.params.max_tokens > limit:
+            raise InvalidRequest(
+                f"this model's maximum context length is {limit} tokens, but {len(ids)} prompt "
+                f"tokens + max_tokens={inp.params.max_tokens} ask for "
+                f"{len(ids) + inp.params.max_tokens}: lower max_tokens or shorten the prompt"
+            )
         if inp.cache_salt is not None and not isinstance(inp.cache_salt, str):
             raise InvalidRequest("cache_salt must be a string")
         if isinstance(inp.priority, bool) or not isinstance(inp.priority, int):

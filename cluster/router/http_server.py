@@ -1,0 +1,343 @@
+"""The router's OpenAI-compatible HTTP front end: a Starlette app over `Router`, served by
+uvicorn inside the caller's event loop.
+
+    POST /v1/completions, /v1/chat/completions   JSON, or SSE when stream=true
+    GET  /v1/models                              the one served model
+    GET  /health                                 200 ready / 503 not
+    GET  /metrics                                Prometheus text
+
+DESIGN.md places it in router/ beside the gRPC servicer: both are thin edges that turn wire
+requests into `GenerateInput` and `RouterError`s into statuses (openai_protocol.py holds the
+shapes). A client that goes away is noticed while it waits, not only on the next write: the
+request's task is cancelled and the router's stream closed, which aborts the request and
+frees its KV (DESIGN.md invariant 2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+from collections.abc import AsyncGenerator, Awaitable
+from typing import Any, TypeVar
+
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from cluster.router.openai_protocol import (
+    OpenAIRequest,
+    ResponseFormatter,
+    ServedModel,
+    error_body,
+    model_list,
+    parse_chat_request,
+    parse_completion_request,
+    router_error_body,
+)
+from cluster.router.types import InvalidRequest, RequestFailed, RouterError, StreamChunk
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+REQUEST_ID_HEADER = "X-Request-Id"
+_CLIENT_CLOSED_STATUS = 499  # nginx's "client closed request": nobody reads it, logs do
+_SSE_DONE = b"data: [DONE]\n\n"
+
+
+def build_http_app(router: Any, api_key: str | None = None) -> Starlette:
+    """The HTTP app over `router`. With `api_key`, /v1/* needs `Authorization: Bearer <key>`
+    (vLLM's --api-key); /health and /metrics stay open for probes and scrapers."""
+    api = _OpenAIRoutes(router)
+    routes = [
+        Route("/v1/completions", api.completions, methods=["POST"]),
+        Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
+        Route("/v1/models", api.models, methods=["GET"]),
+        Route("/health", api.health, methods=["GET"]),
+        Route("/metrics", api.metrics, methods=["GET"]),
+    ]
+    middleware = [Middleware(_RequireApiKey, api_key=api_key)] if api_key else []
+    handlers = {
+        RouterError: _router_error_response,
+        HTTPException: _http_error_response,
+        Exception: _internal_error_response,
+    }
+    return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)
+
+
+class _OpenAIRoutes:
+    def __init__(self, router: Any) -> None:
+        self._router = router
+        self._served = ServedModel.from_router(router)
+
+    async def completions(self, request: Request) -> Response:
+        body = await _json_body(request)
+        request_id = request.headers.get(REQUEST_ID_HEADER)
+        parsed = parse_completion_request(body, self._served, request_id)
+        return await self._generate(request, parsed)
+
+    async def chat_completions(self, request: Request) -> Response:
+        body = await _json_body(request)
+        request_id = request.headers.get(REQUEST_ID_HEADER)
+        parsed = parse_chat_request(body, self._served, request_id)
+        return await self._generate(request, parsed)
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse(model_list(self._served))
+
+    async def health(self, request: Request) -> Response:
+        return Response(status_code=200 if self._router.is_ready() else 503)
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(await self._router.metrics_text(), media_type=CONTENT_TYPE_LATEST)
+
+    async def _generate(self, request: Request, parsed: OpenAIRequest) -> Response:
+        formatter = ResponseFormatter.for_request(parsed, self._served)
+        headers = {REQUEST_ID_HEADER: parsed.request_id}
+        chunks = self._router.generate(parsed.input)
+        try:
+            if not parsed.stream:
+                collected = await _until_disconnect(request.receive, _collect(chunks))
+                return JSONResponse(formatter.response(collected), headers=headers)
+            # Admission errors (400/429/503) come before the first chunk: answer them with a
+            # status, not inside a 200 stream.
+            first = await _until_disconnect(request.receive, _first(chunks))
+        except _ClientGone:
+            return Response(status_code=_CLIENT_CLOSED_STATUS)
+        events = _sse_events(formatter, _prepend(first, chunks))
+        return _EventStreamResponse(events, headers=headers)
+
+
+# -- the router's stream -----------------------------------------------------------------------
+
+
+async def _collect(chunks: AsyncGenerator[StreamChunk, None]) -> list[StreamChunk]:
+    try:
+        return [chunk async for chunk in chunks]
+    finally:
+        await chunks.aclose()
+
+
+async def _first(chunks: AsyncGenerator[StreamChunk, None]) -> StreamChunk:
+    try:
+        return await anext(chunks)
+    except StopAsyncIteration:
+        raise RequestFailed("the router's stream ended without any output") from None
+    except BaseException:
+        await chunks.aclose()
+        raise
+
+
+async def _prepend(
+    first: StreamChunk, rest: AsyncGenerator[StreamChunk, None]
+) -> AsyncGenerator[StreamChunk, None]:
+    try:
+        yield first
+        async for chunk in rest:
+            yield chunk
+    finally:
+        await rest.aclose()  # closing this stream must close the router's: that aborts it
+
+
+async def _sse_events(
+    formatter: ResponseFormatter, chunks: AsyncGenerator[StreamChunk, None]
+) -> AsyncGenerator[bytes, None]:
+    """OpenAI's event stream: chunks, the usage chunk if asked for, [DONE]. An error after
+    the first chunk can only travel inside the stream, as an error object (vLLM does too)."""
+    try:
+        for opening in formatter.opening_chunks():
+            yield _sse(opening)
+        last = None
+        async for chunk in chunks:
+            last = chunk
+            event = formatter.stream_chunk(chunk)
+            if event is not None:
+                yield _sse(event)
+        if formatter.request.include_usage and last is not None and last.usage is not None:
+            yield _sse(formatter.usage_chunk(last.usage))
+    except RouterError as exc:
+        yield _sse(router_error_body(exc))
+    except Exception as exc:
+        logger.exception("request %s failed mid-stream", formatter.request.request_id)
+        yield _sse(error_body(f"internal error: {exc}", "InternalServerError", 500))
+    finally:
+        await chunks.aclose()
+    yield _SSE_DONE
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + _dumps(obj) + b"\n\n"
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+class _EventStreamResponse(StreamingResponse):
+    """SSE that watches for the client leaving while it waits for the next event, and always
+    closes its event stream (Starlette's leaves the generator to the garbage collector)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncGenerator[bytes, None], headers: dict[str, str]) -> None:
+        super().__init__(events, headers={**headers, "Cache-Control": "no-cache"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        with contextlib.suppress(_ClientGone):
+            await _until_disconnect(receive, self._pump(send))
+
+    async def _pump(self, send: Send) -> None:
+        start = {"type": "http.response.start", "status": self.status_code}
+        try:
+            await send({**start, "headers": self.raw_headers})
+            async for event in self.body_iterator:
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # the client went away mid-write (uvicorn's ClientDisconnected)
+            pass
+        finally:
+            await self.body_iterator.aclose()
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
+    """Await `work`; if the client disconnects first, cancel it (its cleanup runs to the end)
+    and raise _ClientGone."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait((task,))
+    if task.cancelled():
+        raise _ClientGone()
+    return task.result()
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+# -- errors and auth ---------------------------------------------------------------------------
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"malformed JSON body: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return body
+
+
+def _json_error(body: dict[str, Any], status: int) -> Response:
+    return Response(_dumps(body), status_code=status, media_type="application/json")
+
+
+async def _router_error_response(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RouterError)
+    return _json_error(router_error_body(exc), exc.http_status)
+
+
+async def _http_error_response(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    error_type = "NotFoundError" if exc.status_code == 404 else "BadRequestError"
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return _json_error(error_body(message, error_type, exc.status_code), exc.status_code)
+
+
+async def _internal_error_response(request: Request, exc: Exception) -> Response:
+    logger.error("unhandled error on %s", request.url.path, exc_info=exc)
+    return _json_error(error_body(f"internal error: {exc}", "InternalServerError", 500), 500)
+
+
+class _RequireApiKey:
+    """ASGI middleware: /v1/* needs `Authorization: Bearer <key>`, else a 401 error object."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self._app = app
+        self._expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not self._allowed(scope):
+            body = error_body(
+                "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                "AuthenticationError",
+                401,
+            )
+            await _json_error(body, 401)(scope, receive, send)
+            return
+        await self._app(scope, receive, send)
+
+    def _allowed(self, scope: Scope) -> bool:
+        if not scope["path"].startswith("/v1") or scope["method"] == "OPTIONS":
+            return True
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        return hmac.compare_digest(given, self._expected)
+
+
+# -- serving -----------------------------------------------------------------------------------
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its signal handlers: the process embedding it owns SIGINT/SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+async def start_http_server(
+    router: Any, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None
+) -> tuple[uvicorn.Server, asyncio.Task, int]:
+    """Serve the app in the running loop; returns (server, its task, the bound port) once it
+    accepts connections. port=0 picks a free port. Stop with `stop_http_server`."""
+    config = uvicorn.Config(
+        build_http_app(router, api_key),
+        host=host,
+        port=port,
+        log_level="warning",
+        lifespan="off",
+        timeout_graceful_shutdown=5,  # open streams get this long to end, then are dropped
+    )
+    server = _Server(config)
+    task = asyncio.create_task(_serve(server), name=f"http-server-{host}:{port}")
+    while not server.started:
+        if task.done():
+            task.result()  # raises what stopped it
+            raise RuntimeError(f"HTTP server on {host}:{port} stopped during startup")
+        await asyncio.sleep(0.01)
+    bound_port = server.servers[0].sockets[0].getsockname()[1]
+    return server, task, bound_port
+
+
+async def stop_http_server(server: uvicorn.Server, task: asyncio.Task) -> None:
+    server.should_exit = True
+    await task
+
+
+async def _serve(server: uvicorn.Server) -> None:
+    try:
+        await server.serve()
+    except SystemExit as exc:  # uvicorn exits the process when it cannot bind; we must not
+        raise RuntimeError(
+            f"HTTP server failed to start on {server.config.host}:{server.config.port} "
+            f"(see the log above)"
+        ) from exc
