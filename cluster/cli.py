@@ -5,6 +5,7 @@ cluster generate "prompt" [...]      stream from a running `cluster serve` (--lo
 cluster model init-tiny DIR          write the deterministic tiny default model
 cluster bench engine [--json]        engine throughput against transformers
 cluster bench transfer [--json]      NIXL KV pull bandwidth against memcpy
+cluster bench router [--json]        serving overhead per request/token; TTFT P/D vs colocated
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_bench(engine_bench)
     transfer_bench = bench.add_parser("transfer", help="NIXL KV pull bandwidth against memcpy")
     _add_transfer_bench(transfer_bench)
+    router_bench = bench.add_parser("router", help="serving overhead and TTFT, P/D vs colocated")
+    _add_router_bench(router_bench)
     return parser
 
 
@@ -179,6 +182,13 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
 
     serve.add_arguments(parser)
     parser.set_defaults(func=serve.run)
+
+
+def _add_router_bench(parser: argparse.ArgumentParser) -> None:
+    from cluster.bench import router_bench
+
+    router_bench.add_arguments(parser)
+    parser.set_defaults(func=lambda args: router_bench.run(args) and 0)
 
 
 def _add_engine_bench(parser: argparse.ArgumentParser) -> None:

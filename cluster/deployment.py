@@ -27,7 +27,7 @@ from cluster.worker_common import TransferSettings
 
 _CACHE_KEYS = {f.name for f in dataclasses.fields(CacheConfig)}
 _SCHEDULER_KEYS = {f.name for f in dataclasses.fields(SchedulerConfig)}
-_ENGINE_KEYS = {"device", "dtype", "max_model_len", "seed", "attention_backend"}
+_ENGINE_KEYS = {"device", "dtype", "max_model_len", "seed", "attention_backend", "model_runner"}
 ENGINE_OPTIONS = sorted(_CACHE_KEYS | _SCHEDULER_KEYS | _ENGINE_KEYS)
 RAY_NAMESPACE = "pd-cluster"
 

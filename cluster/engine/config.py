@@ -197,12 +197,17 @@ class EngineConfig:
     max_model_len: int | None = None
     seed: int = 0
     attention_backend: str = "auto"
+    # "model": the real forward pass. "noop": no model work at all (deterministic tokens,
+    # KV untouched) to measure what serving around the engine costs (`cluster bench router`).
+    model_runner: str = "model"
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
         if self.role not in ("colocated", "prefill", "decode"):
             raise ValueError(f"role must be colocated, prefill or decode, got {self.role!r}")
+        if self.model_runner not in ("model", "noop"):
+            raise ValueError(f"model_runner must be model or noop, got {self.model_runner!r}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be auto or one of {list(_DTYPES)}, got {self.dtype!r}")
         if self.max_model_len is not None and self.max_model_len < 2:

@@ -23,7 +23,7 @@ import torch
 
 from cluster.engine.block_manager import BlockManager
 from cluster.engine.config import EngineConfig, ModelConfig
-from cluster.engine.model_runner import ModelRunner
+from cluster.engine.model_runner import ModelRunner, NoopModelRunner
 from cluster.engine.outputs import RequestMetrics, RequestOutput
 from cluster.engine.request import Request, RequestStatus
 from cluster.engine.sampler import skip_one_draw
@@ -54,7 +54,8 @@ class LLMEngine:
         self.model_config = ModelConfig.from_pretrained(model_dir)
         self.max_model_len = config.resolve_max_model_len(self.model_config)
         self.tokenizer = Tokenizer.from_pretrained(model_dir)
-        self.runner = ModelRunner(config, self.model_config, self.max_model_len)
+        runner_cls = NoopModelRunner if config.model_runner == "noop" else ModelRunner
+        self.runner = runner_cls(config, self.model_config, self.max_model_len)
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )

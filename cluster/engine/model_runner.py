@@ -193,3 +193,22 @@ def bucket_by_length(
         else:
             groups.append([i])
     return groups
+
+
+class NoopModelRunner(ModelRunner):
+    """No model work: every request whose prompt is done gets a token derived from its last
+    one (deterministic, never a special id below 3). Scheduling, blocks and the KV pool are
+    real, so what this measures is everything around the forward pass."""
+
+    def execute(self, plan, block_tables, generators):
+        sampled = []
+        for request in plan.requests:
+            end = request.num_computed_tokens + plan.num_scheduled_tokens[request.request_id]
+            if end == request.num_tokens:
+                sampled.append(request)
+        vocab = self.model_config.vocab_size
+        token_ids = [3 + (r.all_token_ids[-1] * 31 + 7) % (vocab - 3) for r in sampled]
+        if not sampled:
+            return [], None
+        n = len(sampled)
+        return sampled, SamplerOutput(token_ids, [0.0] * n, [[] for _ in range(n)])
