@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/cluster generate "The capital of France is" "Once upon a time" --max-tokens 32
+	$(VENV)/bin/cluster serve
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu"

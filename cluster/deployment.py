@@ -180,8 +180,12 @@ async def start_ray(config: DeploymentConfig, settings=None, ready_timeout_s: fl
     cluster; call ray.init() first."""
     import ray
 
+    from cluster.kv_transfer.registry import RayKVRegistry
     from cluster.router.clients import RayClient
 
+    # The KV registry actor belongs to this process (it lives as long as the deployment),
+    # not to whichever worker would create it first and take it down when it dies.
+    registry = RayKVRegistry(namespace=RAY_NAMESPACE)
     deployment_id = uuid.uuid4().hex[:6]
     clients = []
     for role in config.roles():
@@ -206,6 +210,7 @@ async def start_ray(config: DeploymentConfig, settings=None, ready_timeout_s: fl
     async def shutdown() -> None:
         for _, client in clients:
             ray.kill(client.actor, no_restart=True)
+        ray.kill(registry.actor, no_restart=True)  # (this closure also keeps it alive)
 
     try:
         return await asyncio.wait_for(_router(config, settings, clients, shutdown), ready_timeout_s)

@@ -5,7 +5,7 @@ disaggregated against colocated serving at zero load.
    are real). Baseline: the same engine in this process (AsyncLLMEngine, no router, no RPC).
    Then `cluster serve` in a child process, colocated and disaggregated, driven by a gRPC
    client here, one request at a time. Added per request = p50 TTFT(cluster) - p50
-   TTFT(engine); per token = p50 ITL(cluster) - p50 ITL(engine). In disaggregated mode the
+   TTFT(engine); per token = p50 TPOT(cluster) - p50 TPOT(engine). In disaggregated mode the
    per-request figure includes the prefill -> decode handoff with its (real) KV pull.
 2. TTFT at zero load with a real model (the engine bench's seeded random Llama), per prompt
    length, colocated against disaggregated, with the KV transfer part (server-reported
@@ -93,7 +93,7 @@ def _engine_baseline(model: str, opt: dict) -> dict:
         times = []
         async for _ in engine.generate([5, 6, 7, 8], params, f"r{i}"):
             times.append(time.perf_counter())
-        return times[0] - start, [b - a for a, b in zip(times, times[1:], strict=False)]
+        return times[0] - start, _tpot(times)
 
     async def all_() -> list:
         return [await one(i) for i in range(opt["requests"])]
@@ -128,7 +128,7 @@ def _cluster_run(target: str, opt: dict, prompt: list[int], distinct: bool = Fal
                 last = response
             if i == 0:
                 continue
-            runs.append((times[0] - start, [b - a for a, b in zip(times, times[1:], strict=False)]))
+            runs.append((times[0] - start, _tpot(times)))
             transfer.append(last.timing.transfer_s)
             server_ttft.append(last.timing.ttft_s)
     out = _stats(runs)
@@ -137,15 +137,20 @@ def _cluster_run(target: str, opt: dict, prompt: list[int], distinct: bool = Fal
     return out
 
 
-def _stats(runs: list[tuple[float, list[float]]]) -> dict:
+def _tpot(times: list[float]) -> float:
+    """Time per output token after the first, per DESIGN.md (one timestamp per token)."""
+    return (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0
+
+
+def _stats(runs: list[tuple[float, float]]) -> dict:
     ttfts = [t for t, _ in runs]
-    gaps = [g for _, gs in runs for g in gs]
+    tpots = [t for _, t in runs]
     return {
         "num_requests": len(runs),
         "ttft_p50_s": statistics.median(ttfts),
         "ttft_p90_s": _quantile(ttfts, 0.9),
-        "itl_p50_s": statistics.median(gaps) if gaps else 0.0,
-        "itl_p90_s": _quantile(gaps, 0.9) if gaps else 0.0,
+        "tpot_p50_s": statistics.median(tpots),
+        "tpot_p90_s": _quantile(tpots, 0.9),
     }
 
 
@@ -159,7 +164,7 @@ def _summarise(overhead: dict, ttft: list[dict], opt: dict) -> dict:
     added = {
         mode: {
             "per_request_ms": (overhead[mode]["ttft_p50_s"] - base["ttft_p50_s"]) * 1e3,
-            "per_token_ms": (overhead[mode]["itl_p50_s"] - base["itl_p50_s"]) * 1e3,
+            "per_token_ms": (overhead[mode]["tpot_p50_s"] - base["tpot_p50_s"]) * 1e3,
         }
         for mode in ("colocated", "disaggregated")
     }
@@ -172,12 +177,12 @@ def format_table(result: dict) -> str:
     o, a = result["overhead"], result["added"]
     lines = [
         "serving overhead (noop engine, zero load, p50; client-side over gRPC)",
-        f"{'path':<16}{'TTFT ms':>10}{'ITL ms':>10}{'added/req ms':>15}{'added/token ms':>16}",
+        f"{'path':<16}{'TTFT ms':>10}{'TPOT ms':>10}{'added/req ms':>15}{'added/token ms':>16}",
     ]
     for path in ("engine", "colocated", "disaggregated"):
         extra = a.get(path)
         lines.append(
-            f"{path:<16}{o[path]['ttft_p50_s'] * 1e3:>10.2f}{o[path]['itl_p50_s'] * 1e3:>10.3f}"
+            f"{path:<16}{o[path]['ttft_p50_s'] * 1e3:>10.2f}{o[path]['tpot_p50_s'] * 1e3:>10.3f}"
             + (
                 f"{extra['per_request_ms']:>15.2f}{extra['per_token_ms']:>16.3f}"
                 if extra

@@ -69,14 +69,24 @@ class AsyncLLMEngine:
         add_request or commit_remote, and may return its first output), then stream the
         request's outputs. A caller that stops iterating aborts the request."""
         sink = (asyncio.get_running_loop(), asyncio.Queue())
-        await asyncio.to_thread(self.call, self._start, request_id, start, sink)
+        if not self._try_call(self._start, request_id, start, sink):  # the loop is stepping
+            await asyncio.to_thread(self.call, self._start, request_id, start, sink)
+        queue = sink[1]
         finished = False
         try:
             while not finished:
-                item = await sink[1].get()
+                item = await queue.get()
                 if isinstance(item, BaseException):
                     finished = True  # nothing more will come
                     raise item
+                # A consumer slower than the engine gets what piled up as one output (as
+                # vLLM's output collector does), not a backlog of one-token items.
+                while not item.finished and not queue.empty():
+                    more = queue.get_nowait()
+                    if isinstance(more, BaseException):
+                        queue.put_nowait(more)  # raised on the next round
+                        break
+                    item = _merge(item, more)
                 finished = item.finished
                 yield item
         finally:
@@ -102,13 +112,27 @@ class AsyncLLMEngine:
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run fn(*args) under the engine lock and wake the loop (it may have new work)."""
         with self._work:
-            if self._error is not None:
-                raise RuntimeError("engine loop died") from self._error
-            if self._stopped:
-                raise RuntimeError("engine is shut down")
-            result = fn(*args)
-            self._work.notify()
-            return result
+            return self._locked(fn, *args)
+
+    def _locked(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self._error is not None:
+            raise RuntimeError("engine loop died") from self._error
+        if self._stopped:
+            raise RuntimeError("engine is shut down")
+        result = fn(*args)
+        self._work.notify()
+        return result
+
+    def _try_call(self, fn: Callable[..., Any], *args: Any) -> bool:
+        """call(fn, *args) if the lock is free right now (the loop is idle); False if not,
+        without waiting: event-loop code then goes through a thread instead."""
+        if not self._work.acquire(blocking=False):
+            return False
+        try:
+            self._locked(fn, *args)
+        finally:
+            self._work.release()
+        return True
 
     def shutdown(self) -> None:
         """Stop the loop; every open stream ends with an error, new calls are refused."""
@@ -154,3 +178,10 @@ class AsyncLLMEngine:
     def _fail_all(self, error: BaseException) -> None:
         for request_id in list(self._sinks):
             self._send(request_id, error)
+
+
+def _merge(older: RequestOutput, newer: RequestOutput) -> RequestOutput:
+    """One output standing for two consecutive ones of a request."""
+    newer.new_token_ids = older.new_token_ids + newer.new_token_ids
+    newer.delta_text = older.delta_text + newer.delta_text
+    return newer

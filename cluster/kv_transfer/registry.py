@@ -72,24 +72,24 @@ class RayKVRegistry:
 
         actor_cls = ray.remote(num_cpus=0, max_restarts=-1)(_Registry)
         self._ray = ray
-        self._actor = actor_cls.options(
+        self.actor = actor_cls.options(
             name=REGISTRY_ACTOR, namespace=namespace, get_if_exists=True, lifetime=None
         ).remote()
 
     def publish(self, info: KVAgentInfo) -> None:
-        self._ray.get(self._actor.publish.remote(info))
+        self._ray.get(self.actor.publish.remote(info))
 
     def lookup(self, agent_name: str, timeout_s: float = 10.0) -> KVAgentInfo:
-        info = self._ray.get(self._actor.lookup.remote(agent_name), timeout=timeout_s)
+        info = self._ray.get(self.actor.lookup.remote(agent_name), timeout=timeout_s)
         if info is None:
             raise KeyError(f"no KV agent named {agent_name!r} is registered")
         return info
 
     def remove(self, agent_name: str) -> None:
-        self._ray.get(self._actor.remove.remote(agent_name))
+        self._ray.get(self.actor.remove.remote(agent_name))
 
     def names(self) -> list[str]:
-        return self._ray.get(self._actor.names.remote())
+        return self._ray.get(self.actor.names.remote())
 
 
 class AgentInfoServer:

@@ -19,6 +19,7 @@ from cluster.kv_transfer.metrics import KVTransferMetrics
 from cluster.worker_common import Chunk, EngineWorker, TransferSettings, engine_timing
 
 _POLL_INTERVAL_S = 0.002  # notifications and lease expiry
+_REPUBLISH_INTERVAL_S = 5.0
 
 
 class PrefillWorker(EngineWorker):
@@ -46,6 +47,14 @@ class PrefillWorker(EngineWorker):
         if self.kv_registry is not None:
             self.kv_registry.publish(self.sender.info())
         self._every(_POLL_INTERVAL_S, lambda: self.engine.call(self.sender.poll))
+        if self.kv_registry is not None:  # a registry that restarted empty learns us again
+            self._every(_REPUBLISH_INTERVAL_S, self._publish)
+
+    def _publish(self) -> None:
+        try:
+            self.kv_registry.publish(self.sender.info())
+        except Exception:  # noqa: BLE001 - registry restarting: try again next round
+            pass
 
     async def prefill(
         self,

@@ -5,6 +5,7 @@ subclasses of the original) and `InstanceLost` when the instance is gone."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -70,7 +71,8 @@ class RayClient:
             self._ray.cancel(ref)
             raise InstanceLost(f"{method} did not answer within {timeout} s") from e
         except asyncio.CancelledError:
-            self._ray.cancel(ref)
+            with contextlib.suppress(Exception):
+                self._ray.cancel(ref)
             raise
 
     async def stream(self, method: str, *args: Any) -> AsyncIterator[Any]:
@@ -85,4 +87,5 @@ class RayClient:
             raise InstanceLost(str(e)) from e
         finally:
             if not done:  # the consumer stopped early: cancel the actor's generator task
-                self._ray.cancel(gen)
+                with contextlib.suppress(Exception):  # already gone, or Ray shutting down
+                    self._ray.cancel(gen)

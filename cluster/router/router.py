@@ -494,6 +494,7 @@ class _Run:
                 yield chunk
         except _Recoverable:  # the KV will not be pulled now: free it rather than wait
             self.router._spawn(prefill.client.call("drop", rid, timeout=5.0))
+            lost.add(prefill.instance_id)  # and prefer another prefill instance next time
             raise
 
     async def _follow(self, instance, method, prompt, params, lost, rid=None, *extra):
