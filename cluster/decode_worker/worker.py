@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from cluster.engine.async_engine import RequestAborted
 from cluster.engine.config import EngineConfig
@@ -24,6 +24,7 @@ from cluster.kv_transfer.metrics import KVTransferMetrics
 from cluster.worker_common import Chunk, EngineWorker, TransferSettings, engine_timing
 
 _REAP_INTERVAL_S = 0.1  # READs NIXL could not cancel: retry releasing them
+_RENEW_TIMEOUT_S = 5.0
 
 
 class ColocatedWorker(EngineWorker):
@@ -92,20 +93,35 @@ class DecodeWorker(ColocatedWorker):
         before any chunk; every block reserved here is freed by then."""
         start = time.monotonic()
         await self._connect(handle)
-        block_ids = await asyncio.to_thread(
-            self.engine.call,
-            lambda: self.receiver.reserve(
-                handle,
-                request_id,
-                prompt_token_ids,
-                params,
-                priority=priority,
-                cache_salt=cache_salt,
-            ),
-        )
+        # Renew the lease while the blocks are reserved; the clock is read before asking.
+        renewal = asyncio.ensure_future(_renew(prefill, handle.request_id))
+        try:
+            block_ids = await asyncio.to_thread(
+                self.engine.call,
+                lambda: self.receiver.reserve(
+                    handle,
+                    request_id,
+                    prompt_token_ids,
+                    params,
+                    priority=priority,
+                    cache_salt=cache_salt,
+                ),
+            )
+        except BaseException:
+            renewal.cancel()
+            raise
+        try:
+            asked, remaining = await renewal
+        except BaseException:  # cancelled: the reserved blocks go back now
+            self.engine.abort(request_id)
+            raise
+
+        def renewed(_: str) -> float | None:  # the READ's lease view: from `asked` on
+            return None if remaining is None else remaining - (time.monotonic() - asked)
+
         self._reading.add(request_id)
         try:
-            await self._read(handle, request_id, block_ids, _renewer(prefill))
+            await self._read(handle, request_id, block_ids, renewed)
         finally:
             self._reading.discard(request_id)
         if request_id in self._abort_after_read:
@@ -167,22 +183,20 @@ class DecodeWorker(ColocatedWorker):
         self.agent.close()
 
 
-def _renewer(prefill) -> Callable[[str], float | None]:
-    """renew(request id) -> remaining lease seconds, or None when the holder is gone."""
-    from cluster.prefill_worker.worker import PrefillWorker
+async def _renew(prefill, request_id: str) -> tuple[float, float | None]:
+    """(when we asked, remaining lease seconds or None when the holder has none or is gone).
+    `prefill` is a Ray actor handle, or a PrefillWorker in this process."""
+    asked = time.monotonic()
+    try:
+        from cluster.prefill_worker.worker import PrefillWorker
 
-    if isinstance(prefill, PrefillWorker):  # in this process
-        return prefill.renew_blocking
-
-    def renew(request_id: str) -> float | None:
-        import ray
-
-        try:
-            return ray.get(prefill.renew.remote(request_id), timeout=5.0)
-        except Exception:  # noqa: BLE001 - dead, unreachable or slow holder: no lease
-            return None
-
-    return renew
+        if isinstance(prefill, PrefillWorker):
+            pending = prefill.renew(request_id)
+        else:
+            pending = prefill.renew.remote(request_id)
+        return asked, await asyncio.wait_for(pending, _RENEW_TIMEOUT_S)
+    except Exception:  # noqa: BLE001 - dead, unreachable or slow holder: no lease
+        return asked, None
 
 
 def _registry(registry):

@@ -108,10 +108,13 @@ class KVSender:
         """Remaining lease seconds after renewal, None if it is gone (expired or released)."""
         return self.leases.renew(request_id)
 
-    def poll(self) -> list[str]:
-        """Free blocks of finished pulls and expired leases; return the request ids freed."""
+    def poll(self, notifs: list[tuple[str, bytes]] | None = None) -> list[str]:
+        """Free blocks of finished pulls (`notifs`, else read from the agent now) and of
+        expired leases; return the request ids freed."""
         freed = []
-        for _, notif in self.agent.get_notifications():
+        if notifs is None:
+            notifs = self.agent.get_notifications()
+        for _, notif in notifs:
             request_id = notif.decode(errors="replace")
             if self.leases.complete(request_id) is None:  # late or unknown: ignored
                 self.metrics.unmatched_notification()

@@ -18,7 +18,8 @@ from cluster.kv_transfer.connector import KVSender
 from cluster.kv_transfer.metrics import KVTransferMetrics
 from cluster.worker_common import Chunk, EngineWorker, TransferSettings, engine_timing
 
-_POLL_INTERVAL_S = 0.002  # notifications and lease expiry
+_POLL_INTERVAL_S = 0.002  # notifications of finished pulls
+_EXPIRE_INTERVAL_S = 0.1  # lease expiry
 _REPUBLISH_INTERVAL_S = 5.0
 
 
@@ -46,9 +47,16 @@ class PrefillWorker(EngineWorker):
         self.kv_registry = _registry(registry)
         if self.kv_registry is not None:
             self.kv_registry.publish(self.sender.info())
-        self._every(_POLL_INTERVAL_S, lambda: self.engine.call(self.sender.poll))
+        self._every(_POLL_INTERVAL_S, self._poll_notifications)
+        self._every(_EXPIRE_INTERVAL_S, lambda: self.engine.call(self.sender.poll, []))
         if self.kv_registry is not None:  # a registry that restarted empty learns us again
             self._every(_REPUBLISH_INTERVAL_S, self._publish)
+
+    def _poll_notifications(self) -> None:
+        """Pulls that finished free their blocks; the engine lock only when there are some."""
+        notifs = self.agent.get_notifications()
+        if notifs:
+            self.engine.call(self.sender.poll, notifs)
 
     def _publish(self) -> None:
         try:
@@ -85,10 +93,6 @@ class PrefillWorker(EngineWorker):
 
     async def renew(self, request_id: str) -> float | None:
         return await asyncio.to_thread(self.engine.call, self.sender.renew, request_id)
-
-    def renew_blocking(self, request_id: str) -> float | None:
-        """renew() for a caller in this process on another thread (a local decode worker)."""
-        return self.engine.call(self.sender.renew, request_id)
 
     async def drop(self, request_id: str) -> None:
         """The router gave up on a prefilled request before decode pulled it: free now."""
