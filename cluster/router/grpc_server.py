@@ -9,6 +9,7 @@ request.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hmac
 from collections.abc import AsyncIterator
@@ -170,6 +171,30 @@ async def _deny(request, context) -> None:
 # -- the server -----------------------------------------------------------------------------
 
 
+_HEALTH_TASKS: set[asyncio.Task] = set()
+_HEALTH_INTERVAL_S = 1.0
+
+
+async def _set_health(servicer, ready: bool) -> None:
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if ready
+        else (health_pb2.HealthCheckResponse.NOT_SERVING)
+    )
+    for service in (health.OVERALL_HEALTH, SERVICE_NAME):
+        await servicer.set(service, status)
+
+
+async def _track_health(router, servicer) -> None:
+    """SERVING while every pool has a healthy instance (Router.is_ready), else NOT_SERVING."""
+    ready = router.is_ready()
+    while True:
+        await asyncio.sleep(_HEALTH_INTERVAL_S)
+        if router.is_ready() != ready:
+            ready = not ready
+            await _set_health(servicer, ready)
+
+
 async def start_grpc_server(
     router: Router, host: str = "127.0.0.1", port: int = 50051, api_key: str | None = None
 ) -> tuple[grpc.aio.Server, int]:
@@ -178,9 +203,11 @@ async def start_grpc_server(
     server = grpc.aio.server(interceptors=[ApiKeyInterceptor(api_key)] if api_key else [])
     pb_grpc.add_PDClusterServicer_to_server(PDClusterServicer(router), server)
     health_servicer = health.aio.HealthServicer()
-    for service in (health.OVERALL_HEALTH, SERVICE_NAME):
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    await _set_health(health_servicer, router.is_ready())
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    task = asyncio.ensure_future(_track_health(router, health_servicer))
+    _HEALTH_TASKS.add(task)  # held until the loop ends
+    task.add_done_callback(_HEALTH_TASKS.discard)
     services = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(services, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
