@@ -177,11 +177,20 @@ def test_openai_client_concurrent_equals_reference(served, reference, tiny_model
         return texts
 
     texts = asyncio.run(run())
+    single = openai.OpenAI(base_url=served.http_url, api_key="unused").completions.create(
+        model=served.router.model_info.name,
+        prompt=PROMPTS[0],
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), cache=CacheConfig(num_blocks=512)))
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
     outs = engine.generate(PROMPTS, params)
     assert [o.token_ids for o in outs] == reference
     assert texts == [o.text for o in outs]
+    assert single.choices[0].text == outs[0].text
+    assert single.usage.completion_tokens == MAX_TOKENS
 
 
 def test_cancel_mid_stream_frees_blocks_on_both_sides(served, stub):
