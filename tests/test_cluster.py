@@ -313,6 +313,21 @@ def test_status_lists_pools(stub):
     assert {p.role: len(p.instances) for p in status.pools} == {"prefill": 2, "decode": 1}
 
 
+def test_decode_pulls_a_forwarded_handle_after_renewing_its_lease(served, reference):
+    """The lower-level path: a KV handle obtained from a prefill instance and handed to a
+    decode instance later; the decode side renews the lease before it reads."""
+    prefill, decode = served.actors("prefill")[0], served.actors("decode")[0]
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    handle = ray.get(prefill.prefill.remote("fwd", PROMPTS[9], params))["handle"]
+    stream = decode.generate_from.options(num_returns="streaming").remote(
+        "fwd", PROMPTS[9], params, handle, prefill
+    )
+    chunks = [ray.get(ref) for ref in stream]
+    assert [t for c in chunks for t in c.token_ids] == reference[9]
+    assert chunks[0].timing["transfer_s"] > 0
+    served.assert_all_blocks_free()
+
+
 # -- failures (last: they kill actors) ----------------------------------------------------
 
 

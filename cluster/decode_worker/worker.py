@@ -19,7 +19,12 @@ from collections.abc import AsyncIterator
 from cluster.engine.async_engine import RequestAborted
 from cluster.engine.config import EngineConfig
 from cluster.engine.sampling_params import SamplingParams
-from cluster.kv_transfer.connector import KVHandle, KVReceiver, RemoteTransferError
+from cluster.kv_transfer.connector import (
+    KVHandle,
+    KVReceiver,
+    PrefillUnavailable,
+    RemoteTransferError,
+)
 from cluster.kv_transfer.metrics import KVTransferMetrics
 from cluster.worker_common import Chunk, EngineWorker, TransferSettings, engine_timing
 
@@ -78,6 +83,51 @@ class DecodeWorker(ColocatedWorker):
         if self.receiver._stuck:
             self.engine.call(self.receiver.reap)
 
+    async def generate_disaggregated(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prefill,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> AsyncIterator[Chunk]:
+        """The whole handoff, driven from here: run the prompt on `prefill` (a Ray actor
+        handle, or a PrefillWorker in this process), pull its KV, stream the output.
+
+        The prefill call doubles as the first lease renewal: its lease is granted after we
+        read our clock, so it ends no earlier than then + lease_s. PrefillUnavailable (the
+        prefill instance is gone) or another TransferError ends the stream before any chunk.
+        """
+        asked = time.monotonic()
+        call = _call(prefill, "prefill", request_id, prompt_token_ids, params, priority, cache_salt)
+        try:
+            result = await call
+        except asyncio.CancelledError:
+            _spawn(_call(prefill, "abort", request_id))  # the prompt may still be running
+            raise
+        except (ValueError, TypeError, RequestAborted):
+            raise
+        except Exception as e:  # noqa: BLE001 - died, unreachable: that instance is lost
+            raise PrefillUnavailable(f"prefill call failed: {type(e).__name__}: {e}") from e
+        if "chunk" in result:  # the first token ended the request: nothing to pull
+            yield result["chunk"]
+            return
+        handle = result["handle"]
+        stream = self.generate_from(
+            request_id,
+            prompt_token_ids,
+            params,
+            handle,
+            prefill,
+            priority,
+            cache_salt,
+            lease=(asked, handle.lease_s),
+            timing={**result["timing"], "prefill_call_s": time.monotonic() - asked},
+        )
+        async for chunk in stream:
+            yield chunk
+
     async def generate_from(
         self,
         request_id: str,
@@ -87,14 +137,17 @@ class DecodeWorker(ColocatedWorker):
         prefill,
         priority: int = 0,
         cache_salt: str | None = None,
+        lease: tuple[float, float | None] | None = None,
+        timing: dict[str, float] | None = None,
     ) -> AsyncIterator[Chunk]:
-        """Pull the prompt's KV from `prefill` (a Ray actor handle, or a PrefillWorker in this
-        process) and stream the output. A TransferError (a subclass says why) ends the stream
+        """Pull the prompt's KV named by `handle` from `prefill` and stream the output.
+        `lease` = (monotonic time, seconds the lease was known to last from then); without
+        it the lease is renewed first. A TransferError (a subclass says why) ends the stream
         before any chunk; every block reserved here is freed by then."""
         start = time.monotonic()
         await self._connect(handle)
-        # Renew the lease while the blocks are reserved; the clock is read before asking.
-        renewal = asyncio.ensure_future(_renew(prefill, handle.request_id))
+        # Without a known lease, renew it while the blocks are reserved.
+        renewal = None if lease else asyncio.ensure_future(_renew(prefill, handle.request_id))
         try:
             block_ids = await asyncio.to_thread(
                 self.engine.call,
@@ -108,10 +161,11 @@ class DecodeWorker(ColocatedWorker):
                 ),
             )
         except BaseException:
-            renewal.cancel()
+            if renewal is not None:
+                renewal.cancel()
             raise
         try:
-            asked, remaining = await renewal
+            asked, remaining = lease if renewal is None else await renewal
         except BaseException:  # cancelled: the reserved blocks go back now
             self.engine.abort(request_id)
             raise
@@ -136,7 +190,9 @@ class DecodeWorker(ColocatedWorker):
         first = True
         async for out in self.engine.follow(request_id, commit):
             self._count(out, first=False)
-            yield Chunk.from_output(out, {"transfer_s": transfer_s} if first else None)
+            yield Chunk.from_output(
+                out, {**(timing or {}), "transfer_s": transfer_s} if first else None
+            )
             first = False
 
     async def abort(self, request_id: str) -> bool:
@@ -183,18 +239,31 @@ class DecodeWorker(ColocatedWorker):
         self.agent.close()
 
 
+_TASKS: set[asyncio.Task] = set()
+
+
+def _spawn(coro) -> None:
+    task = asyncio.ensure_future(coro)
+    _TASKS.add(task)
+    task.add_done_callback(_TASKS.discard)
+
+
+async def _call(worker, method: str, *args):
+    """worker.method(*args) on a Ray actor handle or a worker object in this process."""
+    from cluster.prefill_worker.worker import PrefillWorker
+
+    if isinstance(worker, PrefillWorker):
+        return await getattr(worker, method)(*args)
+    return await getattr(worker, method).remote(*args)
+
+
 async def _renew(prefill, request_id: str) -> tuple[float, float | None]:
     """(when we asked, remaining lease seconds or None when the holder has none or is gone).
     `prefill` is a Ray actor handle, or a PrefillWorker in this process."""
     asked = time.monotonic()
     try:
-        from cluster.prefill_worker.worker import PrefillWorker
-
-        if isinstance(prefill, PrefillWorker):
-            pending = prefill.renew(request_id)
-        else:
-            pending = prefill.renew.remote(request_id)
-        return asked, await asyncio.wait_for(pending, _RENEW_TIMEOUT_S)
+        remaining = await asyncio.wait_for(_call(prefill, "renew", request_id), _RENEW_TIMEOUT_S)
+        return asked, remaining
     except Exception:  # noqa: BLE001 - dead, unreachable or slow holder: no lease
         return asked, None
 

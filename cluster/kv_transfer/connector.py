@@ -44,6 +44,12 @@ class RemoteTransferError(TransferError):
     reason = "remote_error"
 
 
+class PrefillUnavailable(RemoteTransferError):
+    """The prefill instance of a handoff died or could not be reached."""
+
+    reason = "prefill_lost"
+
+
 class NoCapacity(TransferError):
     reason = "no_capacity"
 

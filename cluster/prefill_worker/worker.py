@@ -18,7 +18,7 @@ from cluster.kv_transfer.connector import KVSender
 from cluster.kv_transfer.metrics import KVTransferMetrics
 from cluster.worker_common import Chunk, EngineWorker, TransferSettings, engine_timing
 
-_POLL_INTERVAL_S = 0.002  # notifications of finished pulls
+_POLL_INTERVAL_S = 0.005  # notifications of finished pulls
 _EXPIRE_INTERVAL_S = 0.1  # lease expiry
 _REPUBLISH_INTERVAL_S = 5.0
 

@@ -33,7 +33,7 @@ from typing import Any
 from cluster.engine.async_engine import RequestAborted
 from cluster.engine.sampling_params import SamplingParams
 from cluster.engine.tokenizer import Tokenizer
-from cluster.kv_transfer.connector import TransferError
+from cluster.kv_transfer.connector import PrefillUnavailable, TransferError
 from cluster.router.clients import InstanceLost
 from cluster.router.metrics import RouterMetrics
 from cluster.router.types import (
@@ -448,54 +448,36 @@ class _Run:
             yield chunk
 
     async def _disaggregated(self, lost: set[str]) -> AsyncIterator[StreamChunk]:
+        """Pick the pair; the decode instance drives the handoff (it calls the prefill
+        instance, pulls the KV, streams): one router → decode stream, one decode → prefill
+        call, and the prefill call is also the lease's first renewal."""
         router = self.router
         prompt, params = self._continuation()
         prefill = await router.pick("prefill", lost)
+        blocks = -(-(len(prompt) + 1) // router.model_info.block_size)
+        decode = await router.pick("decode", lost, need_blocks=blocks)
         rid = router.attempt_id(self.live.request_id)
         self.live.instances.append((prefill, rid))
-        prefill.pending_prompt_tokens += len(prompt)
-        sent = time.monotonic()
-        try:
-            result = await prefill.client.call(
-                "prefill",
-                rid,
-                prompt,
-                params,
-                self.inp.priority,
-                self.inp.cache_salt,
-                timeout=router.settings.call_timeout_s,
-            )
-        except InstanceLost as e:
-            router.mark_lost(prefill, e)
-            lost.add(prefill.instance_id)
-            raise _Recoverable(f"prefill instance {prefill.instance_id} lost") from e
-        except (ValueError, TypeError) as e:
-            raise InvalidRequest(str(e)) from None
-        finally:
-            prefill.pending_prompt_tokens -= len(prompt)
         self.timing.prefill_instance = prefill.instance_id
-        worker_timing = result["chunk"].timing if "chunk" in result else result["timing"]
-        self.timing.queue_s = sent - self.arrival + worker_timing.get("engine_queue_s", 0.0)
-        self.timing.prefill_s = worker_timing.get("prefill_s", 0.0)
-        if "chunk" in result:  # the first token ended it: nothing to hand off
-            yield self._chunk(result["chunk"], first_decode=False)
-            return
-        handle = result["handle"]
-        blocks = len(handle.block_ids)
+        pending = len(prompt)
+        prefill.pending_prompt_tokens += pending
         try:
-            decode = await router.pick("decode", lost, need_blocks=blocks)
-        except BaseException:
-            self.router._spawn(prefill.client.call("drop", rid, timeout=5.0))
-            raise
-        try:
-            async for chunk in self._follow(
-                decode, "generate_from", prompt, params, lost, rid, handle, prefill.client.handle
-            ):
+            stream = self._follow(
+                decode, "generate_disaggregated", prompt, params, lost, rid, prefill.client.handle
+            )
+            async for chunk in stream:
+                prefill.pending_prompt_tokens -= pending
+                pending = 0
                 yield chunk
-        except _Recoverable:  # the KV will not be pulled now: free it rather than wait
-            self.router._spawn(prefill.client.call("drop", rid, timeout=5.0))
+        except _Recoverable as e:
+            if isinstance(e.__cause__, PrefillUnavailable):
+                router.mark_lost(prefill, e.__cause__)
+            else:  # the KV will not be pulled now: free it rather than wait for the lease
+                self.router._spawn(prefill.client.call("drop", rid, timeout=5.0))
             lost.add(prefill.instance_id)  # and prefer another prefill instance next time
             raise
+        finally:
+            prefill.pending_prompt_tokens -= pending
 
     async def _follow(self, instance, method, prompt, params, lost, rid=None, *extra):
         """Stream one instance's chunks for this request; instance loss → _Recoverable."""
@@ -503,8 +485,8 @@ class _Run:
         rid = rid or router.attempt_id(self.live.request_id)
         self.live.instances.append((instance, rid))
         instance.num_streams += 1
-        if instance.role == "colocated" or method == "generate":
-            self.timing.prefill_instance = self.timing.prefill_instance or instance.instance_id
+        if method == "generate":  # the prompt runs here too
+            self.timing.prefill_instance = instance.instance_id
         self.timing.decode_instance = instance.instance_id
         args = (rid, prompt, params, *extra) if extra else (rid, prompt, params)
         args += (self.inp.priority, self.inp.cache_salt)
@@ -535,9 +517,9 @@ class _Run:
                     raise InvalidRequest(str(e)) from None
                 if chunk is None:
                     return
-                if not got_any and method == "generate" and chunk.timing:
+                if not got_any and "prefill_s" in chunk.timing:
                     self.timing.queue_s += chunk.timing.get("engine_queue_s", 0.0)
-                    self.timing.prefill_s = chunk.timing.get("prefill_s", 0.0)
+                    self.timing.prefill_s = chunk.timing["prefill_s"]
                 if not got_any and chunk.timing.get("transfer_s") is not None:
                     self.timing.transfer_s = chunk.timing["transfer_s"]
                 got_any = True
