@@ -174,6 +174,21 @@ class EngineWorker:
 
     # -- for subclasses ---------------------------------------------------------------------
 
+    def _start_kv_transfer(self, registry):
+        """The NIXL agent over this engine's KV pool and the agent registry ("ray": this Ray
+        cluster's registry actor, made here since a client holds the ray module); returns the
+        transfer metrics, registered with this worker's."""
+        from cluster.kv_transfer.agent import NixlKVAgent
+        from cluster.kv_transfer.metrics import KVTransferMetrics
+
+        self.agent = NixlKVAgent(self.instance_id, self.llm.runner.kv_cache)
+        if registry == "ray":
+            from cluster.kv_transfer.registry import RayKVRegistry
+
+            registry = RayKVRegistry()
+        self.kv_registry = registry
+        return KVTransferMetrics(self.role, self.instance_id, registry=self.registry)
+
     def _count(self, out: RequestOutput, first: bool) -> None:
         if first and out.metrics is not None and out.metrics.queue_time_s is not None:
             self._queue_time.observe(out.metrics.queue_time_s)

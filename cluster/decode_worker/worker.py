@@ -25,7 +25,6 @@ from cluster.kv_transfer.connector import (
     PrefillUnavailable,
     RemoteTransferError,
 )
-from cluster.kv_transfer.metrics import KVTransferMetrics
 from cluster.worker_common import Chunk, EngineWorker, TransferSettings, engine_timing
 
 _REAP_INTERVAL_S = 0.1  # READs NIXL could not cancel: retry releasing them
@@ -68,13 +67,9 @@ class DecodeWorker(ColocatedWorker):
         registry=None,
     ):
         super().__init__(instance_id, engine_config)
-        from cluster.kv_transfer.agent import NixlKVAgent
-
         self.transfer = transfer or TransferSettings()
-        self.agent = NixlKVAgent(instance_id, self.llm.runner.kv_cache)
-        metrics = KVTransferMetrics("decode", instance_id, registry=self.registry)
+        metrics = self._start_kv_transfer(registry)
         self.receiver = KVReceiver(self.llm, self.agent, metrics=metrics)
-        self.kv_registry = _registry(registry)
         self._reading: set[str] = set()  # requests whose READ is in flight
         self._abort_after_read: set[str] = set()
         self._every(_REAP_INTERVAL_S, self._reap)
@@ -266,12 +261,3 @@ async def _renew(prefill, request_id: str) -> tuple[float, float | None]:
         return asked, remaining
     except Exception:  # noqa: BLE001 - dead, unreachable or slow holder: no lease
         return asked, None
-
-
-def _registry(registry):
-    """ "ray": this Ray cluster's registry actor (made here: a client holds the ray module)."""
-    if registry == "ray":
-        from cluster.kv_transfer.registry import RayKVRegistry
-
-        return RayKVRegistry()
-    return registry

@@ -13,9 +13,7 @@ import asyncio
 
 from cluster.engine.config import EngineConfig
 from cluster.engine.sampling_params import SamplingParams
-from cluster.kv_transfer.agent import NixlKVAgent
 from cluster.kv_transfer.connector import KVSender
-from cluster.kv_transfer.metrics import KVTransferMetrics
 from cluster.worker_common import Chunk, EngineWorker, TransferSettings, engine_timing
 
 _POLL_INTERVAL_S = 0.005  # notifications of finished pulls
@@ -35,8 +33,7 @@ class PrefillWorker(EngineWorker):
     ):
         super().__init__(instance_id, engine_config)
         transfer = transfer or TransferSettings()
-        self.agent = NixlKVAgent(instance_id, self.llm.runner.kv_cache)
-        metrics = KVTransferMetrics("prefill", instance_id, registry=self.registry)
+        metrics = self._start_kv_transfer(registry)
         self.sender = KVSender(
             self.llm,
             self.agent,
@@ -44,7 +41,6 @@ class PrefillWorker(EngineWorker):
             grace_s=transfer.grace_s,
             metrics=metrics,
         )
-        self.kv_registry = _registry(registry)
         if self.kv_registry is not None:
             self.kv_registry.publish(self.sender.info())
         self._every(_POLL_INTERVAL_S, self._poll_notifications)
@@ -116,12 +112,3 @@ class PrefillWorker(EngineWorker):
             except Exception:  # noqa: BLE001 - the registry may be gone first at teardown
                 pass
         self.agent.close()
-
-
-def _registry(registry):
-    """ "ray": this Ray cluster's registry actor (made here: a client holds the ray module)."""
-    if registry == "ray":
-        from cluster.kv_transfer.registry import RayKVRegistry
-
-        return RayKVRegistry()
-    return registry
