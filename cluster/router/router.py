@@ -395,10 +395,11 @@ class _Run:
                     chunks = self._recompute(lost)
                 else:
                     chunks = self._disaggregated(lost)
-                async for chunk in chunks:
-                    yield chunk
-                    if chunk.finished:
-                        return
+                async with contextlib.aclosing(chunks):  # closed now, not when collected
+                    async for chunk in chunks:
+                        yield chunk
+                        if chunk.finished:
+                            return
                 raise _Recoverable("the instance's stream ended without a final chunk")
             except RequestAborted:
                 if self.live.aborted:  # Abort(): end the stream cleanly, vLLM-style
