@@ -390,9 +390,9 @@ class _Run:
         for attempt in range(router.settings.max_attempts):
             try:
                 if router.settings.mode == "colocated":
-                    chunks = self._colocated(lost)
+                    chunks = self._whole("colocated", lost)
                 elif recompute:
-                    chunks = self._recompute(lost)
+                    chunks = self._whole("decode", lost)
                 else:
                     chunks = self._disaggregated(lost)
                 async with contextlib.aclosing(chunks):  # closed now, not when collected
@@ -405,7 +405,7 @@ class _Run:
                 if self.live.aborted:  # Abort(): end the stream cleanly, vLLM-style
                     yield self._final_abort()
                     return
-                raise _failed("the request was aborted on an instance") from None
+                raise RequestFailed("the request was aborted on an instance") from None
             except _Recoverable as e:
                 if self.live.aborted:
                     yield self._final_abort()
@@ -436,14 +436,10 @@ class _Run:
             params = dataclasses.replace(params, max_tokens=params.max_tokens - len(self.emitted))
         return self.prompt_ids + self.emitted, params
 
-    async def _colocated(self, lost: set[str]) -> AsyncIterator[StreamChunk]:
-        instance = await self.router.pick("colocated", lost)
-        prompt, params = self._continuation()
-        async for chunk in self._follow(instance, "generate", prompt, params, lost):
-            yield chunk
-
-    async def _recompute(self, lost: set[str]) -> AsyncIterator[StreamChunk]:
-        instance = await self.router.pick("decode", lost)
+    async def _whole(self, role: str, lost: set[str]) -> AsyncIterator[StreamChunk]:
+        """Prompt and output on one instance of `role` (colocated, or a decode instance
+        recomputing what was lost)."""
+        instance = await self.router.pick(role, lost)
         prompt, params = self._continuation()
         async for chunk in self._follow(instance, "generate", prompt, params, lost):
             yield chunk
@@ -514,7 +510,7 @@ class _Run:
                     raise _Recoverable(f"KV transfer failed: {type(e).__name__}: {e}") from e
                 except (ValueError, TypeError) as e:
                     if got_any:
-                        raise _failed(f"instance error: {e}") from e
+                        raise RequestFailed(f"instance error: {e}") from e
                     raise InvalidRequest(str(e)) from None
                 if chunk is None:
                     return
@@ -570,7 +566,3 @@ class _Run:
         out = StreamChunk(self.live.request_id, [], "", finished=True, finish_reason="abort")
         self._finish(out)
         return out
-
-
-def _failed(message: str) -> RequestFailed:
-    return RequestFailed(message)
