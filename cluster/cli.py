@@ -6,6 +6,7 @@ cluster model init-tiny DIR          write the deterministic tiny default model
 cluster bench engine [--json]        engine throughput against transformers
 cluster bench transfer [--json]      NIXL KV pull bandwidth against memcpy
 cluster bench router [--json]        serving overhead per request/token; TTFT P/D vs colocated
+cluster bench placement [--json]     planning time, planned goodput P/D vs colocated, fit error
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_transfer_bench(transfer_bench)
     router_bench = bench.add_parser("router", help="serving overhead and TTFT, P/D vs colocated")
     _add_router_bench(router_bench)
+    placement_bench = bench.add_parser("placement", help="planner: time, plans, fitted error")
+    _add_placement_bench(placement_bench)
     return parser
 
 
@@ -189,6 +192,13 @@ def _add_router_bench(parser: argparse.ArgumentParser) -> None:
 
     router_bench.add_arguments(parser)
     parser.set_defaults(func=lambda args: router_bench.run(args) and 0)
+
+
+def _add_placement_bench(parser: argparse.ArgumentParser) -> None:
+    from cluster.bench import placement_bench
+
+    placement_bench.add_arguments(parser)
+    parser.set_defaults(func=lambda args: placement_bench.run(args) and 0)
 
 
 def _add_engine_bench(parser: argparse.ArgumentParser) -> None:

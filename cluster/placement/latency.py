@@ -6,8 +6,9 @@ stays fast:
     decode_time(batch_size=B, context_sum=Σctx)             one token for each running request
     mixed_time(chunk_tokens, chunk_pairs, B, Σctx)          decodes + prefill chunks in one step
 
-AnalyticLatency predicts any (TP, PP) on any catalog hardware from FLOPs and bytes (a roofline
-per pipeline stage, ring all-reduce for TP, one activation hop per stage boundary).
+AnalyticLatency predicts any (TP, PP) on any catalog hardware from FLOPs and bytes (per
+pipeline stage a roofline for the GEMMs and one for attention, ring all-reduce for TP, one
+activation hop per stage boundary).
 FittedLatency uses DistServe's forms fitted to a measured profile (`placement profile`):
 prefill a + b·Σl + c·Σl² (+ d·n: our engine pays a per-prompt cost, attention runs once per
 prompt and layer, that DistServe's form misses), decode a + b·Σctx + c·B; other (TP, PP)
@@ -66,10 +67,12 @@ class AnalyticLatency:
         return self.tp * self.pp
 
     def _time(self, tokens: float, pairs: float, kv_tokens: float) -> float:
-        """pp stage passes (roofline of a stage's FLOPs and bytes + its all-reduces) and the
-        hops between stages. Decode callers pass per-micro-batch figures."""
+        """pp stage passes (rooflines of a stage's GEMMs and attention + its all-reduces) and
+        the hops between stages. Decode callers pass per-micro-batch figures."""
         flop_tok, flop_pair, weights, kv, ar_tok, ar_const, hop_tok, const = self._c
-        stage = max(flop_tok * tokens + flop_pair * pairs, weights + kv * kv_tokens)
+        # GEMMs (compute against streaming the weights) and attention (compute against
+        # streaming the KV) are separate kernels: each is its own roofline, and they add up.
+        stage = max(flop_tok * tokens, weights) + max(flop_pair * pairs, kv * kv_tokens)
         stage += ar_tok * tokens + ar_const
         return self.pp * stage + hop_tok * tokens + const
 
