@@ -118,7 +118,10 @@ def render_table(plan: Plan) -> str:
             f"{entry['goodput_rps']:9.3f} {entry['goodput_per_gpu']:8.3f} "
             f"{entry['cost_per_hour']:8.2f}"
         )
-    if plan.colocated_baseline and plan.colocated_baseline["goodput_per_gpu"] > 0:
+    rate = plan.predicted.get("target_rate")
+    if rate is not None:
+        lines.append(f"\nall plans meet {rate:g} req/s; compare their GPUs and $/h")
+    elif plan.colocated_baseline and plan.colocated_baseline["goodput_per_gpu"] > 0:
         ratio = plan.predicted["goodput_per_gpu"] / plan.colocated_baseline["goodput_per_gpu"]
         lines.append(f"\ndisaggregated / colocated goodput per GPU: {ratio:.2f}x")
     lines.append("goodput in requests/s; aff: high = pools anywhere, low = stages share nodes")
