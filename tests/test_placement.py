@@ -362,3 +362,18 @@ def test_cluster_serve_reads_the_plan(plan_file, tmp_path):
     apply_plan(config, load_plan(str(path)))
     assert config.mode == "disaggregated"
     assert config.prefill.num_instances == config.decode.num_instances == 2
+
+
+def test_bench_placement_quick_schema(capsys):
+    from cluster.cli import main as cluster_main
+
+    assert cluster_main(["bench", "placement", "--quick", "--nodes", "1", "--num-requests",
+                         "300", "--json"]) == 0  # fmt: skip
+    result = json.loads(capsys.readouterr().out)
+    (row,) = result["plans"]
+    assert row["planning_s"] > 0 and row["num_simulations"] > 0
+    assert row["disaggregated"]["goodput_per_gpu"] > 0 and row["colocated"]["goodput_per_gpu"] > 0
+    assert row["ratio"] == pytest.approx(
+        row["disaggregated"]["goodput_per_gpu"] / row["colocated"]["goodput_per_gpu"]
+    )
+    assert result["simulator"]["num_requests"] == 10_000 and result["fitted_model"] is None

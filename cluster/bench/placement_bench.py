@@ -16,7 +16,7 @@ from cluster.bench.common import report
 from cluster.placement.hardware import load_catalog
 from cluster.placement.instance import LatencySource, ParallelConfig, instance_spec
 from cluster.placement.model_spec import PRESETS
-from cluster.placement.report import build_plan
+from cluster.placement.report import build_plan, describe_pools
 from cluster.placement.search import SLO, ClusterSpec, Planner, Settings
 from cluster.placement.simulator import Requests, simulate_colocated, simulate_disaggregated
 from cluster.placement.workload import WORKLOADS, unit_arrivals
@@ -112,14 +112,6 @@ def run(args) -> dict:
     return result
 
 
-def _pools(entry: dict) -> str:
-    return " + ".join(
-        f"{p['num_instances']}x{p['role'][0].upper()} "
-        f"TP{p['tensor_parallel_size']}PP{p['pipeline_parallel_size']}"
-        for p in entry["pools"]
-    )
-
-
 def _slo(row: dict) -> str:
     return f"{row['ttft_s'] * 1e3:g}/{row['tpot_s'] * 1e3:g} ms"
 
@@ -127,13 +119,16 @@ def _slo(row: dict) -> str:
 def table(result: dict) -> str:
     lines = [
         f"{result['model']} on {result['cluster']}",
-        f"{'workload, TTFT/TPOT':28s} {'plan (s)':>8s} {'disaggregated plan':40s} {'per GPU':>8s} "
+        f"{'workload, TTFT/TPOT':28s} {'plan (s)':>8s} {'disaggregated plan':66s} {'per GPU':>8s} "
         f"{'colocated':28s} {'per GPU':>8s} {'ratio':>6s}",
     ]
     for row in result["plans"]:
-        coloc, pools = row["colocated"], f"{_pools(row['disaggregated'])} ({row['affinity']})"
+        coloc, pools = (
+            row["colocated"],
+            f"{describe_pools(row['disaggregated'])} ({row['affinity']})",
+        )
         lines.append(
-            f"{row['workload'] + ' ' + _slo(row):28s} {row['planning_s']:8.2f} {pools:40s} "
+            f"{row['workload'] + ' ' + _slo(row):28s} {row['planning_s']:8.2f} {pools:66s} "
             f"{row['disaggregated']['goodput_per_gpu']:8.3f} {coloc['pools'][:28]:28s} "
             f"{coloc['goodput_per_gpu']:8.3f} {row['ratio']:6.2f}"
         )

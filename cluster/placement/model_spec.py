@@ -107,37 +107,23 @@ class ModelSpec:
         name = name or cfg.get("_name_or_path") or cfg.get("model_type", "model")
         dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16")
         dtype = dtype if dtype in _DTYPE_BYTES else "bfloat16"
-        if cfg.get("model_type") == "opt":
-            heads = cfg["num_attention_heads"]
-            return cls(
-                name=name,
-                num_layers=cfg["num_hidden_layers"],
-                hidden_size=cfg["hidden_size"],
-                num_heads=heads,
-                num_kv_heads=heads,
-                head_dim=cfg["hidden_size"] // heads,
-                intermediate_size=cfg["ffn_dim"],
-                vocab_size=cfg["vocab_size"],
-                max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-                gated_mlp=False,
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
-                learned_positions=True,
-                dtype="float16" if dtype == "float32" else dtype,
-            )
+        opt = cfg.get("model_type") == "opt"  # MHA, two-matrix MLP, learned positions
         try:
-            heads = cfg["num_attention_heads"]
+            heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
             return cls(
                 name=name,
                 num_layers=cfg["num_hidden_layers"],
-                hidden_size=cfg["hidden_size"],
+                hidden_size=hidden,
                 num_heads=heads,
-                num_kv_heads=cfg.get("num_key_value_heads") or heads,
-                head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-                intermediate_size=cfg["intermediate_size"],
+                num_kv_heads=heads if opt else cfg.get("num_key_value_heads") or heads,
+                head_dim=hidden // heads if opt else cfg.get("head_dim") or hidden // heads,
+                intermediate_size=cfg["ffn_dim" if opt else "intermediate_size"],
                 vocab_size=cfg["vocab_size"],
-                max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                dtype=dtype,
+                max_position_embeddings=cfg.get("max_position_embeddings", 2048 if opt else 4096),
+                gated_mlp=not opt,
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", opt)),
+                learned_positions=opt,
+                dtype="float16" if opt and dtype == "float32" else dtype,
             )
         except KeyError as e:
             raise ValueError(f"config of {name} has no {e.args[0]!r}: not a decoder config") from e
