@@ -7,6 +7,8 @@ cluster bench engine [--json]        engine throughput against transformers
 cluster bench transfer [--json]      NIXL KV pull bandwidth against memcpy
 cluster bench router [--json]        serving overhead per request/token; TTFT P/D vs colocated
 cluster bench placement [--json]     planning time, planned goodput P/D vs colocated, fit error
+cluster bench serve --ttft S --tpot S  SLO attainment vs rate, goodput per GPU, HTML report
+cluster bench compare --ttft S ...   the same, disaggregated against colocated, one report
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_router_bench(router_bench)
     placement_bench = bench.add_parser("placement", help="planner: time, plans, fitted error")
     _add_placement_bench(placement_bench)
+    serve_bench = bench.add_parser("serve", help="goodput: SLO attainment against rate")
+    compare_bench = bench.add_parser("compare", help="goodput, disaggregated vs colocated")
+    _add_serve_bench(serve_bench, compare_bench)
     return parser
 
 
@@ -192,6 +197,15 @@ def _add_router_bench(parser: argparse.ArgumentParser) -> None:
 
     router_bench.add_arguments(parser)
     parser.set_defaults(func=lambda args: router_bench.run(args) and 0)
+
+
+def _add_serve_bench(serve: argparse.ArgumentParser, compare: argparse.ArgumentParser) -> None:
+    from cluster.bench import serve_bench
+
+    serve_bench.add_serve_arguments(serve)
+    serve.set_defaults(func=serve_bench.run, command="serve")
+    serve_bench.add_compare_arguments(compare)
+    compare.set_defaults(func=serve_bench.run, command="compare")
 
 
 def _add_placement_bench(parser: argparse.ArgumentParser) -> None:

@@ -16,19 +16,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import re
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 from cluster.bench.common import int_list, report, resolve
+from cluster.bench.local_cluster import LocalCluster
 
 DEFAULTS = {"requests": 200, "output_len": 32, "prompt_lens": (16, 256, 1024), "ttft_requests": 20}
 QUICK = {"requests": 10, "output_len": 4, "prompt_lens": (16,), "ttft_requests": 3}
@@ -54,13 +48,13 @@ def run(args: argparse.Namespace) -> dict:
         tiny = _tiny_model()
         overhead = {"engine": _engine_baseline(tiny, opt)}
         for mode in ("colocated", "disaggregated"):
-            with _Server(Path(tmp), tiny, mode, "noop") as server:
+            with _server(tiny, mode, "noop") as server:
                 overhead[mode] = _cluster_run(server.target, opt, [5, 6, 7, 8])
         ttft = []
         if not args.skip_ttft:
             model = args.model or _bench_model(Path(tmp), quick=args.quick)
             for mode in ("colocated", "disaggregated"):
-                with _Server(Path(tmp), model, mode, "model") as server:
+                with _server(model, mode, "model") as server:
                     for n in opt["prompt_lens"]:
                         prompt = [3 + (i * 7) % 500 for i in range(n)]
                         point = _cluster_run(
@@ -222,44 +216,6 @@ def _bench_model(tmp: Path, quick: bool) -> str:
     return str(write_checkpoint(tmp / "bench-model", shape, seed=0))
 
 
-class _Server:
-    """`cluster serve` in a child process on free ports, for the length of a with-block."""
-
-    def __init__(self, tmp: Path, model: str, mode: str, runner: str):
-        self.config = tmp / f"{mode}-{runner}.yaml"
-        self.config.write_text(
-            yaml.safe_dump(
-                {
-                    "model": model,
-                    "mode": mode,
-                    "engine": {"model_runner": runner, "num_blocks": _NUM_BLOCKS},
-                    "grpc": {"host": "127.0.0.1", "port": 0},
-                    "http": {"host": "127.0.0.1", "port": 0},
-                }
-            )
-        )
-
-    def __enter__(self) -> _Server:
-        cli = Path(sys.executable).parent / "cluster"
-        env = {**os.environ, "RAY_ADDRESS": ""}
-        self.proc = subprocess.Popen(
-            [str(cli), "serve", "--config", str(self.config)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            env=env,
-        )
-        line = self.proc.stdout.readline()
-        match = re.search(r"gRPC ([\d.]+:\d+)", line)
-        if not match:
-            self.proc.kill()
-            raise RuntimeError(f"cluster serve did not start: {line!r}")
-        self.target = match.group(1)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+def _server(model: str, mode: str, runner: str) -> LocalCluster:
+    engine = {"model_runner": runner, "num_blocks": _NUM_BLOCKS}
+    return LocalCluster({"model": model, "mode": mode, "engine": engine})

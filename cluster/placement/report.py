@@ -146,7 +146,9 @@ def workload_of(plan: Plan) -> Workload | Trace:
         )
 
 
-def planner_for(plan: Plan, settings: Settings | None = None, source=None) -> Planner:
+def planner_for(
+    plan: Plan, settings: Settings | None = None, source=None, workload=None
+) -> Planner:
     nodes: dict[str, int] = {}
     for node in plan.placement:
         nodes[node["hardware"]] = nodes.get(node["hardware"], 0) + 1
@@ -154,7 +156,7 @@ def planner_for(plan: Plan, settings: Settings | None = None, source=None) -> Pl
         tuple((hw, max(1, nodes.get(name, 1))) for name, hw in plan.hardware.items())
     )
     slo = SLO(plan.slo["ttft_s"], plan.slo["tpot_s"], plan.slo.get("attainment", 0.9))
-    return Planner(plan.model, cluster, slo, workload_of(plan), settings, source)
+    return Planner(plan.model, cluster, slo, workload or workload_of(plan), settings, source)
 
 
 def candidate_of(plan: Plan) -> Candidate:

@@ -162,7 +162,7 @@ async def _sse_events(
             if event is not None:
                 yield _sse(event)
         if formatter.request.include_usage and last is not None and last.usage is not None:
-            yield _sse(formatter.usage_chunk(last.usage))
+            yield _sse(formatter.usage_chunk(last.usage, last.timing))
     except RouterError as exc:
         yield _sse(router_error_body(exc))
     except Exception as exc:

@@ -25,6 +25,7 @@ from cluster.router.types import (
     RequestFailed,
     RouterError,
     StreamChunk,
+    Timing,
     Usage,
 )
 
@@ -322,8 +323,14 @@ def model_list(served: ServedModel) -> dict[str, Any]:
         "root": served.name,
         "parent": None,
         "max_model_len": served.info.max_model_len,
+        "vocab_size": served.info.vocab_size,  # extension: lets load generators build prompts
     }
     return {"object": "list", "data": [card]}
+
+
+def timing_dict(timing: Timing) -> dict[str, Any]:
+    keys = ("queue_s", "prefill_s", "transfer_s", "first_decode_s", "ttft_s", "e2e_s")
+    return {key: getattr(timing, key) for key in keys}
 
 
 def usage_dict(usage: Usage) -> dict[str, Any]:
@@ -388,9 +395,11 @@ class ResponseFormatter:
             return None
         return self._envelope(self.chunk_object_name, [self._choice(chunk, delta=True)])
 
-    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
+    def usage_chunk(self, usage: Usage, timing: Timing | None = None) -> dict[str, Any]:
         envelope = self._envelope(self.chunk_object_name, [])
         envelope["usage"] = usage_dict(usage)
+        if timing is not None:  # extension: the server's TTFT breakdown (clients ignore it)
+            envelope["timing"] = timing_dict(timing)
         return envelope
 
     def response(self, chunks: list[StreamChunk]) -> dict[str, Any]:
