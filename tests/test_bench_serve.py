@@ -165,3 +165,18 @@ def test_target_refusing_is_a_clear_error(served, capsys):
     code = main(["bench", "serve", "--target", served.target, *args, "--rate", "1"])
     err = capsys.readouterr().err
     assert code == 2 and "UNAUTHENTICATED" in err and "Traceback" not in err
+
+
+def test_served_profile_fits_what_the_api_shows(served, tmp_path, capsys):
+    from cluster.placement.cli import main as placement_main
+
+    out = tmp_path / "served.json"
+    code = placement_main(["profile", "--target", served.target, "--api-key", "s3cret",
+                           "--quick", "--repeats", "1", "--output", str(out)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    profile = json.loads(out.read_text())
+    assert profile["served"] and profile["prefill"] and profile["decode"]
+    assert all(row["time_s"] > 0 for row in profile["prefill"] + profile["decode"])
+    # Served TTFT includes the handoff: above the bare engine's step for the same prompt.
+    assert min(row["time_s"] for row in profile["prefill"]) > 1e-3
+    assert len(profile["fit"]["prefill"]["coefficients"]) == 4

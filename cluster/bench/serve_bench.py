@@ -326,21 +326,32 @@ def _slo_scales(args, runs: list[dict]) -> list[dict] | None:
 
 
 def _prediction(args, bench: Benchmark, curve: list[dict]) -> list[dict] | None:
-    """The simulator's attainment for the plan at the measured rates (and a few more)."""
+    """The simulator's attainment at the measured rates (and a few around them) for the
+    deployment that was measured: its pools (one device per instance, this build) on the
+    plan's model and hardware, with the --profile latencies when given."""
     if not args.plan:
         return None
     from cluster.placement.cli import _source
     from cluster.placement.hardware import load_catalog
-    from cluster.placement.plan import Plan
+    from cluster.placement.plan import Plan, PoolPlan
     from cluster.placement.report import planner_for, simulate_plan
     from cluster.placement.search import Settings
 
     plan = Plan.load(args.plan)
+    hardware = plan.pools[0].hardware
+    counts: dict[str, int] = {}
+    for role, _ in bench.info["instances"]:
+        counts[role] = counts.get(role, 0) + 1
+    if not counts:
+        return None  # an OpenAI target does not say what it runs
+    # Our engine's step budget (SchedulerConfig.max_num_batched_tokens) bounds every batch.
+    roles = [r for r in ("prefill", "decode", "colocated") if r in counts]
+    plan.pools = [PoolPlan(role, hardware, 1, 1, counts[role], 2048, 0) for role in roles]
+    plan.mode = "colocated" if "colocated" in counts else "disaggregated"
     plan.slo = {"ttft_s": args.ttft, "tpot_s": args.tpot, "attainment": args.attainment}
     source = _source(argparse.Namespace(profile=args.profile), load_catalog())
-    planner = planner_for(
-        plan, Settings(num_requests=2000, seed=args.seed), source, workload=bench.workload
-    )
+    settings = Settings(num_requests=2000, seed=args.seed)
+    planner = planner_for(plan, settings, source, workload=bench.workload)
     rates = sorted({p["rate"] for p in curve})
     if rates:
         rates = sorted(set(rates) | set(np.geomspace(rates[0] / 2, rates[-1] * 1.5, 8).tolist()))

@@ -361,6 +361,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         metavar="NAME",
         help="catalog name of this device (default: CPU on cpu, guessed from the GPU's name)",
     )
+    parser.add_argument(
+        "--target",
+        metavar="HOST:PORT",
+        help="profile a served deployment over gRPC instead (serving overheads included)",
+    )
+    parser.add_argument("--api-key", default=None, help="with --target: the server's key")
     parser.add_argument("--quick", action="store_true", help="a small grid: seconds, not a minute")
     parser.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per shape")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
@@ -386,13 +392,20 @@ def run(args: argparse.Namespace) -> int:
         return 2
     start = time.perf_counter()
     try:
-        profile = profile_engine(
-            args.model, args.device, args.hardware, args.quick, args.repeats, args.seed
-        )
+        if args.target:
+            from cluster.bench.served_profile import profile_served
+
+            hardware = resolve_hardware(args.hardware, "cpu")
+            profile = profile_served(args.target, args.model, hardware, args.api_key,
+                                     args.quick, args.repeats, args.seed)  # fmt: skip
+        else:
+            profile = profile_engine(
+                args.model, args.device, args.hardware, args.quick, args.repeats, args.seed
+            )
         with output.open("w") as f:
             json.dump(profile, f, indent=1)
             f.write("\n")
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     summary = summarize(profile, time.perf_counter() - start) + f"\nwrote {output}"

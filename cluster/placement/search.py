@@ -185,6 +185,10 @@ class Planner:
             # A trace keeps its own arrival pattern, scaled to rate 1 (then to any rate).
             return Requests(t.arrival_s * t.rate, t.input_lens, t.output_lens)
         inputs, outputs = self.workload.sample(n, seed=s.seed)
+        # Requests must fit the model's context, as the load generator clips them.
+        context = self.model.max_position_embeddings
+        outputs = np.minimum(outputs, context - 1)
+        inputs = np.minimum(inputs, context - outputs)
         return Requests(unit_arrivals(n, s.arrival, s.arrival_cv, s.seed), inputs, outputs)
 
     # --- shapes ------------------------------------------------------------------------------
