@@ -276,7 +276,7 @@ def assemble(bench: Benchmark, target: str, num_gpus: int, mode: str) -> dict:
     a, runs = bench.args, bench.runs
     curve = attainment_curve(runs)
     goodput = goodput_from_curve(curve, a.attainment)
-    passing = [r for r in runs if r["request_rate"] <= goodput and goodput > 0]
+    passing = [r for r in runs if goodput > 0 and r["request_rate"] <= goodput * (1 + 1e-6)]
     representative = max(passing, key=lambda r: r["request_rate"]) if passing else runs[0]
     result = {k: representative[k] for k in VLLM_KEYS}
     result.update(
