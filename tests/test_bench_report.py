@@ -496,3 +496,16 @@ def test_chromium_renders_the_report(kind: str, tmp_path: Path) -> None:
     signed = rgb.astype(np.int16)
     counts = {c: _pixels_near(signed, c) for c in expected}
     assert min(counts.values()) > 120, counts  # measured: 180 (dashed SLO line) to 20,000
+
+
+def test_slo_scale_goodputs_are_in_the_summary():
+    result = {
+        "mode": "disaggregated", "model_id": "m", "slo": {"ttft_s": 0.2, "tpot_s": 0.02},
+        "runs": [], "goodput_rps": 3.0, "goodput_per_gpu": 1.5, "num_gpus": 2,
+        "slo_scale": [{"scale": 0.5, "goodput_rps": 1.25}, {"scale": 2.0, "goodput_rps": 6.5}],
+    }  # fmt: skip
+    _, rows = html_report.summary_table(result)
+    labels = {row[0]: row[1] for row in rows}
+    assert labels["Goodput at 0.5x SLOs (req/s)"] == "1.25"
+    assert labels["Goodput at 2x SLOs (req/s)"] == "6.50"
+    assert "Goodput at 2x SLOs" in html_report.render_html(result)

@@ -677,6 +677,7 @@ def summary_table(result: dict) -> tuple[list[str], list[list[str]]]:
         ["Rates measured", *(str(len(_runs_by_rate(s))) for _, s in deps)],
         ["Best attainment", *(_pct(_best_attainment(s)) for _, s in deps)],
     ]
+    rows += _slo_scale_rows(deps)
     if result.get("compare"):
         names = " ÷ ".join(name for name, _ in deps)
         rows.append(
@@ -684,6 +685,20 @@ def summary_table(result: dict) -> tuple[list[str], list[list[str]]]:
             + [""] * (len(deps) - 1)
         )
     return header, rows
+
+
+def _slo_scale_rows(deps: list[tuple[str, dict]]) -> list[list[str]]:
+    """Goodput at each --slo-scale multiple of the SLOs (the same runs, rescored)."""
+    scales: dict[float, dict[str, object]] = {}
+    for name, serve in deps:
+        for entry in _list(serve.get("slo_scale")):
+            scale = _num(_dict(entry).get("scale"))
+            if scale is not None:
+                scales.setdefault(scale, {})[name] = _dict(entry).get("goodput_rps")
+    return [
+        [f"Goodput at {scale:g}x SLOs (req/s)", *(_fmt(by.get(name)) for name, _ in deps)]
+        for scale, by in sorted(scales.items())
+    ]
 
 
 RUN_COLUMNS = ["Rate (req/s)", "Completed / failed", "Attainment", "TTFT att.", "TPOT att.",
