@@ -62,8 +62,11 @@ class DeploymentConfig:
     http: dict[str, Any] = field(default_factory=lambda: {"host": "127.0.0.1", "port": 8000})
     api_key: str | None = None
     ray_address: str | None = None
+    drain_timeout_s: float = 30.0  # on SIGTERM/SIGINT: finish in-flight requests this long
 
     def __post_init__(self) -> None:
+        if not isinstance(self.drain_timeout_s, int | float) or self.drain_timeout_s < 0:
+            raise ValueError(f"drain_timeout_s must be >= 0 seconds, got {self.drain_timeout_s!r}")
         if self.mode not in ("disaggregated", "colocated"):
             raise ValueError(f"mode must be disaggregated or colocated, got {self.mode!r}")
         _check_engine_keys(self.engine)

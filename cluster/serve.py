@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--failure-policy", choices=["fail", "recompute", "retry"], help="default policy"
     )
+    parser.add_argument(
+        "--drain-timeout", type=float, help="on SIGTERM: seconds to finish in-flight requests"
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> DeploymentConfig:
@@ -70,6 +73,8 @@ def config_from_args(args: argparse.Namespace) -> DeploymentConfig:
         config.api_key = args.api_key
     if args.failure_policy:
         config.router["failure_policy"] = args.failure_policy
+    if args.drain_timeout is not None:
+        config.drain_timeout_s = args.drain_timeout
     config.__post_init__()  # re-check after the overrides
     return config
 
@@ -115,11 +120,6 @@ async def serve(config: DeploymentConfig, ready: asyncio.Event | None = None) ->
     from cluster.router.grpc_server import start_grpc_server
     from cluster.router.http_server import start_http_server, stop_http_server
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
     if not ray.is_initialized():
         ray.init(
             address=config.ray_address,
@@ -127,6 +127,13 @@ async def serve(config: DeploymentConfig, ready: asyncio.Event | None = None) ->
             log_to_driver=False,
             configure_logging=False,
         )
+    # After ray.init: it installs its own SIGTERM handler (exit at once), and Kubernetes
+    # stops pods with SIGTERM, which must drain instead.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
     router = await start_ray(config)
     try:
         grpc_server, grpc_port = await start_grpc_server(
@@ -152,7 +159,10 @@ async def serve(config: DeploymentConfig, ready: asyncio.Event | None = None) ->
     try:
         await stop.wait()
     finally:
-        print("pd-cluster: stopping", file=sys.stderr, flush=True)
+        print(f"pd-cluster: draining (up to {config.drain_timeout_s:g} s)", file=sys.stderr,
+              flush=True)  # fmt: skip
+        left = await router.drain(config.drain_timeout_s)
+        print(f"pd-cluster: stopping ({left} requests cut)", file=sys.stderr, flush=True)
         await grpc_server.stop(grace=2.0)
         await stop_http_server(http_server, http_task)
         await router.shutdown()

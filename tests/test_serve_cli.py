@@ -1,5 +1,6 @@
 """`cluster serve` as a user runs it: a process that starts Ray, the pools and both APIs, says
-where it listens, serves `cluster generate` and the HTTP API, and stops cleanly on SIGINT."""
+where it listens, serves `cluster generate` and the HTTP API, drains on SIGTERM (refuses new
+requests, finishes the ones in flight) and stops cleanly."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -55,9 +57,37 @@ def test_serve_generate_and_stop(tiny_model_dir, tmp_path):
         )
         with urllib.request.urlopen(request, timeout=30) as response:
             assert json.load(response)["data"][0]["id"] == tiny_model_dir.name
+        _check_drain(server, http_port, tiny_model_dir.name)
     finally:
         server.send_signal(signal.SIGINT)
         start = time.monotonic()
         code = server.wait(timeout=60)
     assert code == 0
     assert time.monotonic() - start < 60
+
+
+def _post(http_port: str, body: dict):
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{http_port}/v1/completions",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": "Bearer k3y", "Content-Type": "application/json"},
+    )
+    return urllib.request.urlopen(request, timeout=60)
+
+
+def _check_drain(server: subprocess.Popen, http_port: str, model: str) -> None:
+    """SIGTERM while a request streams: the stream completes, a new request gets 503, and
+    the process exits 0 once nothing is in flight."""
+    body = {"model": model, "prompt": [5, 6, 7], "max_tokens": 400, "stream": True}
+    body.update(ignore_eos=True, stream_options={"include_usage": True})
+    stream = _post(http_port, body)
+    assert stream.readline().startswith(b"data:")  # the request is in flight
+    server.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        _post(http_port, {"model": model, "prompt": [5], "max_tokens": 2})
+    assert refused.value.code == 503 and b"draining" in refused.value.read()
+    events = [line for line in stream.read().splitlines() if line.startswith(b"data: {")]
+    usage = json.loads(events[-1][6:])["usage"]
+    assert usage["completion_tokens"] == 400
+    assert server.wait(timeout=60) == 0

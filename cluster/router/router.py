@@ -145,6 +145,7 @@ class Router:
         self._attempt_ids = itertools.count()
         self._background: set[asyncio.Task] = set()
         self._poller = asyncio.ensure_future(self._poll_loads())
+        self._draining = False
 
     # -- construction -----------------------------------------------------------------------
 
@@ -169,12 +170,26 @@ class Router:
     # -- public API -------------------------------------------------------------------------
 
     def is_ready(self) -> bool:
+        if self._draining:
+            return False
         return all(any(i.healthy for i in self._pool(role)) for role in self._roles)
+
+    async def drain(self, timeout_s: float) -> int:
+        """Stop admitting (new requests get UNAVAILABLE / 503, readiness goes false) and wait
+        up to timeout_s for the requests in flight to finish. Returns how many were still
+        running at the deadline; the caller's shutdown then ends them with an error."""
+        self._draining = True
+        deadline = time.monotonic() + timeout_s
+        while self._live and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return len(self._live)
 
     async def generate(self, inp: GenerateInput) -> AsyncIterator[StreamChunk]:
         """Stream a request's output. Raises InvalidRequest / Overloaded before the first
         chunk, Unavailable or RequestFailed when no instance can serve it."""
         arrival = time.monotonic()
+        if self._draining:
+            raise Unavailable("this server is draining (shutting down): send it elsewhere")
         prompt_ids, policy = self._validate(inp)
         request_id = inp.request_id or uuid.uuid4().hex
         if request_id in self._live:
