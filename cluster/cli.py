@@ -9,6 +9,7 @@ cluster bench router [--json]        serving overhead per request/token; TTFT P/
 cluster bench placement [--json]     planning time, planned goodput P/D vs colocated, fit error
 cluster bench serve --ttft S --tpot S  SLO attainment vs rate, goodput per GPU, HTML report
 cluster bench compare --ttft S ...   the same, disaggregated against colocated, one report
+cluster deploy kuberay --plan PLAN   the KubeRay RayService (+ PodMonitor) that runs a plan
 """
 
 from __future__ import annotations
@@ -70,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve_bench = bench.add_parser("serve", help="goodput: SLO attainment against rate")
     compare_bench = bench.add_parser("compare", help="goodput, disaggregated vs colocated")
     _add_serve_bench(serve_bench, compare_bench)
+
+    deploy = sub.add_parser("deploy", help="deployment manifests").add_subparsers(metavar="TARGET")
+    kuberay = deploy.add_parser("kuberay", help="a KubeRay RayService for a placement plan")
+    _add_kuberay(kuberay)
     return parser
 
 
@@ -197,6 +202,13 @@ def _add_router_bench(parser: argparse.ArgumentParser) -> None:
 
     router_bench.add_arguments(parser)
     parser.set_defaults(func=lambda args: router_bench.run(args) and 0)
+
+
+def _add_kuberay(parser: argparse.ArgumentParser) -> None:
+    from cluster.deploy import kuberay
+
+    kuberay.add_arguments(parser)
+    parser.set_defaults(func=kuberay.run)
 
 
 def _add_serve_bench(serve: argparse.ArgumentParser, compare: argparse.ArgumentParser) -> None:

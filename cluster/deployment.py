@@ -38,6 +38,9 @@ class PoolSpec:
     engine: dict[str, Any] = field(default_factory=dict)  # overrides of the shared engine
     num_cpus: float = 0.0  # Ray resources per instance
     num_gpus: float | None = None  # None: 1 when the engine's device is cuda, else 0
+    # Custom Ray resources per instance: pins a pool to nodes that advertise them (the
+    # KubeRay generator gives each GPU type's worker group one, e.g. {"pdc-A100-80GB": 1}).
+    resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.num_instances, bool) or not isinstance(self.num_instances, int):
@@ -205,6 +208,7 @@ async def start_ray(config: DeploymentConfig, settings=None, ready_timeout_s: fl
                 namespace=RAY_NAMESPACE,
                 num_cpus=pool.num_cpus,
                 num_gpus=num_gpus,
+                resources=dict(pool.resources),
                 max_restarts=-1,
                 max_task_retries=0,
             ).remote(*_worker_args(config, role, instance_id, "ray"))

@@ -3,8 +3,9 @@ cluster/api/pdcluster/v1/*_pb2{.py,.pyi,_grpc.py}.
 
 The stubs are checked in, so that installing the package needs no protoc; a test regenerates
 them and compares bytes, so grpcio-tools is pinned. protoc writes imports relative to the
-proto root (``from pdcluster.v1 import ...``); they are rewritten to ``cluster.api.pdcluster``
-so the package imports without touching sys.path.
+proto root (``from pdcluster.v1 import ...``); they, and the module name the message classes
+report, are rewritten to ``cluster.api.pdcluster`` so the package imports (and its messages
+pickle) without touching sys.path.
 
     python -m cluster.api.generate
 """
@@ -23,6 +24,9 @@ PROTO_ROOT = REPO_ROOT / "proto"
 API_DIR = Path(__file__).resolve().parent  # the stubs live under API_DIR / "pdcluster"
 PACKAGE = "cluster.api"
 _IMPORT = re.compile(rb"^from (pdcluster(?:\.\w+)*) import ", re.MULTILINE)
+# The module name the message classes report (their __module__): must be importable, or the
+# classes do not pickle (Ray Serve pickles requests between its gRPC proxy and the replica).
+_MODULE = re.compile(rb"BuildTopDescriptorsAndMessages\(DESCRIPTOR, '(pdcluster(?:\.\w+)*)'")
 
 
 def generate(out_dir: Path = API_DIR) -> list[Path]:
@@ -51,7 +55,11 @@ def _install(tmp: Path, out_dir: Path) -> list[Path]:
         rel = src.relative_to(tmp)
         dest = out_dir / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(_IMPORT.sub(rb"from %s.\1 import " % PACKAGE.encode(), src.read_bytes()))
+        text = _IMPORT.sub(rb"from %s.\1 import " % PACKAGE.encode(), src.read_bytes())
+        text = _MODULE.sub(
+            rb"BuildTopDescriptorsAndMessages(DESCRIPTOR, '%s.\1'" % PACKAGE.encode(), text
+        )
+        dest.write_bytes(text)
         written.add(dest)
         for package in rel.parents[:-1]:  # pdcluster/v1, pdcluster
             init = out_dir / package / "__init__.py"

@@ -34,6 +34,7 @@ class Hardware:
     memory_efficiency: float = 0.8
     step_overhead_s: float = 0.002  # scheduling, launches and sampling per engine step
     link_latency_s: float = 10e-6  # one collective or one point-to-point hop
+    gpu_product: str = ""  # Kubernetes node label nvidia.com/gpu.product of this type
 
     def __post_init__(self) -> None:
         for key in ("peak_flops", "mem_bandwidth", "memory_bytes", "intra_node_bandwidth",
@@ -64,6 +65,7 @@ class Hardware:
                 memory_efficiency=float(entry.get("memory_efficiency", 0.8)),
                 step_overhead_s=float(entry.get("step_overhead_ms", 2.0)) / 1e3,
                 link_latency_s=float(entry.get("link_latency_us", 10.0)) / 1e6,
+                gpu_product=str(entry.get("gpu_product", "")),
             )
         except KeyError as e:
             raise ValueError(f"hardware {name}: missing {e.args[0]!r}") from e

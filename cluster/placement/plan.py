@@ -147,6 +147,7 @@ def _hardware_entry(hw: Hardware) -> dict[str, Any]:
         "price_per_hour": hw.price_per_hour, "power_w": hw.power_w,
         "compute_efficiency": hw.compute_efficiency, "memory_efficiency": hw.memory_efficiency,
         "step_overhead_ms": hw.step_overhead_s * 1e3, "link_latency_us": hw.link_latency_s * 1e6,
+        "gpu_product": hw.gpu_product,
     }  # fmt: skip
 
 
