@@ -7,6 +7,7 @@ cluster bench engine [--json]        engine throughput against transformers
 cluster bench transfer [--json]      NIXL KV pull bandwidth against memcpy
 cluster bench router [--json]        serving overhead per request/token; TTFT P/D vs colocated
 cluster bench placement [--json]     planning time, planned goodput P/D vs colocated, fit error
+cluster bench layerwise [--json]     KV pulled layer by layer during prefill vs after it
 cluster bench serve --ttft S --tpot S  SLO attainment vs rate, goodput per GPU, HTML report
 cluster bench compare --ttft S ...   the same, disaggregated against colocated, one report
 cluster deploy kuberay --plan PLAN   the KubeRay RayService (+ PodMonitor) that runs a plan
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_router_bench(router_bench)
     placement_bench = bench.add_parser("placement", help="planner: time, plans, fitted error")
     _add_placement_bench(placement_bench)
+    layerwise_bench = bench.add_parser("layerwise", help="KV pulled layer by layer vs whole")
+    _add_layerwise_bench(layerwise_bench)
     serve_bench = bench.add_parser("serve", help="goodput: SLO attainment against rate")
     compare_bench = bench.add_parser("compare", help="goodput, disaggregated vs colocated")
     _add_serve_bench(serve_bench, compare_bench)
@@ -218,6 +221,13 @@ def _add_serve_bench(serve: argparse.ArgumentParser, compare: argparse.ArgumentP
     serve.set_defaults(func=serve_bench.run, command="serve")
     serve_bench.add_compare_arguments(compare)
     compare.set_defaults(func=serve_bench.run, command="compare")
+
+
+def _add_layerwise_bench(parser: argparse.ArgumentParser) -> None:
+    from cluster.bench import layerwise_bench
+
+    layerwise_bench.add_arguments(parser)
+    parser.set_defaults(func=lambda args: layerwise_bench.run(args) and 0)
 
 
 def _add_placement_bench(parser: argparse.ArgumentParser) -> None:

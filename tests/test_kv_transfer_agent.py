@@ -36,7 +36,9 @@ class KVRank:
         self.agents = {}
         self.pools = {}
 
-    def open(self, name: str, block_size: int, dtype: str, seed: int | None) -> KVAgentInfo:
+    def open(
+        self, name: str, block_size: int, dtype: str, seed: int | None, layerwise: bool = False
+    ) -> KVAgentInfo:
         from cluster.kv_transfer.agent import NixlKVAgent
 
         kv_cache = torch.zeros(kv_shape(block_size), dtype=getattr(torch, dtype))
@@ -45,7 +47,7 @@ class KVRank:
                 torch.randn(kv_shape(block_size), generator=torch.Generator().manual_seed(seed))
             )
         self.pools[name] = kv_cache
-        self.agents[name] = NixlKVAgent(name, kv_cache)
+        self.agents[name] = NixlKVAgent(name, kv_cache, layerwise=layerwise)
         return self.agents[name].info()
 
     def close(self, name: str) -> None:
@@ -68,6 +70,17 @@ class KVRank:
         seconds = time.perf_counter() - start
         agent.release(handle)
         return handle.state, handle.num_descs, seconds
+
+    def pull_layers(self, name: str, remote_name: str, remote_ids, local_ids, layers):
+        agent = self.agents[name]
+        handle = agent.read_layers(remote_name, remote_ids, local_ids, layers, b"")
+        while agent.poll(handle) == "PROC":
+            pass
+        agent.release(handle)
+        return handle.state, handle.num_bytes
+
+    def notify(self, name: str, remote_name: str, message: bytes) -> None:
+        self.agents[name].send_notification(remote_name, message)
 
     def blocks(self, name: str) -> torch.Tensor:
         return self.pools[name].clone()
@@ -167,3 +180,34 @@ def test_bad_pulls_refuse_before_touching_nixl(ranks):
     with pytest.raises(ValueError, match="local block ids repeat"):
         ray.get(decode.pull.remote("bad-dst", "bad-src", [1, 2], [3, 3], b""))
     ray.get([prefill.close.remote("bad-src"), decode.close.remote("bad-dst")])
+
+
+def test_layerwise_pull_moves_only_the_asked_layers(ranks):
+    """Layer-wise streaming: each layer of scattered blocks arrives on its own READ, exact,
+    and nothing else is written; the holder can announce a ready layer to the puller."""
+    prefill, decode = ranks
+    src_info = ray.get(prefill.open.remote("prefill-lw", 16, "float32", seed=3, layerwise=True))
+    dst_info = ray.get(decode.open.remote("decode-lw", 16, "float32", seed=None, layerwise=True))
+    ray.get(decode.add_remote.remote("decode-lw", src_info))
+    ray.get(prefill.add_remote.remote("prefill-lw", dst_info))  # for the readiness messages
+    ray.get(prefill.notify.remote("prefill-lw", "decode-lw", b"layer 1 ready"))
+    assert ray.get(decode.wait_notifications.remote("decode-lw")) == [
+        ("prefill-lw", b"layer 1 ready")
+    ]
+    state, num_bytes = ray.get(
+        decode.pull_layers.remote("decode-lw", "prefill-lw", REMOTE_BLOCK_IDS, LOCAL_BLOCK_IDS, [1])
+    )
+    assert (
+        state == "DONE" and num_bytes == len(LOCAL_BLOCK_IDS) * 2 * 16 * NUM_KV_HEADS * HEAD_DIM * 4
+    )
+    src, dst = ray.get([prefill.blocks.remote("prefill-lw"), decode.blocks.remote("decode-lw")])
+    assert torch.equal(dst[LOCAL_BLOCK_IDS, 1], src[REMOTE_BLOCK_IDS, 1])
+    assert not dst[:, 0].any(), "layer 0 was not asked for"
+    ray.get(
+        decode.pull_layers.remote("decode-lw", "prefill-lw", REMOTE_BLOCK_IDS, LOCAL_BLOCK_IDS, [0])
+    )
+    dst = ray.get(decode.blocks.remote("decode-lw"))
+    assert torch.equal(as_bytes(dst[LOCAL_BLOCK_IDS]), as_bytes(src[REMOTE_BLOCK_IDS]))
+    with pytest.raises(ray.exceptions.RayTaskError, match="non-empty subset"):
+        ray.get(decode.pull_layers.remote("decode-lw", "prefill-lw", [1], [1], [NUM_LAYERS]))
+    ray.get([prefill.close.remote("prefill-lw"), decode.close.remote("decode-lw")])

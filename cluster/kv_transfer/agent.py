@@ -112,6 +112,7 @@ class NixlKVAgent:
         tp_rank: int = 0,
         tp_size: int = 1,
         progress_delay_us: int = 10_000,
+        layerwise: bool = False,
     ) -> None:
         self.name = name
         self.layout = KVLayout.from_tensor(kv_cache, tp_rank, tp_size)
@@ -129,6 +130,15 @@ class NixlKVAgent:
             "NIXL_INIT_AGENT", self.base_addr, self.num_blocks, self.device_id, self.mem_type
         )
         self._remote_dlists: dict[str, Any] = {}
+        # Layer-wise pulls (optional): one prepared descriptor per (block, layer), index
+        # block * num_layers + layer, so layer i of a request moves while later layers are
+        # still being computed (`cluster bench layerwise` measures whether that pays).
+        self.layerwise = layerwise
+        self._local_layer_dlist = (
+            self._prep_layers("NIXL_INIT_AGENT", self.base_addr, self.num_blocks,
+                              self.device_id, self.mem_type) if layerwise else None
+        )  # fmt: skip
+        self._remote_layer_dlists: dict[str, Any] = {}
         # Workers pull for several requests from several threads; NIXL calls go one at a time.
         self._lock = threading.RLock()
 
@@ -175,6 +185,10 @@ class NixlKVAgent:
         self._remote_dlists[name] = self._prep_blocks(
             name, info.base_addr, info.num_blocks, info.device_id, info.mem_type
         )
+        if self.layerwise:
+            self._remote_layer_dlists[name] = self._prep_layers(
+                name, info.base_addr, info.num_blocks, info.device_id, info.mem_type
+            )
         self._remotes[name] = info
         return name
 
@@ -185,15 +199,28 @@ class NixlKVAgent:
         except _NIXL_ERRORS as e:
             raise KVTransferError(f"cannot prepare block descriptors of {agent!r}: {e}") from e
 
+    def _prep_layers(self, agent: str, base: int, num_blocks: int, dev: int, mem: str) -> Any:
+        num_layers, layer_bytes = self.layout.num_layers, self.layout.layer_bytes
+        slices = np.arange(num_blocks * num_layers, dtype=np.uint64)
+        descs = np.empty((len(slices), 3), dtype=np.uint64)
+        descs[:, 0] = np.uint64(base) + slices * np.uint64(layer_bytes)
+        descs[:, 1] = layer_bytes
+        descs[:, 2] = dev
+        try:
+            return self._nixl.prep_xfer_dlist(agent, descs, mem)
+        except _NIXL_ERRORS as e:
+            raise KVTransferError(f"cannot prepare layer descriptors of {agent!r}: {e}") from e
+
     def remove_remote(self, remote_name: str) -> None:
         """Forget a remote (it died or left); NIXL disconnects from it."""
         with self._lock:
             self._remove_remote(remote_name)
 
     def _remove_remote(self, remote_name: str) -> None:
-        dlist = self._remote_dlists.pop(remote_name, None)
-        if dlist is not None:
-            self._nixl.release_dlist_handle(dlist)
+        for dlists in (self._remote_dlists, self._remote_layer_dlists):
+            dlist = dlists.pop(remote_name, None)
+            if dlist is not None:
+                self._nixl.release_dlist_handle(dlist)
         if self._remotes.pop(remote_name, None) is not None:
             self._nixl.remove_remote_agent(remote_name)
 
@@ -214,6 +241,47 @@ class NixlKVAgent:
         with self._lock:
             xfer, state = self._post(remote, src, dst, notif)
         return TransferHandle(remote_name, num_bytes, count_runs(src, dst), xfer, state)
+
+    def read_layers(
+        self,
+        remote_name: str,
+        remote_block_ids: Sequence[int],
+        local_block_ids: Sequence[int],
+        layers: Sequence[int],
+        notif: bytes,
+    ) -> TransferHandle:
+        """Like read_blocks, for only `layers` of each block (needs layerwise=True)."""
+        if not self.layerwise:
+            raise ValueError("this agent was built without layerwise=True")
+        remote = self._remote(remote_name)
+        self._check_pull(remote, remote_block_ids, local_block_ids)
+        num_layers = self.layout.num_layers
+        if not layers or not all(0 <= i < num_layers for i in layers):
+            raise ValueError(f"layers must be a non-empty subset of [0, {num_layers})")
+        lay = np.asarray(layers, dtype=np.int64)
+        src = (np.asarray(remote_block_ids)[:, None] * num_layers + lay).ravel().astype(np.int32)
+        dst = (np.asarray(local_block_ids)[:, None] * num_layers + lay).ravel().astype(np.int32)
+        num_bytes = len(dst) * self.layout.layer_bytes
+        with self._lock:
+            try:
+                xfer = self._nixl.make_prepped_xfer(
+                    "READ", self._local_layer_dlist, dst,
+                    self._remote_layer_dlists[remote_name], src, notif,
+                )  # fmt: skip
+                state = self._nixl.transfer(xfer)
+            except _NIXL_ERRORS as e:
+                raise KVTransferError(f"cannot READ from {remote_name!r}: {e!r}") from e
+        return TransferHandle(remote_name, num_bytes, count_runs(src, dst), xfer, state)
+
+    def send_notification(self, remote_name: str, message: bytes) -> None:
+        """A message to a remote agent we know (its get_notifications returns it): prefill
+        uses it to announce a layer is ready when pulling layer by layer."""
+        self._remote(remote_name)
+        with self._lock:
+            try:
+                self._nixl.send_notif(remote_name, message)
+            except _NIXL_ERRORS as e:
+                raise KVTransferError(f"cannot notify {remote_name!r}: {e!r}") from e
 
     def _remote(self, remote_name: str) -> KVAgentInfo:
         try:
@@ -277,5 +345,7 @@ class NixlKVAgent:
         for name in list(self._remotes):
             self._remove_remote(name)
         self._nixl.release_dlist_handle(self._local_dlist)
+        if self._local_layer_dlist is not None:
+            self._nixl.release_dlist_handle(self._local_layer_dlist)
         self._nixl.deregister_memory(self._reg_descs)
         self._nixl = None
