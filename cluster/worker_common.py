@@ -30,6 +30,9 @@ class TransferSettings:
     lease_s: float = 30.0  # how long prefill pins a request's blocks for its puller
     grace_s: float = 1.0  # extra time before an expired lease's blocks are reused
     deadline_s: float = 10.0  # a pull that takes longer fails (TransferTimeout)
+    # Pull each layer's KV as soon as the prefill has computed it (Splitwise), instead of
+    # the whole request after the prefill. Both pools must enable it.
+    layerwise: bool = False
 
 
 @dataclass(slots=True)
@@ -174,14 +177,14 @@ class EngineWorker:
 
     # -- for subclasses ---------------------------------------------------------------------
 
-    def _start_kv_transfer(self, registry):
+    def _start_kv_transfer(self, registry, layerwise: bool = False):
         """The NIXL agent over this engine's KV pool and the agent registry ("ray": this Ray
         cluster's registry actor, made here since a client holds the ray module); returns the
         transfer metrics, registered with this worker's."""
         from cluster.kv_transfer.agent import NixlKVAgent
         from cluster.kv_transfer.metrics import KVTransferMetrics
 
-        self.agent = NixlKVAgent(self.instance_id, self.llm.runner.kv_cache)
+        self.agent = NixlKVAgent(self.instance_id, self.llm.runner.kv_cache, layerwise=layerwise)
         if registry == "ray":
             from cluster.kv_transfer.registry import RayKVRegistry
 

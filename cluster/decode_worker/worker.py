@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import time
 from collections.abc import AsyncIterator
 
@@ -24,11 +25,14 @@ from cluster.kv_transfer.connector import (
     KVReceiver,
     PrefillUnavailable,
     RemoteTransferError,
+    TransferTimeout,
 )
+from cluster.kv_transfer.layerwise import LayerPuller
 from cluster.worker_common import Chunk, EngineWorker, TransferSettings, engine_timing
 
 _REAP_INTERVAL_S = 0.1  # READs NIXL could not cancel: retry releasing them
 _RENEW_TIMEOUT_S = 5.0
+_LAYER_POLL_INTERVAL_S = 0.0005  # announcements of finished layers (layer-wise pulls)
 
 
 class ColocatedWorker(EngineWorker):
@@ -68,11 +72,21 @@ class DecodeWorker(ColocatedWorker):
     ):
         super().__init__(instance_id, engine_config)
         self.transfer = transfer or TransferSettings()
-        metrics = self._start_kv_transfer(registry)
+        metrics = self._start_kv_transfer(registry, layerwise=self.transfer.layerwise)
         self.receiver = KVReceiver(self.llm, self.agent, metrics=metrics)
         self._reading: set[str] = set()  # requests whose READ is in flight
         self._abort_after_read: set[str] = set()
         self._every(_REAP_INTERVAL_S, self._reap)
+        self.puller = None
+        if self.transfer.layerwise:
+            self.puller = LayerPuller(self.agent, metrics)
+            self._prefill_infos: dict = {}
+            self._every(_LAYER_POLL_INTERVAL_S, self._poll_layers)
+
+    def _poll_layers(self) -> None:
+        notifs = self.agent.get_notifications()
+        if notifs:
+            self.puller.on_notifications(notifs)
 
     def _reap(self) -> None:
         if self.receiver._stuck:
@@ -94,6 +108,13 @@ class DecodeWorker(ColocatedWorker):
         read our clock, so it ends no earlier than then + lease_s. PrefillUnavailable (the
         prefill instance is gone) or another TransferError ends the stream before any chunk.
         """
+        if self.puller is not None:
+            stream = self._generate_layerwise(
+                request_id, prompt_token_ids, params, prefill, priority, cache_salt
+            )
+            async for chunk in stream:
+                yield chunk
+            return
         asked = time.monotonic()
         call = _call(prefill, "prefill", request_id, prompt_token_ids, params, priority, cache_salt)
         try:
@@ -178,6 +199,11 @@ class DecodeWorker(ColocatedWorker):
             await asyncio.to_thread(self.engine.abort, request_id)
             raise RequestAborted(f"request {request_id!r} was aborted")
         transfer_s = time.monotonic() - start
+        async for chunk in self._stream(request_id, handle, timing, transfer_s):
+            yield chunk
+
+    async def _stream(self, request_id, handle: KVHandle, timing, transfer_s: float):
+        """The KV is in place: commit the prefill's first token, then stream."""
 
         def commit():
             return self.llm.commit_remote(request_id, handle.first_token_id, handle.first_logprob)
@@ -189,6 +215,109 @@ class DecodeWorker(ColocatedWorker):
                 out, {**(timing or {}), "transfer_s": transfer_s} if first else None
             )
             first = False
+
+    # -- layer-wise pulls (transfer.layerwise; kv_transfer/layerwise.py) ---------------------
+
+    async def _generate_layerwise(
+        self, request_id, prompt_token_ids, params, prefill, priority, cache_salt
+    ) -> AsyncIterator[Chunk]:
+        """Reserve our blocks, have the prefill announce each finished layer and read it at
+        once, then finish the pull when the prefill returns its handle."""
+        asked = time.monotonic()
+        info = await self._prefill_info(prefill)
+        block_ids = await asyncio.to_thread(
+            self.engine.call,
+            lambda: self.receiver.reserve_for(
+                info.layout.compat_hash, info.agent_name, request_id, prompt_token_ids, params,
+                priority=priority, cache_salt=cache_salt,
+            ),
+        )  # fmt: skip
+        self.puller.expect(request_id, block_ids)
+        self._reading.add(request_id)
+        try:
+            result = await self._prefill_call(
+                prefill, request_id, prompt_token_ids, params, priority, cache_salt
+            )
+            if "chunk" in result:  # the first token ended it: nothing to pull
+                await self._end_layerwise(request_id)
+                yield result["chunk"]
+                return
+            handle, ready = result["handle"], time.monotonic()
+            await self._finish_layerwise(request_id, handle, asked)
+        except BaseException:
+            self._abort_after_read.discard(request_id)
+            await self._end_layerwise(request_id)
+            raise
+        finally:
+            self._reading.discard(request_id)
+        if request_id in self._abort_after_read:
+            self._abort_after_read.discard(request_id)
+            await asyncio.to_thread(self.engine.abort, request_id)
+            raise RequestAborted(f"request {request_id!r} was aborted")
+        timing = {**result["timing"], "prefill_call_s": ready - asked}
+        async for chunk in self._stream(request_id, handle, timing, time.monotonic() - ready):
+            yield chunk
+
+    async def _prefill_info(self, prefill):
+        """The prefill agent's KVAgentInfo, asked once per prefill instance and connected."""
+        key = getattr(prefill, "_actor_id", None) or id(prefill)
+        info = self._prefill_infos.get(key)
+        if info is None:
+            try:
+                info = await _call(prefill, "agent_info")
+            except Exception as e:  # noqa: BLE001 - died, unreachable: that instance is lost
+                raise PrefillUnavailable(f"prefill call failed: {type(e).__name__}: {e}") from e
+            await asyncio.to_thread(self.receiver.connect, info)
+            self._prefill_infos[key] = info
+        return info
+
+    async def _prefill_call(self, prefill, request_id, prompt, params, priority, cache_salt):
+        call = _call(prefill, "prefill", request_id, prompt, params, priority, cache_salt,
+                     self.agent.info())  # fmt: skip
+        try:
+            return await call
+        except asyncio.CancelledError:
+            _spawn(_call(prefill, "abort", request_id))  # the prompt may still be running
+            raise
+        except (ValueError, TypeError, RequestAborted):
+            raise
+        except Exception as e:  # noqa: BLE001 - died, unreachable: that instance is lost
+            self._prefill_infos.clear()  # it may come back with a new agent
+            raise PrefillUnavailable(f"prefill call failed: {type(e).__name__}: {e}") from e
+
+    async def _finish_layerwise(self, request_id: str, handle: KVHandle, asked: float) -> None:
+        """Read what was not announced yet and wait for every layer, within the lease (it
+        started after `asked`) and the deadline; then let the prefill free its blocks."""
+        if self.receiver.needs_info(handle):  # the prefill restarted: its KV is gone
+            self._prefill_infos.clear()
+            raise RemoteTransferError(f"KV agent {handle.agent_name!r} restarted")
+        until = time.monotonic() + self.transfer.deadline_s
+        if handle.lease_s is not None:
+            until = min(until, asked + handle.lease_s)
+        state = await asyncio.to_thread(
+            self.puller.finish, request_id, handle.agent_name, list(handle.block_ids), until
+        )
+        if state == "STUCK":  # reap() frees the blocks once NIXL lets go
+            self.receiver._stuck[request_id] = self.puller.take_stuck(request_id)
+            raise RemoteTransferError(f"a READ from {handle.agent_name!r} could not be released")
+        if state == "TIMEOUT":
+            raise TransferTimeout(f"layer READs from {handle.agent_name!r} not done in time")
+        if state != "DONE":
+            raise RemoteTransferError(f"layer READs from {handle.agent_name!r} failed")
+        # The prefill frees its blocks on this, as after a whole pull's notification.
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(
+                self.agent.send_notification, handle.agent_name, handle.request_id.encode()
+            )
+
+    async def _end_layerwise(self, request_id: str) -> None:
+        """The pull will not complete: stop its READs, then free our blocks (unless a READ
+        would not let go: then reap() frees them later)."""
+        released = await asyncio.to_thread(self.puller.cancel, request_id)
+        if not released:
+            self.receiver._stuck[request_id] = self.puller.take_stuck(request_id)
+        elif not self.receiver.is_stuck(request_id):
+            await asyncio.to_thread(self.engine.abort, request_id)
 
     async def abort(self, request_id: str) -> bool:
         """Stop a request. One whose READ is in flight is aborted when the READ ends: its
@@ -248,7 +377,8 @@ async def _call(worker, method: str, *args):
     from cluster.prefill_worker.worker import PrefillWorker
 
     if isinstance(worker, PrefillWorker):
-        return await getattr(worker, method)(*args)
+        result = getattr(worker, method)(*args)
+        return await result if inspect.isawaitable(result) else result
     return await getattr(worker, method).remote(*args)
 
 

@@ -69,6 +69,7 @@ class LLMEngine:
         self._pinned: dict[str, Request] = {}
         self._ids = itertools.count()
         self.last_step_num_tokens = 0  # 0: nothing could run (e.g. all waiting for KV)
+        self.running_plan = None  # the SchedulerOutput being executed, during step()
         torch.manual_seed(config.seed)
 
     def _fit_max_model_len(self, max_model_len: int) -> int:
@@ -182,7 +183,11 @@ class LLMEngine:
         if plan.is_empty:
             return []
         tables = {r.request_id: self.block_manager.block_ids(r.request_id) for r in plan.requests}
-        sampled, result = self.runner.execute(plan, tables, self._generators)
+        self.running_plan = plan  # for hooks inside the forward pass (layer-wise KV pulls)
+        try:
+            sampled, result = self.runner.execute(plan, tables, self._generators)
+        finally:
+            self.running_plan = None
         self.scheduler.update_after_step(plan)
         outputs = []
         now = time.time()

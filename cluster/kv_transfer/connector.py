@@ -190,9 +190,15 @@ class KVReceiver:
     def reserve(self, handle: KVHandle, request_id: str, prompt_token_ids, params, **kwargs):
         """First phase of pull(), the only one that needs the engine: the local blocks the
         READ will fill. Raises TransferError (layout) or NoCapacity with nothing reserved."""
-        if handle.layout_hash != self.agent.layout.compat_hash:
+        return self.reserve_for(handle.layout_hash, handle.agent_name, request_id,
+                                prompt_token_ids, params, **kwargs)  # fmt: skip
+
+    def reserve_for(self, layout_hash: str, agent_name: str, request_id: str, prompt_token_ids,
+                    params, **kwargs):  # fmt: skip
+        """reserve() before any handle exists (layer-wise pulls start during the prefill)."""
+        if layout_hash != self.agent.layout.compat_hash:
             self.metrics.failed("layout")
-            raise TransferError(f"prefill agent {handle.agent_name!r} has an incompatible layout")
+            raise TransferError(f"prefill agent {agent_name!r} has an incompatible layout")
         block_ids = self.engine.add_remote_request(request_id, prompt_token_ids, params, **kwargs)
         if block_ids is None:
             self.metrics.failed(NoCapacity.reason)
@@ -253,9 +259,14 @@ class KVReceiver:
         """Retry releasing stuck READs; free the blocks of those that let go."""
         freed = []
         for request_id, xfer in list(self._stuck.items()):
-            try:
-                self.agent.release(xfer)
-            except KVTransferError:
+            held = []  # a layer-wise pull can leave several READs behind
+            for read in xfer if isinstance(xfer, list) else [xfer]:
+                try:
+                    self.agent.release(read)
+                except KVTransferError:
+                    held.append(read)
+            if held:
+                self._stuck[request_id] = held
                 continue
             del self._stuck[request_id]
             self.engine.abort(request_id)

@@ -14,6 +14,7 @@ import asyncio
 from cluster.engine.config import EngineConfig
 from cluster.engine.sampling_params import SamplingParams
 from cluster.kv_transfer.connector import KVSender
+from cluster.kv_transfer.layerwise import LayerAnnouncer
 from cluster.worker_common import Chunk, EngineWorker, TransferSettings, engine_timing
 
 _POLL_INTERVAL_S = 0.005  # notifications of finished pulls
@@ -33,7 +34,7 @@ class PrefillWorker(EngineWorker):
     ):
         super().__init__(instance_id, engine_config)
         transfer = transfer or TransferSettings()
-        metrics = self._start_kv_transfer(registry)
+        metrics = self._start_kv_transfer(registry, layerwise=transfer.layerwise)
         self.sender = KVSender(
             self.llm,
             self.agent,
@@ -41,6 +42,7 @@ class PrefillWorker(EngineWorker):
             grace_s=transfer.grace_s,
             metrics=metrics,
         )
+        self.announcer = LayerAnnouncer(self.llm, self.agent) if transfer.layerwise else None
         if self.kv_registry is not None:
             self.kv_registry.publish(self.sender.info())
         self._every(_POLL_INTERVAL_S, self._poll_notifications)
@@ -67,10 +69,23 @@ class PrefillWorker(EngineWorker):
         params: SamplingParams,
         priority: int = 0,
         cache_salt: str | None = None,
+        layerwise_to=None,
     ) -> dict:
         """Run the prompt. Returns {"handle": KVHandle, "timing"} with the blocks leased, or
-        {"chunk": Chunk} when the first token already ends the request (nothing to pull)."""
+        {"chunk": Chunk} when the first token already ends the request (nothing to pull).
+        `layerwise_to`: the decode agent's KVAgentInfo, to announce each finished layer to
+        (kv_transfer/layerwise.py); needs transfer.layerwise on this pool."""
         self._count_prompt(len(prompt_token_ids))
+        if layerwise_to is not None and self.announcer is not None:
+            name = await asyncio.to_thread(self.agent.add_remote, layerwise_to)
+            self.announcer.watch(request_id, name)
+        try:
+            return await self._prefill(request_id, prompt_token_ids, params, priority, cache_salt)
+        finally:
+            if self.announcer is not None:
+                self.announcer.unwatch(request_id)
+
+    async def _prefill(self, request_id, prompt_token_ids, params, priority, cache_salt) -> dict:
         stream = self.engine.generate(
             prompt_token_ids, params, request_id, priority=priority, cache_salt=cache_salt
         )
