@@ -116,16 +116,9 @@ class DecodeWorker(ColocatedWorker):
                 yield chunk
             return
         asked = time.monotonic()
-        call = _call(prefill, "prefill", request_id, prompt_token_ids, params, priority, cache_salt)
-        try:
-            result = await call
-        except asyncio.CancelledError:
-            _spawn(_call(prefill, "abort", request_id))  # the prompt may still be running
-            raise
-        except (ValueError, TypeError, RequestAborted):
-            raise
-        except Exception as e:  # noqa: BLE001 - died, unreachable: that instance is lost
-            raise PrefillUnavailable(f"prefill call failed: {type(e).__name__}: {e}") from e
+        result = await self._prefill_call(
+            prefill, request_id, prompt_token_ids, params, priority, cache_salt
+        )
         if "chunk" in result:  # the first token ended the request: nothing to pull
             yield result["chunk"]
             return
@@ -194,13 +187,17 @@ class DecodeWorker(ColocatedWorker):
             await self._read(handle, request_id, block_ids, renewed)
         finally:
             self._reading.discard(request_id)
+        await self._raise_if_aborted(request_id)
+        transfer_s = time.monotonic() - start
+        async for chunk in self._stream(request_id, handle, timing, transfer_s):
+            yield chunk
+
+    async def _raise_if_aborted(self, request_id: str) -> None:
+        """An abort that came while the READ was in flight takes effect now."""
         if request_id in self._abort_after_read:
             self._abort_after_read.discard(request_id)
             await asyncio.to_thread(self.engine.abort, request_id)
             raise RequestAborted(f"request {request_id!r} was aborted")
-        transfer_s = time.monotonic() - start
-        async for chunk in self._stream(request_id, handle, timing, transfer_s):
-            yield chunk
 
     async def _stream(self, request_id, handle: KVHandle, timing, transfer_s: float):
         """The KV is in place: commit the prefill's first token, then stream."""
@@ -250,10 +247,7 @@ class DecodeWorker(ColocatedWorker):
             raise
         finally:
             self._reading.discard(request_id)
-        if request_id in self._abort_after_read:
-            self._abort_after_read.discard(request_id)
-            await asyncio.to_thread(self.engine.abort, request_id)
-            raise RequestAborted(f"request {request_id!r} was aborted")
+        await self._raise_if_aborted(request_id)
         timing = {**result["timing"], "prefill_call_s": ready - asked}
         async for chunk in self._stream(request_id, handle, timing, time.monotonic() - ready):
             yield chunk
@@ -272,8 +266,10 @@ class DecodeWorker(ColocatedWorker):
         return info
 
     async def _prefill_call(self, prefill, request_id, prompt, params, priority, cache_salt):
-        call = _call(prefill, "prefill", request_id, prompt, params, priority, cache_salt,
-                     self.agent.info())  # fmt: skip
+        """Run the prompt on `prefill` (announcing layers to us when pulling layer-wise).
+        PrefillUnavailable when that instance is lost; a cancelled call aborts it there."""
+        to = self.agent.info() if self.puller is not None else None
+        call = _call(prefill, "prefill", request_id, prompt, params, priority, cache_salt, to)
         try:
             return await call
         except asyncio.CancelledError:
@@ -282,7 +278,8 @@ class DecodeWorker(ColocatedWorker):
         except (ValueError, TypeError, RequestAborted):
             raise
         except Exception as e:  # noqa: BLE001 - died, unreachable: that instance is lost
-            self._prefill_infos.clear()  # it may come back with a new agent
+            if self.puller is not None:
+                self._prefill_infos.clear()  # it may come back with a new agent
             raise PrefillUnavailable(f"prefill call failed: {type(e).__name__}: {e}") from e
 
     async def _finish_layerwise(self, request_id: str, handle: KVHandle, asked: float) -> None:
