@@ -200,6 +200,11 @@ class EngineConfig:
     # "model": the real forward pass. "noop": no model work at all (deterministic tokens,
     # KV untouched) to measure what serving around the engine costs (`cluster bench router`).
     model_runner: str = "model"
+    # Tensor parallelism: this process is rank `tensor_parallel_rank` of an instance of
+    # `tensor_parallel_size` ranks meeting at `dist_init_method` (cluster/engine/parallel.py).
+    tensor_parallel_size: int = 1
+    tensor_parallel_rank: int = 0
+    dist_init_method: str = ""
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -210,6 +215,13 @@ class EngineConfig:
             raise ValueError(f"model_runner must be model or noop, got {self.model_runner!r}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be auto or one of {list(_DTYPES)}, got {self.dtype!r}")
+        if not 0 <= self.tensor_parallel_rank < self.tensor_parallel_size:
+            raise ValueError(
+                f"tensor_parallel_rank must be in [0, {self.tensor_parallel_size}), "
+                f"got {self.tensor_parallel_rank}"
+            )
+        if self.tensor_parallel_size > 1 and not self.dist_init_method:
+            raise ValueError("tensor_parallel_size > 1 needs dist_init_method (tcp://host:port)")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 

@@ -19,6 +19,7 @@ from cluster.engine.attention import AttentionMetadata, DecodeGroup, PrefillChun
 from cluster.engine.config import CacheConfig, EngineConfig, ModelConfig
 from cluster.engine.kv_pool import allocate_kv_pool
 from cluster.engine.models.loader import load_model
+from cluster.engine.parallel import init_tp
 from cluster.engine.request import Request
 from cluster.engine.sampler import Sampler, SamplerOutput
 from cluster.engine.scheduler import SchedulerOutput
@@ -42,11 +43,16 @@ class ModelRunner:
         self.model_config = model_config
         self.block_size = config.cache.block_size
         self.sliding_window = model_config.sliding_window
+        self.tp = init_tp(config.tensor_parallel_rank, config.tensor_parallel_size,
+                          config.dist_init_method, self.device)  # fmt: skip
+        q0, q1 = self.tp.split(model_config.num_heads)
+        k0, k1 = self.tp.kv_heads(model_config.num_kv_heads)
+        self.num_kv_heads = k1 - k0  # this rank's KV heads: its cache holds only those
         backend_cls = get_backend(config.attention_backend, self.device)
-        backend = backend_cls(
-            model_config.num_heads, model_config.num_kv_heads, model_config.head_dim
+        backend = backend_cls(q1 - q0, self.num_kv_heads, model_config.head_dim)
+        self.model = load_model(
+            model_config, backend, self.dtype, self.device, max_model_len, self.tp
         )
-        self.model = load_model(model_config, backend, self.dtype, self.device, max_model_len)
         self.num_blocks = self._num_blocks(config.cache)
         self.kv_cache = allocate_kv_pool(self.kv_cache_shape, self.dtype, self.device)
         self.kv_layers = [self.kv_cache[:, i] for i in range(model_config.num_layers)]
@@ -55,11 +61,14 @@ class ModelRunner:
     @property
     def kv_cache_shape(self) -> tuple[int, ...]:
         m = self.model_config
-        return (self.num_blocks, m.num_layers, 2, self.block_size, m.num_kv_heads, m.head_dim)
+        return (self.num_blocks, m.num_layers, 2, self.block_size, self.num_kv_heads, m.head_dim)
 
     @property
     def block_bytes(self) -> int:
-        return self.model_config.kv_bytes_per_token(self.dtype) * self.block_size
+        m = self.model_config
+        return (
+            m.kv_bytes_per_token(self.dtype) * self.num_kv_heads // m.num_kv_heads * self.block_size
+        )
 
     def _num_blocks(self, cache: CacheConfig) -> int:
         if cache.num_blocks is not None:

@@ -17,6 +17,9 @@ from torch import nn
 
 from cluster.engine.attention import AttentionMetadata, TorchPagedAttention
 from cluster.engine.config import ModelConfig
+from cluster.engine.parallel import TPGroup
+
+_SINGLE = TPGroup()
 
 
 class RMSNorm(nn.Module):
@@ -72,15 +75,21 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, backend: TorchPagedAttention):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, backend: TorchPagedAttention,
+                 tp: TPGroup = _SINGLE):  # fmt: skip
         super().__init__()
-        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.tp = tp
+        self.q_heads = tp.split(config.num_heads)  # this rank's [start, end) of heads
+        self.kv_heads = tp.kv_heads(config.num_kv_heads)
+        self.num_heads = self.q_heads[1] - self.q_heads[0]
+        self.num_kv_heads = self.kv_heads[1] - self.kv_heads[0]
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         hidden = config.hidden_size
         self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, hidden, bias=config.o_bias)
+        # Row-parallel: the bias is added once, on rank 0, before the all-reduce.
+        self.o_proj = nn.Linear(self.q_size, hidden, bias=config.o_bias and tp.rank == 0)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -97,28 +106,46 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
         out = self.backend.forward(q, k, v, kv_layer, meta)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return self.tp.all_reduce(self.o_proj(out.reshape(-1, self.q_size)))
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp: TPGroup = _SINGLE):
         super().__init__()
-        hidden, inter = config.hidden_size, config.intermediate_size
+        self.tp = tp
+        self.inter = tp.split(config.intermediate_size)
+        hidden, inter = config.hidden_size, self.inter[1] - self.inter[0]
         self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(inter, hidden, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(inter, hidden, bias=config.mlp_bias and tp.rank == 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.tp.all_reduce(self.down_proj(F.silu(gate) * up))
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rank r's rows [start, end) of the table, padded to ceil(V / tp) rows."""
+
+    def __init__(self, vocab_size: int, hidden: int, tp: TPGroup):
+        super().__init__()
+        self.tp = tp
+        self.start, self.end, share = tp.padded_split(vocab_size)
+        self.weight = nn.Parameter(torch.zeros(share, hidden))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        mine = (input_ids >= self.start) & (input_ids < self.end)
+        local = torch.where(mine, input_ids - self.start, 0)
+        out = F.embedding(local, self.weight) * mine.unsqueeze(-1).to(self.weight.dtype)
+        return self.tp.all_reduce(out)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary, backend):
+    def __init__(self, config: ModelConfig, rotary, backend, tp: TPGroup = _SINGLE):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, rotary, backend)
+        self.self_attn = Attention(config, rotary, backend, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, tp)
 
     def forward(self, positions, x, kv_layer, meta):
         x = x + self.self_attn(positions, self.input_layernorm(x), kv_layer, meta)
@@ -126,17 +153,22 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, backend: TorchPagedAttention, max_len: int):
+    def __init__(self, config: ModelConfig, backend: TorchPagedAttention, max_len: int,
+                 tp: TPGroup = _SINGLE):  # fmt: skip
         super().__init__()
-        self.config = config
+        self.config, self.tp = config, tp
         rotary = RotaryEmbedding(config, max_len)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        if tp.size == 1:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        else:
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, rotary, backend) for _ in range(config.num_layers)
+            DecoderLayer(config, rotary, backend, tp) for _ in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            rows = tp.padded_split(config.vocab_size)[2]
+            self.lm_head = nn.Linear(config.hidden_size, rows, bias=False)
         self.rotary = rotary
 
     def forward(self, input_ids, positions, kv_layers, meta: AttentionMetadata) -> torch.Tensor:
@@ -149,7 +181,8 @@ class LlamaForCausalLM(nn.Module):
         weight = (
             self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
         )
-        return F.linear(hidden, weight)
+        logits = self.tp.all_gather_last(F.linear(hidden, weight))
+        return logits[..., : self.config.vocab_size]
 
     def load_weights(self, get: Callable[[str], torch.Tensor]) -> None:
         """Copy a checkpoint in via `get(hf_name)` (raises KeyError when absent), fusing
@@ -173,13 +206,35 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"checkpoint is missing {len(missing)} weights: {shown}")
 
     def _checkpoint_tensor(self, name: str, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
-        prefix, _, leaf = name.rpartition(".")
+        """The checkpoint's tensor for parameter `name`, fused and cut to this rank's share
+        (cluster/engine/parallel.py says which share)."""
+        module_name, _, leaf = name.rpartition(".")
+        prefix = module_name
         if name.startswith(("embed_tokens", "layers", "norm")):
             prefix = "model." + prefix if prefix else "model"
+        hd = self.config.head_dim
         if prefix.endswith("qkv_proj"):
-            base = prefix[: -len("qkv_proj")]
-            return torch.cat([get(f"{base}{p}_proj.{leaf}") for p in "qkv"])
+            base, attn = prefix[: -len("qkv_proj")], self.get_submodule(module_name[:-9])
+            (q0, q1), (k0, k1) = attn.q_heads, attn.kv_heads
+            q = get(f"{base}q_proj.{leaf}")[q0 * hd : q1 * hd]
+            k, v = (get(f"{base}{p}_proj.{leaf}")[k0 * hd : k1 * hd] for p in "kv")
+            return torch.cat([q, k, v])
         if prefix.endswith("gate_up_proj"):
-            base = prefix[: -len("gate_up_proj")]
-            return torch.cat([get(f"{base}{p}_proj.{leaf}") for p in ("gate", "up")])
-        return get(f"{prefix}.{leaf}" if prefix else leaf)
+            base, mlp = prefix[: -len("gate_up_proj")], self.get_submodule(module_name[:-13])
+            i0, i1 = mlp.inter
+            return torch.cat([get(f"{base}{p}_proj.{leaf}")[i0:i1] for p in ("gate", "up")])
+        tensor = get(f"{prefix}.{leaf}" if prefix else leaf)
+        if self.tp.size == 1 or leaf == "bias":
+            return tensor
+        if prefix.endswith("o_proj"):
+            q0, q1 = self.get_submodule(module_name[:-7]).q_heads
+            return tensor[:, q0 * hd : q1 * hd]
+        if prefix.endswith("down_proj"):
+            i0, i1 = self.get_submodule(module_name[:-10]).inter
+            return tensor[:, i0:i1]
+        if name in ("embed_tokens.weight", "lm_head.weight"):
+            start, end, share = self.tp.padded_split(self.config.vocab_size)
+            rows = torch.zeros(share, tensor.shape[1], dtype=tensor.dtype)
+            rows[: end - start] = tensor[start:end]
+            return rows
+        return tensor

@@ -10,6 +10,7 @@ from safetensors import safe_open
 from cluster.engine.attention import TorchPagedAttention
 from cluster.engine.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from cluster.engine.models.llama import LlamaForCausalLM
+from cluster.engine.parallel import TPGroup
 
 MODEL_CLASSES = {arch: LlamaForCausalLM for arch in SUPPORTED_ARCHITECTURES}
 
@@ -37,10 +38,11 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device,
     max_len: int,
+    tp: TPGroup | None = None,
 ) -> LlamaForCausalLM:
     checkpoint = SafetensorsCheckpoint(config.path)
     with torch.device(device):
-        model = MODEL_CLASSES[config.architecture](config, backend, max_len)
+        model = MODEL_CLASSES[config.architecture](config, backend, max_len, tp or TPGroup())
     model.load_weights(checkpoint.get)
     # RoPE tables were computed in fp32; casting them now equals transformers' per-step cast.
     return model.to(dtype=dtype).eval()
