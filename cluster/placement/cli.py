@@ -43,8 +43,11 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _plan_parser(sub) -> None:
     p = sub.add_parser("plan", help="choose pools, parallelism and placement for SLOs")
     p.add_argument("--model", required=True, help="preset name, config.json or checkpoint dir")
-    p.add_argument("--hardware", required=True,
-                   help="device type, or TYPE:NODES,TYPE:NODES for a mixed cluster")  # fmt: skip
+    p.add_argument(
+        "--hardware",
+        required=True,
+        help="device type, or TYPE:NODES,TYPE:NODES for a mixed cluster",
+    )
     p.add_argument("--nodes", type=int, default=1, help="nodes (single device type)")
     p.add_argument("--gpus-per-node", type=int, help="override the catalog's devices per node")
     p.add_argument("--ttft", type=float, required=True, help="TTFT target, seconds")
@@ -57,8 +60,11 @@ def _plan_parser(sub) -> None:
     goal.add_argument("--maximize", choices=["goodput"], help="maximise goodput (the default)")
     p.add_argument("--objective", choices=["gpus", "cost", "power"], default="gpus")
     p.add_argument("--affinity", choices=["high", "low", "auto"], default="auto")
-    p.add_argument("--colocated-baseline", action="store_true",
-                   help="also plan the best colocated (chunked-prefill) deployment")  # fmt: skip
+    p.add_argument(
+        "--colocated-baseline",
+        action="store_true",
+        help="also plan the best colocated (chunked-prefill) deployment",
+    )
     p.add_argument("--exhaustive", action="store_true", help="brute force over every plan")
     p.add_argument("--tp", type=_ints, help="allowed tensor-parallel sizes, e.g. 1,2,4")
     p.add_argument("--pp", type=_ints, help="allowed pipeline-parallel sizes")
@@ -115,15 +121,23 @@ def run_plan(args) -> int:
     source = _source(args, catalog)
     source.check_model(model)
     settings = Settings(
-        num_requests=args.num_requests, search_requests=min(500, args.num_requests),
-        seed=args.seed, top_k=args.top_k, affinity=args.affinity, objective=args.objective,
-        arrival=args.arrival, arrival_cv=args.cv, tp=args.tp, pp=args.pp,
-    )  # fmt: skip
+        num_requests=args.num_requests,
+        search_requests=min(500, args.num_requests),
+        seed=args.seed,
+        top_k=args.top_k,
+        affinity=args.affinity,
+        objective=args.objective,
+        arrival=args.arrival,
+        arrival_cv=args.cv,
+        tp=args.tp,
+        pp=args.pp,
+    )
     if args.rate is not None and args.rate <= 0:
         raise PlanningError("--rate must be > 0 requests per second")
     slo = SLO(args.ttft, args.tpot, args.attainment)
-    planner = Planner(model, _cluster(args, catalog), slo, load_workload(args.workload),
-                      settings, source)  # fmt: skip
+    planner = Planner(
+        model, _cluster(args, catalog), slo, load_workload(args.workload), settings, source
+    )
     plan = build_plan(planner, args.rate, args.colocated_baseline, args.exhaustive)
     if args.output != "-":
         plan.save(args.output)
@@ -131,6 +145,12 @@ def run_plan(args) -> int:
         print(json.dumps(plan.to_dict()))
     else:
         print(render_table(plan))
+        parallel = any(p.tensor_parallel_size * p.pipeline_parallel_size > 1 for p in plan.pools)
+        if parallel:
+            print(
+                "note: this build serves single-device instances only (TP = PP = 1); plan "
+                "with --tp 1 --pp 1 for a plan `cluster serve` and `cluster deploy` run today"
+            )
         if args.output != "-":
             print(f"plan written to {args.output}  (serve it: cluster serve --plan {args.output})")
     return 0
@@ -151,12 +171,16 @@ def run_simulate(args) -> int:
     if args.json:
         print(json.dumps({"plan": args.plan, "slo": plan.slo, "results": rows}))
         return 0
-    print(f"{'rate':>8s} {'attain':>7s} {'TTFT ok':>8s} {'TPOT ok':>8s} {'p90 TTFT':>9s} "
-          f"{'p90 TPOT':>9s}")  # fmt: skip
+    print(
+        f"{'rate':>8s} {'attain':>7s} {'TTFT ok':>8s} {'TPOT ok':>8s} {'p90 TTFT':>9s} "
+        f"{'p90 TPOT':>9s}"
+    )
     for r in rows:
-        print(f"{r['rate']:8.3f} {r['attainment']:7.1%} {r['ttft_attainment']:8.1%} "
-              f"{r['tpot_attainment']:8.1%} {r['p90_ttft_s'] * 1e3:7.0f}ms "
-              f"{r['p90_tpot_s'] * 1e3:7.1f}ms")  # fmt: skip
+        print(
+            f"{r['rate']:8.3f} {r['attainment']:7.1%} {r['ttft_attainment']:8.1%} "
+            f"{r['tpot_attainment']:8.1%} {r['p90_ttft_s'] * 1e3:7.0f}ms "
+            f"{r['p90_tpot_s'] * 1e3:7.1f}ms"
+        )
     return 0
 
 
