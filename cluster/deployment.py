@@ -27,7 +27,15 @@ from cluster.worker_common import TransferSettings
 
 _CACHE_KEYS = {f.name for f in dataclasses.fields(CacheConfig)}
 _SCHEDULER_KEYS = {f.name for f in dataclasses.fields(SchedulerConfig)}
-_ENGINE_KEYS = {"device", "dtype", "max_model_len", "seed", "attention_backend", "model_runner"}
+_ENGINE_KEYS = {
+    "device",
+    "dtype",
+    "max_model_len",
+    "seed",
+    "attention_backend",
+    "model_runner",
+    "tensor_parallel_size",
+}
 ENGINE_OPTIONS = sorted(_CACHE_KEYS | _SCHEDULER_KEYS | _ENGINE_KEYS)
 RAY_NAMESPACE = "pd-cluster"
 
@@ -112,6 +120,8 @@ class DeploymentConfig:
         cache = CacheConfig(**{k: v for k, v in options.items() if k in _CACHE_KEYS})
         scheduler = SchedulerConfig(**{k: v for k, v in options.items() if k in _SCHEDULER_KEYS})
         engine = {k: v for k, v in options.items() if k in _ENGINE_KEYS}
+        if engine.get("tensor_parallel_size", 1) > 1:  # the worker picks the real address
+            engine["dist_init_method"] = "auto"
         return EngineConfig(model=self.model, role=role, cache=cache, scheduler=scheduler, **engine)
 
     def router_settings(self):

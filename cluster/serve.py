@@ -89,8 +89,8 @@ def load_plan(path: str) -> dict:
 
 
 def apply_plan(config: DeploymentConfig, plan: dict) -> None:
-    """Take the pools of a placement plan: mode and, per role, the instance count. A plan
-    asking for tensor or pipeline parallelism is refused until instances can span devices."""
+    """Take the pools of a placement plan: mode and, per role, the instance count and (for
+    colocated instances) the tensor parallelism; what this build cannot run is refused."""
     plan = plan.get("deployment", plan)
     if "mode" in plan:
         config.mode = plan["mode"]
@@ -100,12 +100,16 @@ def apply_plan(config: DeploymentConfig, plan: dict) -> None:
             continue
         tp = pool.get("tensor_parallel_size", pool.get("tp", 1))
         pp = pool.get("pipeline_parallel_size", pool.get("pp", 1))
-        if tp != 1 or pp != 1:
+        if pp != 1 or (tp != 1 and role != "colocated"):
             raise ValueError(
                 f"the plan's {role} pool asks for TP={tp} x PP={pp}; this build serves "
-                "single-device instances only (TP = PP = 1)"
+                "tensor-parallel colocated instances, but no pipeline parallelism and no "
+                "tensor-parallel prefill/decode instances (their KV would need re-sharding)"
             )
-        getattr(config, role).num_instances = int(pool.get("num_instances", 1))
+        spec = getattr(config, role)
+        spec.num_instances = int(pool.get("num_instances", 1))
+        if tp != 1:
+            spec.engine["tensor_parallel_size"] = int(tp)
 
 
 def run(args: argparse.Namespace) -> int:

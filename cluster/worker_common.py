@@ -87,7 +87,17 @@ class EngineWorker:
         if engine_config.role != self.role:
             raise ValueError(f"{type(self).__name__} needs role {self.role!r}")
         self.instance_id = instance_id
-        self.llm = LLMEngine(engine_config)
+        self.tp_followers: list = []
+        if engine_config.tensor_parallel_size > 1:  # rank 0 here, ranks 1.. as actors
+            from cluster.engine.replicated import LeaderEngine
+            from cluster.tp_ranks import start_followers
+
+            engine_config, self.tp_followers = start_followers(engine_config)
+            self.llm = LeaderEngine(engine_config)
+            for follower in self.tp_followers:
+                follower.start.remote()
+        else:
+            self.llm = LLMEngine(engine_config)
         self.engine = AsyncLLMEngine(self.llm)
         self.node = socket.gethostname()
         self.registry = CollectorRegistry()
@@ -174,6 +184,12 @@ class EngineWorker:
     async def shutdown(self) -> None:
         self._closed.set()
         await asyncio.to_thread(self.engine.shutdown)
+        if self.tp_followers:
+            import ray
+
+            self.llm.stop_followers()
+            for follower in self.tp_followers:
+                ray.kill(follower, no_restart=True)
 
     # -- for subclasses ---------------------------------------------------------------------
 

@@ -75,3 +75,13 @@ def test_plan_sets_mode_and_counts_and_refuses_parallelism():
     assert config.mode == "colocated" and config.colocated.num_instances == 2
     with pytest.raises(ValueError, match="TP=2 x PP=1"):
         apply_plan(config, {"decode": {"tensor_parallel_size": 2}})
+
+
+def test_plan_takes_colocated_tensor_parallelism_and_refuses_pipelines():
+    config = DeploymentConfig(mode="colocated")
+    apply_plan(config, {"colocated": {"num_instances": 2, "tensor_parallel_size": 2}})
+    assert config.colocated.engine["tensor_parallel_size"] == 2
+    engine = config.engine_config("colocated")
+    assert engine.tensor_parallel_size == 2 and engine.dist_init_method == "auto"
+    with pytest.raises(ValueError, match="no pipeline parallelism"):
+        apply_plan(config, {"colocated": {"pipeline_parallel_size": 2}})

@@ -97,3 +97,60 @@ def test_tp_refuses_bad_settings(tiny_model_dir):
         EngineConfig(model=str(tiny_model_dir), tensor_parallel_size=2)
     with pytest.raises(ValueError, match="tensor_parallel_rank"):
         EngineConfig(tensor_parallel_size=2, tensor_parallel_rank=2, dist_init_method="tcp://x:1")
+
+
+def test_ray_colocated_tp2_instance_serves_reference_output(tiny_model_dir):
+    """A served instance over two ranks: rank 0 in the worker actor, rank 1 a follower actor
+    on the same node, kept in lockstep by the leader's broadcasts."""
+    ray = pytest.importorskip("ray")
+    from cluster.deployment import DeploymentConfig, PoolSpec, start_ray
+    from cluster.engine.sampling_params import SamplingParams
+    from cluster.router.types import GenerateInput
+    from tests.conftest import LoopThread
+
+    expected = hf_greedy(str(tiny_model_dir), PROMPTS, MAX_TOKENS)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    loop = LoopThread()
+    try:
+        config = DeploymentConfig(
+            model=str(tiny_model_dir),
+            mode="colocated",
+            colocated=PoolSpec(num_instances=1),
+            engine={"num_blocks": 64, "tensor_parallel_size": 2},
+        )
+        router = loop.run(start_ray(config), timeout_s=300)
+
+        async def generate(prompt):
+            params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+            ids = []
+            async for chunk in router.generate(GenerateInput(prompt=prompt, params=params)):
+                ids += chunk.token_ids
+            return ids
+
+        async def all_prompts():
+            import asyncio
+
+            return await asyncio.gather(*(generate(p) for p in PROMPTS))
+
+        assert loop.run(all_prompts(), timeout_s=120) == expected
+        # A sampled request: had the ranks drawn different tokens, the all-reduces would mix
+        # two different sequences and the output would leave the TP=1 one.
+        from cluster.engine.llm_engine import LLMEngine
+
+        sampled = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.9, seed=123)
+        single = LLMEngine.from_model(str(tiny_model_dir)).generate([PROMPTS[1]], sampled)
+
+        async def one_sampled():
+            ids = []
+            async for chunk in router.generate(GenerateInput(prompt=PROMPTS[1], params=sampled)):
+                ids += chunk.token_ids
+            return ids
+
+        assert loop.run(one_sampled(), timeout_s=60) == single[0].token_ids
+        (instance,) = router.instances
+        free, total = loop.run(instance.client.call("check_integrity", timeout=30))
+        assert free == total
+        loop.run(router.shutdown())
+    finally:
+        loop.close()
+        ray.shutdown()
