@@ -168,7 +168,7 @@ def test_oversized_and_parallel_plans_are_refused(tmp_path, capsys):
     plan = _plan(
         tmp_path, {"prefill": ("A100-80GB", 1, 2), "decode": ("A100-80GB", 1, 1)}, ["A100-80GB"]
     )
-    with pytest.raises(PlanError, match="single-device instances only"):
+    with pytest.raises(PlanError, match="tensor-parallel colocated instances only"):
         generate(plan)
     code = main(["deploy", "kuberay", "--plan", str(tmp_path / "plan.yaml")])
     err = capsys.readouterr().err
@@ -350,3 +350,14 @@ def _check_served(http: int, grpc_port: int, model_dir: Path) -> None:
     with urllib.request.urlopen(request, timeout=120) as response:
         text = json.load(response)["choices"][0]["text"]
     assert text == engine.tokenizer.decode(expected)
+
+
+def test_colocated_tensor_parallel_plan(tmp_path):
+    plan = _plan(tmp_path, {"colocated": ("A100-80GB", 4, 2)}, ["A100-80GB"])
+    objects = generate(plan)
+    validate_objects(objects)
+    args = yaml.safe_load(objects[0]["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert args["colocated"]["engine"] == {"tensor_parallel_size": 2}
+    assert args["colocated"]["num_gpus"] == 1  # rank 0; its follower ranks take one each
+    (group,) = objects[0]["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert group["replicas"] == 1  # 4 instances x 2 GPUs fill one 8-GPU node

@@ -16,10 +16,11 @@ under KubeRay, with no hand editing.
     PodMonitor  <name>  Prometheus Operator: Ray's metrics (:8080) and the router's vLLM-named
                         metrics (/metrics through the Serve proxy, :8000)
 
-A tensor-parallel group never spans nodes: an instance's devices come from one Ray actor on
-one worker, and the plan file already refuses TP above a node's GPUs. This build's instances
-use one device each (TP = PP = 1); plans with larger instances are refused here, as by
-`cluster serve --plan`, until the runtime runs them.
+A tensor-parallel group never spans nodes: an instance's rank 0 is its pool's actor and the
+other ranks are started on the same node (the plan file already refuses TP above a node's
+GPUs). Tensor-parallel colocated instances run; pipeline parallelism and tensor-parallel
+prefill/decode instances do not yet, and plans asking for them are refused here, as by
+`cluster serve --plan`.
 """
 
 from __future__ import annotations
@@ -59,10 +60,11 @@ def check_plan(plan: Plan) -> None:
                 f"the {pool.role} pool's TP={tp} exceeds the {hw.gpus_per_node} GPUs of a "
                 f"{hw.name} node: a tensor-parallel group must stay inside one node"
             )
-        if tp * pp != 1:
+        if pp != 1 or (tp != 1 and pool.role != "colocated"):
             raise PlanError(
                 f"the {pool.role} pool asks for TP={tp} x PP={pp}; this build serves "
-                "single-device instances only (TP = PP = 1), so the RayService would not start"
+                "tensor-parallel colocated instances only (no pipeline parallelism, no "
+                "tensor-parallel prefill/decode), so the RayService would not start"
             )
 
 
@@ -92,14 +94,20 @@ def deployment_args(plan: Plan, model_path: str | None, extra: dict | None = Non
 
 
 def _pool_args(plan: Plan, pool: PoolPlan) -> dict:
-    devices = pool.tensor_parallel_size * pool.pipeline_parallel_size
+    """Each instance's rank 0 is the pool's actor (one device); its other tensor-parallel
+    ranks are actors the instance starts on the same node (cluster/tp_ranks.py)."""
     gpu = plan.hardware[pool.hardware].kind == "gpu"
-    return {
+    args = {
         "num_instances": pool.num_instances,
-        "num_gpus": devices if gpu else 0,
+        "num_gpus": 1 if gpu else 0,
         "num_cpus": 1,
-        "resources": {_resource_name(pool.hardware): devices},
+        # The whole instance's share of the node: the node then has the GPUs its follower
+        # ranks need beside rank 0.
+        "resources": {_resource_name(pool.hardware): pool.tensor_parallel_size},
     }
+    if pool.tensor_parallel_size > 1:
+        args["engine"] = {"tensor_parallel_size": pool.tensor_parallel_size}
+    return args
 
 
 def serve_config(plan: Plan, model_path: str | None, extra: dict | None = None) -> dict:
