@@ -145,11 +145,14 @@ def run_plan(args) -> int:
         print(json.dumps(plan.to_dict()))
     else:
         print(render_table(plan))
-        parallel = any(p.tensor_parallel_size * p.pipeline_parallel_size > 1 for p in plan.pools)
-        if parallel:
+        unservable = any(
+            p.pipeline_parallel_size > 1 or (p.tensor_parallel_size > 1 and p.role != "colocated")
+            for p in plan.pools
+        )
+        if unservable:
             print(
-                "note: this build serves single-device instances only (TP = PP = 1); plan "
-                "with --tp 1 --pp 1 for a plan `cluster serve` and `cluster deploy` run today"
+                "note: this build serves tensor parallelism for colocated instances only (no "
+                "PP, no TP prefill/decode yet); plan with --tp 1 --pp 1 to serve it today"
             )
         if args.output != "-":
             print(f"plan written to {args.output}  (serve it: cluster serve --plan {args.output})")
