@@ -94,12 +94,11 @@ def _validate_pod_monitors(monitors: list[dict]) -> None:
 
 def _plan(tmp_path, pools: dict, hardware: list[str], placement=None) -> Plan:
     from cluster.placement.model_spec import PRESETS
-    from cluster.placement.plan import _hardware_entry
 
     data = {
         "mode": "disaggregated" if "prefill" in pools else "colocated",
         "model": PRESETS["Llama-3-8B"].to_dict(),
-        "hardware": {h: _hardware_entry(CATALOG[h]) for h in hardware},
+        "hardware": {h: CATALOG[h].to_entry() for h in hardware},
         "slo": {"ttft_s": 0.5, "tpot_s": 0.05},
         "placement": placement or [],
     }

@@ -331,8 +331,8 @@ def _prediction(args, bench: Benchmark, curve: list[dict]) -> list[dict] | None:
     plan's model and hardware, with the --profile latencies when given."""
     if not args.plan:
         return None
-    from cluster.placement.cli import _source
     from cluster.placement.hardware import load_catalog
+    from cluster.placement.instance import LatencySource
     from cluster.placement.plan import Plan, PoolPlan
     from cluster.placement.report import planner_for, simulate_plan
     from cluster.placement.search import Settings
@@ -349,7 +349,7 @@ def _prediction(args, bench: Benchmark, curve: list[dict]) -> list[dict] | None:
     plan.pools = [PoolPlan(role, hardware, 1, 1, counts[role], 2048, 0) for role in roles]
     plan.mode = "colocated" if "colocated" in counts else "disaggregated"
     plan.slo = {"ttft_s": args.ttft, "tpot_s": args.tpot, "attainment": args.attainment}
-    source = _source(argparse.Namespace(profile=args.profile), load_catalog())
+    source = LatencySource.from_profile_file(args.profile, load_catalog())
     settings = Settings(num_requests=2000, seed=args.seed)
     planner = planner_for(plan, settings, source, workload=bench.workload)
     rates = sorted({p["rate"] for p in curve})

@@ -295,7 +295,7 @@ class DecodeWorker(ColocatedWorker):
             self.puller.finish, request_id, handle.agent_name, list(handle.block_ids), until
         )
         if state == "STUCK":  # reap() frees the blocks once NIXL lets go
-            self.receiver._stuck[request_id] = self.puller.take_stuck(request_id)
+            self.receiver.keep_stuck(request_id, self.puller.take_stuck(request_id))
             raise RemoteTransferError(f"a READ from {handle.agent_name!r} could not be released")
         if state == "TIMEOUT":
             raise TransferTimeout(f"layer READs from {handle.agent_name!r} not done in time")
@@ -312,7 +312,7 @@ class DecodeWorker(ColocatedWorker):
         would not let go: then reap() frees them later)."""
         released = await asyncio.to_thread(self.puller.cancel, request_id)
         if not released:
-            self.receiver._stuck[request_id] = self.puller.take_stuck(request_id)
+            self.receiver.keep_stuck(request_id, self.puller.take_stuck(request_id))
         elif not self.receiver.is_stuck(request_id):
             await asyncio.to_thread(self.engine.abort, request_id)
 

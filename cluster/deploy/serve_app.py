@@ -23,7 +23,12 @@ from ray import serve
 
 from cluster.api.pdcluster.v1 import pdcluster_pb2 as pb
 from cluster.deployment import DeploymentConfig, start_ray
-from cluster.router.grpc_server import PDClusterServicer, to_generate_input, to_response
+from cluster.router.grpc_server import (
+    PDClusterServicer,
+    merge_response,
+    to_generate_input,
+    to_response,
+)
 from cluster.router.types import RouterError
 
 
@@ -75,9 +80,7 @@ class PDClusterIngress:
     async def Complete(self, request: pb.GenerateRequest, grpc_context=None):
         response = pb.CompleteResponse()
         async for part in self.Generate(request, grpc_context):
-            text = response.text + part.text
-            response.MergeFromString(part.SerializeToString())
-            response.text = text
+            merge_response(response, part)
         return response
 
     async def Abort(self, request: pb.AbortRequest, grpc_context=None):

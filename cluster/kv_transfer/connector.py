@@ -255,6 +255,11 @@ class KVReceiver:
         except KVTransferError:
             self._stuck[request_id] = xfer
 
+    def keep_stuck(self, request_id: str, reads: list) -> None:
+        """READs NIXL would not release (e.g. a layer-wise pull's): the request's blocks stay
+        taken until reap() releases them all."""
+        self._stuck[request_id] = reads
+
     def reap(self) -> list[str]:
         """Retry releasing stuck READs; free the blocks of those that let go."""
         freed = []

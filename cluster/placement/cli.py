@@ -12,7 +12,6 @@ import sys
 from cluster.placement import profile as profile_cmd
 from cluster.placement.hardware import get_hardware, load_catalog
 from cluster.placement.instance import LatencySource
-from cluster.placement.latency import fitted_from_profile
 from cluster.placement.model_spec import load_model_spec
 from cluster.placement.plan import Plan, PlanError
 from cluster.placement.report import build_plan, planner_for, render_table, simulate_plan
@@ -92,15 +91,6 @@ def _spec_parser(sub) -> None:
     p.set_defaults(func=run_spec)
 
 
-def _source(args, catalog) -> LatencySource:
-    if not args.profile:
-        return LatencySource()
-    with open(args.profile, encoding="utf-8") as f:
-        prof = json.load(f)
-    get_hardware(prof["hardware"], catalog)
-    return LatencySource(fitted_from_profile(prof), prof["hardware"], prof["model"])
-
-
 def _cluster(args, catalog) -> ClusterSpec:
     entries = []
     for part in args.hardware.split(","):
@@ -118,7 +108,7 @@ def _cluster(args, catalog) -> ClusterSpec:
 def run_plan(args) -> int:
     catalog = load_catalog(args.catalog)
     model = load_model_spec(args.model)
-    source = _source(args, catalog)
+    source = LatencySource.from_profile_file(args.profile, catalog)
     source.check_model(model)
     settings = Settings(
         num_requests=args.num_requests,
@@ -162,7 +152,7 @@ def run_plan(args) -> int:
 def run_simulate(args) -> int:
     plan = Plan.load(args.plan)
     catalog = load_catalog(args.catalog)
-    source = _source(args, catalog)
+    source = LatencySource.from_profile_file(args.profile, catalog)
     settings = Settings(num_requests=args.num_requests, seed=args.seed)
     planner = planner_for(plan, settings, source)
     if args.rates:

@@ -73,6 +73,21 @@ class Hardware:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def to_entry(self) -> dict[str, Any]:
+        """from_entry's inverse: the catalog's units (TFLOP/s, GB/s, GiB), as a plan file
+        records the hardware it was made for."""
+        return {
+            "kind": self.kind, "peak_tflops": self.peak_flops / 1e12,
+            "hbm_gb_s": self.mem_bandwidth / GB, "memory_gib": self.memory_bytes / GiB,
+            "nvlink_gb_s": self.intra_node_bandwidth / GB,
+            "network_gb_s": self.inter_node_bandwidth / GB, "gpus_per_node": self.gpus_per_node,
+            "price_per_hour": self.price_per_hour, "power_w": self.power_w,
+            "compute_efficiency": self.compute_efficiency,
+            "memory_efficiency": self.memory_efficiency,
+            "step_overhead_ms": self.step_overhead_s * 1e3,
+            "link_latency_us": self.link_latency_s * 1e6, "gpu_product": self.gpu_product,
+        }  # fmt: skip
+
     def with_gpus_per_node(self, gpus_per_node: int) -> Hardware:
         if gpus_per_node < 1:
             raise ValueError("--gpus-per-node must be >= 1")

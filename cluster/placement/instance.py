@@ -84,6 +84,21 @@ class LatencySource:
     profile_model: dict | None = None  # ModelSpec.to_dict() of the profiled model
     _cache: dict = field(default_factory=dict)
 
+    @classmethod
+    def from_profile_file(cls, path: str | None, catalog: dict) -> LatencySource:
+        """Fitted latencies from a `placement profile` file; the analytic model without one."""
+        if not path:
+            return cls()
+        import json
+
+        from cluster.placement.hardware import get_hardware
+        from cluster.placement.latency import fitted_from_profile
+
+        with open(path, encoding="utf-8") as f:
+            prof = json.load(f)
+        get_hardware(prof["hardware"], catalog)  # a profile of unknown hardware is refused
+        return cls(fitted_from_profile(prof), prof["hardware"], prof["model"])
+
     def check_model(self, model: ModelSpec) -> None:
         """A profile measures one model: planning another with it would be fiction."""
         if self.profile_model is None:

@@ -79,7 +79,7 @@ class Plan:
             out[pool.role] = entry
         out.update(
             model={k: v for k, v in self.model.to_dict().items()},
-            hardware={name: _hardware_entry(hw) for name, hw in self.hardware.items()},
+            hardware={name: hw.to_entry() for name, hw in self.hardware.items()},
             slo=dict(self.slo),
             workload=dict(self.workload),
             placement=self.placement,
@@ -136,19 +136,6 @@ class Plan:
 
 def _yaml(data: dict) -> str:
     return yaml.safe_dump(json.loads(json.dumps(data)), sort_keys=False, width=100)
-
-
-def _hardware_entry(hw: Hardware) -> dict[str, Any]:
-    """The catalog's units (TFLOP/s, GB/s, GiB), so a plan's hardware reads like the catalog."""
-    return {
-        "kind": hw.kind, "peak_tflops": hw.peak_flops / 1e12, "hbm_gb_s": hw.mem_bandwidth / 1e9,
-        "memory_gib": hw.memory_bytes / (1 << 30), "nvlink_gb_s": hw.intra_node_bandwidth / 1e9,
-        "network_gb_s": hw.inter_node_bandwidth / 1e9, "gpus_per_node": hw.gpus_per_node,
-        "price_per_hour": hw.price_per_hour, "power_w": hw.power_w,
-        "compute_efficiency": hw.compute_efficiency, "memory_efficiency": hw.memory_efficiency,
-        "step_overhead_ms": hw.step_overhead_s * 1e3, "link_latency_us": hw.link_latency_s * 1e6,
-        "gpu_product": hw.gpu_product,
-    }  # fmt: skip
 
 
 def _model(data: Any) -> ModelSpec:

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from cluster.placement.instance import ParallelConfig, instance_spec
+from cluster.placement.instance import ParallelConfig
 from cluster.placement.packing import pack
 from cluster.placement.plan import Plan, PoolPlan
 from cluster.placement.search import SLO, Candidate, ClusterSpec, Planner, PlanningError, Settings
@@ -176,7 +176,7 @@ def simulate_plan(plan: Plan, rates: list[float], planner: Planner) -> list[dict
     rows = []
     for rate in rates:
         reqs = planner.requests.at_rate(rate)
-        res = _simulate(planner, cand, reqs, batch)
+        res = planner.simulate(cand, reqs, batch)
         rows.append({
             "rate": rate,
             "attainment": res.attainment(planner.slo.ttft_s, planner.slo.tpot_s),
@@ -186,20 +186,3 @@ def simulate_plan(plan: Plan, rates: list[float], planner: Planner) -> list[dict
             "p90_tpot_s": float(np.quantile(res.tpot_s, 0.9)),
         })  # fmt: skip
     return rows
-
-
-def _simulate(planner: Planner, cand: Candidate, reqs, batch: dict):
-    """Like Planner.simulate, with the batch limits the plan file carries."""
-    from cluster.placement.simulator import simulate_colocated, simulate_disaggregated
-
-    def specs(role, config, n):
-        spec = instance_spec(planner.model, config, planner.source, role, batch.get(role))
-        return [spec] * n
-
-    if cand.mode == "colocated":
-        (role, config, n), = cand.pools  # fmt: skip
-        return simulate_colocated(reqs, specs(role, config, n))
-    (_, pc, n_p), (_, dc, n_d) = cand.pools
-    transfer = planner.transfer_s(pc, dc, cand.affinity)(reqs)
-    return simulate_disaggregated(reqs, specs("prefill", pc, n_p), specs("decode", dc, n_d),
-                                  transfer)  # fmt: skip

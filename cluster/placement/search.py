@@ -223,9 +223,11 @@ class Planner:
                 reasons.append(reason or f"{hw.name} TP{tp}xPP{pp}: no valid pipeline split")
         return f"no instance shape can run {self.model.name}: " + "; ".join(dict.fromkeys(reasons))
 
-    def spec(self, role: str, config: ParallelConfig):
+    def spec(self, role: str, config: ParallelConfig, batch: dict | None = None):
+        """`batch`: per-role batch token limits that override the settings (a plan file's)."""
         tokens = self.settings.chunk_tokens if role == "colocated" else None
         tokens = self.settings.prefill_max_tokens if role == "prefill" else tokens
+        tokens = (batch or {}).get(role, tokens)
         return instance_spec(self.model, config, self.source, role, tokens)
 
     def transfer_s(self, prefill: ParallelConfig, decode: ParallelConfig, affinity: str):
@@ -307,15 +309,14 @@ class Planner:
 
     # --- end-to-end ----------------------------------------------------------------------------
 
-    def simulate(self, cand: Candidate, reqs: Requests) -> SimResult:
+    def simulate(self, cand: Candidate, reqs: Requests, batch: dict | None = None) -> SimResult:
         if cand.mode == "colocated":
             (_, config, n), = cand.pools  # fmt: skip
-            return simulate_colocated(reqs, [self.spec("colocated", config)] * n)
+            return simulate_colocated(reqs, [self.spec("colocated", config, batch)] * n)
         (_, pc, n_p), (_, dc, n_d) = cand.pools
         transfer = self.transfer_s(pc, dc, cand.affinity)(reqs)
-        return simulate_disaggregated(
-            reqs, [self.spec("prefill", pc)] * n_p, [self.spec("decode", dc)] * n_d, transfer
-        )
+        prefill, decode = self.spec("prefill", pc, batch), self.spec("decode", dc, batch)
+        return simulate_disaggregated(reqs, [prefill] * n_p, [decode] * n_d, transfer)
 
     def attainment(self, cand: Candidate, rate: float, reqs: Requests | None = None) -> float:
         self.num_simulations += 1

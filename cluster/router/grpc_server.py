@@ -93,7 +93,7 @@ def _token_logprobs(chunk: StreamChunk) -> list[pb.TokenLogprob]:
     ]
 
 
-def _merge(total: pb.CompleteResponse, part: pb.GenerateResponse) -> None:
+def merge_response(total: pb.CompleteResponse, part: pb.GenerateResponse) -> None:
     """Repeated fields concatenate and set scalars overwrite (the wire format's own merge
     rule, the two messages share field numbers); only text needs joining by hand."""
     text = total.text + part.text
@@ -119,7 +119,7 @@ class PDClusterServicer(pb_grpc.PDClusterServicer):
         response = pb.CompleteResponse()
         async with self._stream(request, context) as chunks:
             async for chunk in chunks:
-                _merge(response, to_response(chunk))
+                merge_response(response, to_response(chunk))
         return response
 
     async def Abort(self, request, context) -> pb.AbortResponse:
