@@ -11,7 +11,7 @@ import torch
 from cluster.kv_transfer import KVAgentInfo, KVLayout, LayoutMismatchError
 from cluster.kv_transfer.descriptors import count_runs, run_descs
 
-SHAPE = (10, 3, 2, 16, 4, 8)  # blocks, layers, K/V, block_size, kv heads, head_dim
+SHAPE = (10, 3, 2, 4, 16, 8)  # blocks, layers, K/V, kv heads, block_size, head_dim
 
 
 def layout(**changes) -> KVLayout:
@@ -53,15 +53,57 @@ def test_check_compatible_names_every_differing_field():
         local.check_compatible(layout(dtype="float32", block_size=32))
     assert "dtype: local='bfloat16' remote='float32'" in str(err.value)
     assert "block_size: local=16 remote=32" in str(err.value)
-    with pytest.raises(LayoutMismatchError, match="tp_rank: local=0 remote=1"):
-        layout(tp_size=2).check_compatible(layout(tp_size=2, tp_rank=1))
+    # Other TP/PP shards of the same model are compatible (re-sharded), not the same shard.
+    half = layout(num_kv_heads=2, tp_size=2, tp_rank=1)
+    local.check_compatible(half)
+    assert not local.same_shard(half) and half.same_shard(layout(num_kv_heads=2, tp_size=2,
+                                                                 tp_rank=1))  # fmt: skip
+    with pytest.raises(LayoutMismatchError, match="model_layers: local=3 remote=6"):
+        local.check_compatible(layout(pp_size=2))
 
 
 def test_compat_hash():
     assert layout().compat_hash == layout(device_type="cuda").compat_hash
-    assert layout(tp_size=2).compat_hash == layout(tp_size=2, tp_rank=1).compat_hash
-    for change in ({"dtype": "float32"}, {"block_size": 8}, {"tp_size": 2}, {"head_dim": 16}):
+    assert layout(num_kv_heads=2, tp_size=2).compat_hash == layout().compat_hash
+    assert layout(num_layers=1, pp_size=3, pp_rank=2).compat_hash == layout().compat_hash
+    for change in ({"dtype": "float32"}, {"block_size": 8}, {"num_kv_heads": 8}, {"head_dim": 16}):
         assert layout(**change).compat_hash != layout().compat_hash
+
+
+def test_shard_ranges_and_validation():
+    with pytest.raises(ValueError, match="hold 3 layers"):  # 5 layers: stages of 2 and 3
+        layout(num_layers=2, pp_size=2, pp_rank=1, model_layers=5)
+    assert layout(num_layers=3, pp_size=2, pp_rank=1, model_layers=5).layer_range == (2, 5)
+    replicated = layout(num_kv_heads=1, tp_size=8, tp_rank=5, model_kv_heads=4)
+    assert replicated.head_range == (2, 3)
+
+
+def test_plan_reads_pairs_each_owner_with_the_holders():
+    from cluster.kv_transfer.reshard import Piece, merge_runs, plan_reads
+
+    def shard(tp, tr, pp=1, pr=0):
+        heads = max(4 // tp, 1)
+        return layout(num_layers=4 // pp, num_kv_heads=heads, tp_size=tp, tp_rank=tr,
+                      pp_size=pp, pp_rank=pr, model_layers=4, model_kv_heads=4)  # fmt: skip
+
+    tp2 = [shard(2, 0), shard(2, 1)]
+    assert plan_reads(shard(1, 0), tp2) == {
+        0: [Piece(0, (0, 4), (0, 2))], 1: [Piece(1, (0, 4), (2, 4))]
+    }
+    pp2 = [shard(1, 0, 2, 0), shard(1, 0, 2, 1)]
+    assert plan_reads(shard(2, 1), pp2) == {
+        0: [Piece(0, (0, 2), (2, 4))], 1: [Piece(1, (2, 4), (2, 4))]
+    }
+    # Heads replicated over 8 source ranks: the 8 decode ranks spread over the copies.
+    tp8 = [shard(8, r) for r in range(8)]
+    picks = [next(iter(plan_reads(shard(8, r), tp8))) for r in range(8)]
+    assert picks == list(range(8))
+    with pytest.raises(ValueError, match="do not hold every layer"):
+        plan_reads(shard(1, 0), [pp2[0]])
+    with pytest.raises(LayoutMismatchError):
+        plan_reads(shard(1, 0), [layout(dtype="float32")])
+    src, dst, n = merge_runs(np.array([0, 8, 32]), np.array([100, 108, 116]), np.array([8, 8, 8]))
+    assert src.tolist() == [0, 32] and dst.tolist() == [100, 116] and n.tolist() == [16, 8]
 
 
 def test_agent_info_pickles():

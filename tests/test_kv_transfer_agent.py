@@ -25,7 +25,7 @@ NUM_RUNS = 5
 
 
 def kv_shape(block_size: int) -> tuple[int, ...]:
-    return (NUM_BLOCKS, NUM_LAYERS, 2, block_size, NUM_KV_HEADS, HEAD_DIM)
+    return (NUM_BLOCKS, NUM_LAYERS, 2, NUM_KV_HEADS, block_size, HEAD_DIM)
 
 
 @ray.remote(num_cpus=0)
@@ -49,6 +49,39 @@ class KVRank:
         self.pools[name] = kv_cache
         self.agents[name] = NixlKVAgent(name, kv_cache, layerwise=layerwise)
         return self.agents[name].info()
+
+    def open_shard(self, name: str, shard: dict, seed: int | None) -> KVAgentInfo:
+        """A rank's pool of a MODEL_LAYERS x MODEL_KV_HEADS model sharded by `shard`
+        (tp_rank, tp_size, pp_rank, pp_size), filled with its slice of full_kv(seed)."""
+        from cluster.engine.parallel import kv_head_range, layer_range
+        from cluster.kv_transfer.agent import NixlKVAgent
+
+        l0, l1 = layer_range(shard["pp_rank"], shard["pp_size"], MODEL_LAYERS)
+        h0, h1 = kv_head_range(shard["tp_rank"], shard["tp_size"], MODEL_KV_HEADS)
+        kv_cache = torch.zeros(NUM_BLOCKS, l1 - l0, 2, h1 - h0, 8, HEAD_DIM)
+        if seed is not None:
+            kv_cache.copy_(full_kv(seed)[:, l0:l1, :, h0:h1])
+        self.pools[name] = kv_cache
+        self.agents[name] = NixlKVAgent(
+            name, kv_cache, **shard, model_layers=MODEL_LAYERS, model_kv_heads=MODEL_KV_HEADS
+        )
+        return self.agents[name].info()
+
+    def pull_resharded(self, name: str, infos: list, remote_ids, local_ids):
+        """Plan (reshard.plan_reads), post one READ per overlapping source, wait for all;
+        [(source agent, descriptors, state)]."""
+        from cluster.kv_transfer.reshard import plan_reads
+
+        agent = self.agents[name]
+        reads = []
+        for i, pieces in plan_reads(agent.layout, [info.layout for info in infos]).items():
+            agent.add_remote(infos[i])
+            reads.append(agent.read_pieces(infos[i].agent_name, pieces, remote_ids, local_ids))
+        for handle in reads:
+            while agent.poll(handle) == "PROC":
+                pass
+            agent.release(handle)
+        return [(h.remote_name, h.num_descs, h.state) for h in reads]
 
     def close(self, name: str) -> None:
         self.agents.pop(name).close()
@@ -93,6 +126,15 @@ class KVRank:
                 return notifs
             time.sleep(0.001)
         return []
+
+
+MODEL_LAYERS, MODEL_KV_HEADS = 4, 4
+
+
+def full_kv(seed: int) -> torch.Tensor:
+    """The whole model's KV pool (all layers, all heads, block size 8) a sharded pool slices."""
+    shape = (NUM_BLOCKS, MODEL_LAYERS, 2, MODEL_KV_HEADS, 8, HEAD_DIM)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +253,67 @@ def test_layerwise_pull_moves_only_the_asked_layers(ranks):
     with pytest.raises(ray.exceptions.RayTaskError, match="non-empty subset"):
         ray.get(decode.pull_layers.remote("decode-lw", "prefill-lw", [1], [1], [NUM_LAYERS]))
     ray.get([prefill.close.remote("prefill-lw"), decode.close.remote("decode-lw")])
+
+
+def _shards(tp: int, pp: int) -> list[dict]:
+    return [
+        {"tp_rank": r % tp, "tp_size": tp, "pp_rank": r // tp, "pp_size": pp}
+        for r in range(tp * pp)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("src_tp", "src_pp", "dst_tp", "dst_pp", "reads_per_rank"),
+    [
+        (2, 1, 1, 1, [2]),  # each source rank's heads, whole layers
+        (1, 1, 2, 1, [1, 1]),  # each decode rank its half of the heads
+        (1, 2, 2, 1, [2, 2]),  # two stages' layers, half the heads each
+        (2, 2, 4, 1, [2, 2, 2, 2]),
+        (4, 1, 1, 2, [4, 4]),
+        (2, 1, 8, 1, [1] * 8),  # 4 heads over 8 ranks: replicated on the decode side
+    ],
+)
+def test_resharded_pull_moves_exactly_each_ranks_heads_and_layers(
+    ranks, src_tp, src_pp, dst_tp, dst_pp, reads_per_rank
+):
+    """Every decode rank reads its heads and layers straight from the prefill ranks that
+    hold them (one READ per overlapping pair), scattered blocks, byte-exact against the
+    model-wide KV; nothing outside the destination blocks is written."""
+    from cluster.engine.parallel import kv_head_range, layer_range
+
+    prefill, decode = ranks
+    tag = f"{src_tp}{src_pp}{dst_tp}{dst_pp}"
+    infos = [
+        ray.get(prefill.open_shard.remote(f"rs-src{tag}-{i}", shard, seed=7))
+        for i, shard in enumerate(_shards(src_tp, src_pp))
+    ]
+    expected = full_kv(7)
+    for i, shard in enumerate(_shards(dst_tp, dst_pp)):
+        name = f"rs-dst{tag}-{i}"
+        ray.get(decode.open_shard.remote(name, shard, seed=None))
+        reads = ray.get(
+            decode.pull_resharded.remote(name, infos, REMOTE_BLOCK_IDS, LOCAL_BLOCK_IDS)
+        )
+        assert [state for *_, state in reads] == ["DONE"] * len(reads)
+        assert len(reads) == reads_per_rank[i]
+        pool = ray.get(decode.blocks.remote(name))
+        l0, l1 = layer_range(shard["pp_rank"], dst_pp, MODEL_LAYERS)
+        h0, h1 = kv_head_range(shard["tp_rank"], dst_tp, MODEL_KV_HEADS)
+        want = expected[REMOTE_BLOCK_IDS][:, l0:l1, :, h0:h1]
+        assert torch.equal(pool[LOCAL_BLOCK_IDS], want), f"decode rank {i}"
+        untouched = sorted(set(range(NUM_BLOCKS)) - set(LOCAL_BLOCK_IDS))
+        assert not pool[untouched].any()
+        ray.get(decode.close.remote(name))
+    # Re-sharded READs carry no notification: the puller sends one when all have landed.
+    assert ray.get(prefill.wait_notifications.remote(infos[0].agent_name, 0.2)) == []
+    ray.get([prefill.close.remote(info.agent_name) for info in infos])
+
+
+def test_whole_block_pull_refuses_other_shards(ranks):
+    prefill, decode = ranks
+    info = ray.get(prefill.open_shard.remote("shard-src", _shards(2, 1)[0], seed=1))
+    ray.get(decode.open_shard.remote("shard-dst", _shards(1, 1)[0], seed=None))
+    ray.get(decode.add_remote.remote("shard-dst", info))
+    with pytest.raises(ValueError, match="read_pieces"):
+        ray.get(decode.pull.remote("shard-dst", "shard-src", [1], [1], b""))
+    ray.get([prefill.close.remote("shard-src"), decode.close.remote("shard-dst")])

@@ -23,7 +23,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, size: int, port: int, model_dir: str, queue) -> None:
+def _rank_main(rank: int, size: int, port: int, model_dir: str, queue, pp: int = 1) -> None:
     import torch
 
     from cluster.engine.config import CacheConfig, EngineConfig
@@ -35,8 +35,10 @@ def _rank_main(rank: int, size: int, port: int, model_dir: str, queue) -> None:
         engine = LLMEngine(
             EngineConfig(
                 model=model_dir,
-                tensor_parallel_size=size,
-                tensor_parallel_rank=rank,
+                tensor_parallel_size=size // pp,
+                tensor_parallel_rank=rank % (size // pp),
+                pipeline_parallel_size=pp,
+                pipeline_parallel_rank=rank // (size // pp),
                 dist_init_method=f"tcp://127.0.0.1:{port}",
                 cache=CacheConfig(num_blocks=64),
             )
@@ -50,11 +52,14 @@ def _rank_main(rank: int, size: int, port: int, model_dir: str, queue) -> None:
         queue.put((rank, None, None, repr(e)))
 
 
-def run_tp(model_dir: str, size: int) -> list:
+def run_tp(model_dir: str, size: int, pp: int = 1) -> list:
+    """Run PROMPTS on an instance of `size` ranks in `pp` stages, one process per rank;
+    [(rank, token ids, KV pool shape, error)] sorted by rank."""
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), _free_port()
     procs = [
-        ctx.Process(target=_rank_main, args=(r, size, port, model_dir, queue)) for r in range(size)
+        ctx.Process(target=_rank_main, args=(r, size, port, model_dir, queue, pp))
+        for r in range(size)
     ]
     for p in procs:
         p.start()
@@ -79,7 +84,38 @@ def test_tp_equals_tp1_and_transformers(tiny_model_dir, size):
     for rank, out, shape, _ in results:
         assert out == expected, f"rank {rank}"
         # Each rank caches only its KV heads: 2 KV heads split (TP=2) or one each (TP=4).
-        assert shape[4] == 1
+        assert shape[3] == 1
+
+
+@pytest.mark.parametrize(("size", "pp"), [(2, 2), (4, 2), (4, 4)])
+def test_pipeline_parallel_equals_tp1_and_transformers(tiny_model_dir, size, pp):
+    """PP=2 (two layers a stage), TP=2 x PP=2, PP=4 (one layer a stage): every rank's
+    replica sees the same tokens, each stage caches only its layers."""
+    expected = hf_greedy(str(tiny_model_dir), PROMPTS, MAX_TOKENS)
+    for rank, out, shape, _ in run_tp(str(tiny_model_dir), size, pp):
+        assert out == expected, f"rank {rank}"
+        assert shape[1] == 4 // pp  # the tiny model's 4 layers, split over the stages
+        assert shape[3] == 2 // (size // pp)  # 2 KV heads over the stage's TP ranks
+
+
+def test_microbatches_split_a_step_by_tokens():
+    from cluster.engine.model_runner import split_microbatches
+    from cluster.engine.request import Request
+    from cluster.engine.sampling_params import SamplingParams
+    from cluster.engine.scheduler import SchedulerOutput
+
+    plan = SchedulerOutput()
+    for i, n in enumerate([1, 1, 1, 1, 60, 4]):
+        r = Request(f"r{i}", list(range(3, 3 + n)), SamplingParams())
+        plan.requests.append(r)
+        plan.num_scheduled_tokens[r.request_id] = n
+    parts = split_microbatches(plan, 2)
+    assert [[r.request_id for r in p.requests] for p in parts] == [
+        ["r0", "r1", "r2", "r3", "r4"], ["r5"]
+    ]
+    assert sum(p.total_num_tokens for p in parts) == plan.total_num_tokens
+    assert len(split_microbatches(plan, 8)) <= 6  # never an empty micro-batch
+    assert all(p.requests for p in split_microbatches(plan, 8))
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama-linear-rope-tied"])
@@ -88,6 +124,9 @@ def test_tp2_on_other_families(family_model_dir, family):
     expected = hf_greedy(model_dir, PROMPTS, MAX_TOKENS)
     for _, out, _, _ in run_tp(model_dir, 2):
         assert out == expected
+    if family == "llama-linear-rope-tied":  # the tied head on the last stage, not the first
+        for _, out, _, _ in run_tp(model_dir, 2, pp=2):
+            assert out == expected
 
 
 def test_tp_refuses_bad_settings(tiny_model_dir):

@@ -6,8 +6,8 @@ The flattened batch is laid out decodes first (one token each), then prefill chu
     tokens  [ d0 d1 ... d(B-1) | p0 p0 p0 ... | p1 p1 ... ]
              decode_* fields      prefills[0]    prefills[1]
 
-One layer's cache view is [num_blocks, 2, block_size, num_kv_heads, head_dim] (K at 0, V at
-1); slot_block_ids/slot_offsets say where each new token's K/V goes. Keys are written before
+One layer's cache view is [num_blocks, 2, num_kv_heads, block_size, head_dim] (K at 0, V at
+1; heads before tokens, so a head range of a block is contiguous); slot_block_ids/slot_offsets say where each new token's K/V goes. Keys are written before
 any query reads, so a chunk sees its own tokens and a prefix block filled earlier in the
 same step.
 """
@@ -72,8 +72,8 @@ class TorchPagedAttention:
     ) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]."""
         k_cache, v_cache = kv_layer[:, 0], kv_layer[:, 1]
-        k_cache[meta.slot_block_ids, meta.slot_offsets] = k
-        v_cache[meta.slot_block_ids, meta.slot_offsets] = v
+        k_cache[meta.slot_block_ids, :, meta.slot_offsets] = k
+        v_cache[meta.slot_block_ids, :, meta.slot_offsets] = v
         out = torch.empty_like(q)
         if meta.num_decodes:
             out[: meta.num_decodes] = self._decode(q[: meta.num_decodes], k_cache, v_cache, meta)
@@ -90,11 +90,8 @@ class TorchPagedAttention:
 
     def _decode_group(self, q, k_cache, v_cache, group: DecodeGroup) -> torch.Tensor:
         num_seqs, max_blocks = group.block_tables.shape
-        shape = (num_seqs, max_blocks * k_cache.shape[1], self.num_kv_heads, self.head_dim)
-        flat_ids = group.block_tables.flatten()
-        # index_select on dim 0 copies whole blocks; advanced indexing is ~4x slower here
-        keys = k_cache.index_select(0, flat_ids).view(shape)[:, : group.ctx_len].transpose(1, 2)
-        values = v_cache.index_select(0, flat_ids).view(shape)[:, : group.ctx_len].transpose(1, 2)
+        keys = _gather(k_cache, group.block_tables.flatten(), num_seqs)[..., : group.ctx_len, :]
+        values = _gather(v_cache, group.block_tables.flatten(), num_seqs)[..., : group.ctx_len, :]
         # Fold each kv head's query heads into the query length: one [G, L] matmul per kv
         # head instead of SDPA's GQA expansion.
         group_size = self.num_heads // self.num_kv_heads
@@ -103,18 +100,26 @@ class TorchPagedAttention:
         return out.reshape(num_seqs, self.num_heads, self.head_dim)
 
     def _prefill(self, q, k_cache, v_cache, chunk: PrefillChunk) -> torch.Tensor:
-        shape = (-1, self.num_kv_heads, self.head_dim)
-        keys = k_cache.index_select(0, chunk.block_ids).view(shape)[: chunk.ctx_len]
-        values = v_cache.index_select(0, chunk.block_ids).view(shape)[: chunk.ctx_len]
+        keys = _gather(k_cache, chunk.block_ids, 1)[0, :, : chunk.ctx_len]
+        values = _gather(v_cache, chunk.block_ids, 1)[0, :, : chunk.ctx_len]
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1),
-            keys.transpose(0, 1),
-            values.transpose(0, 1),
+            keys,
+            values,
             attn_mask=chunk.mask,
             is_causal=chunk.mask is None,
             enable_gqa=True,
         )
         return out.transpose(0, 1)
+
+
+def _gather(cache: torch.Tensor, block_ids: torch.Tensor, num_seqs: int) -> torch.Tensor:
+    """[num_seqs, heads, tokens, head_dim] keys (or values) of the blocks, num_seqs equal runs
+    of block_ids: whole blocks copied out (index_select on dim 0, the fast path), then each
+    head's tokens put side by side."""
+    heads, block_size, head_dim = cache.shape[1:]
+    picked = cache.index_select(0, block_ids).view(num_seqs, -1, heads, block_size, head_dim)
+    return picked.transpose(1, 2).reshape(num_seqs, heads, -1, head_dim)
 
 
 BACKENDS = {"torch": TorchPagedAttention}

@@ -200,10 +200,13 @@ class EngineConfig:
     # "model": the real forward pass. "noop": no model work at all (deterministic tokens,
     # KV untouched) to measure what serving around the engine costs (`cluster bench router`).
     model_runner: str = "model"
-    # Tensor parallelism: this process is rank `tensor_parallel_rank` of an instance of
-    # `tensor_parallel_size` ranks meeting at `dist_init_method` (cluster/engine/parallel.py).
+    # Parallelism: this process is tensor-parallel rank `tensor_parallel_rank` of pipeline
+    # stage `pipeline_parallel_rank` of an instance of tensor_parallel_size x
+    # pipeline_parallel_size ranks meeting at `dist_init_method` (cluster/engine/parallel.py).
     tensor_parallel_size: int = 1
     tensor_parallel_rank: int = 0
+    pipeline_parallel_size: int = 1
+    pipeline_parallel_rank: int = 0
     dist_init_method: str = ""
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -220,10 +223,27 @@ class EngineConfig:
                 f"tensor_parallel_rank must be in [0, {self.tensor_parallel_size}), "
                 f"got {self.tensor_parallel_rank}"
             )
-        if self.tensor_parallel_size > 1 and not self.dist_init_method:
-            raise ValueError("tensor_parallel_size > 1 needs dist_init_method (tcp://host:port)")
+        if not 0 <= self.pipeline_parallel_rank < self.pipeline_parallel_size:
+            raise ValueError(
+                f"pipeline_parallel_rank must be in [0, {self.pipeline_parallel_size}), "
+                f"got {self.pipeline_parallel_rank}"
+            )
+        if self.world_size > 1 and not self.dist_init_method:
+            raise ValueError(
+                "tensor_parallel_size x pipeline_parallel_size > 1 needs dist_init_method "
+                "(tcp://host:port)"
+            )
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of the instance."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def global_rank(self) -> int:
+        return self.pipeline_parallel_rank * self.tensor_parallel_size + self.tensor_parallel_rank
 
     def torch_dtype(self, model: ModelConfig) -> torch.dtype:
         """fp32 on CPU unless asked (bf16 matmuls are slow there); the checkpoint's on CUDA."""

@@ -1,12 +1,16 @@
 """Model runner: owns the weights and the paged KV tensor, turns a scheduler plan into input
 tensors, runs the forward pass and samples. The only engine part that touches tensors.
 
-The KV pool is one tensor, block-major:
+The KV pool is one tensor, block-major, heads before tokens within a block (vLLM's "HND"):
 
-    kv_cache[num_blocks, num_layers, 2 (K, V), block_size, num_kv_heads, head_dim]
+    kv_cache[num_blocks, num_layers, 2 (K, V), num_kv_heads, block_size, head_dim]
 
-so one block of one request is one contiguous region across all layers: the KV transfer
-layer moves a block with a single descriptor. Layer l sees the strided view kv_cache[:, l].
+so one block of one request is one contiguous region across all layers (the KV transfer layer
+moves a block with a single descriptor), and any range of heads of one layer's K or V of a
+block is contiguous too (a pull between different tensor-parallel layouts moves each rank's
+heads with one descriptor per block, layer and K/V; kv_transfer/reshard.py). Layer l sees the
+strided view kv_cache[:, l]. With tensor or pipeline parallelism a rank's pool holds only its
+heads and its stage's layers.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from cluster.engine.attention import AttentionMetadata, DecodeGroup, PrefillChun
 from cluster.engine.config import CacheConfig, EngineConfig, ModelConfig
 from cluster.engine.kv_pool import allocate_kv_pool
 from cluster.engine.models.loader import load_model
-from cluster.engine.parallel import init_tp
+from cluster.engine.parallel import init_parallel, world_min
 from cluster.engine.request import Request
 from cluster.engine.sampler import Sampler, SamplerOutput
 from cluster.engine.scheduler import SchedulerOutput
@@ -43,32 +47,37 @@ class ModelRunner:
         self.model_config = model_config
         self.block_size = config.cache.block_size
         self.sliding_window = model_config.sliding_window
-        self.tp = init_tp(config.tensor_parallel_rank, config.tensor_parallel_size,
-                          config.dist_init_method, self.device)  # fmt: skip
+        self.tp, self.pp = init_parallel(
+            config.tensor_parallel_rank, config.tensor_parallel_size,
+            config.pipeline_parallel_rank, config.pipeline_parallel_size,
+            config.dist_init_method, self.device,
+        )  # fmt: skip
+        self.layer_range = self.pp.layers(model_config.num_layers)
+        self.num_layers = self.layer_range[1] - self.layer_range[0]  # this stage's
         q0, q1 = self.tp.split(model_config.num_heads)
         k0, k1 = self.tp.kv_heads(model_config.num_kv_heads)
         self.num_kv_heads = k1 - k0  # this rank's KV heads: its cache holds only those
         backend_cls = get_backend(config.attention_backend, self.device)
         backend = backend_cls(q1 - q0, self.num_kv_heads, model_config.head_dim)
         self.model = load_model(
-            model_config, backend, self.dtype, self.device, max_model_len, self.tp
+            model_config, backend, self.dtype, self.device, max_model_len, self.tp, self.pp
         )
-        self.num_blocks = self._num_blocks(config.cache)
+        # Every rank's scheduler must hand out the same block ids: the smallest pool wins.
+        self.num_blocks = world_min(self._num_blocks(config.cache), self.device)
         self.kv_cache = allocate_kv_pool(self.kv_cache_shape, self.dtype, self.device)
-        self.kv_layers = [self.kv_cache[:, i] for i in range(model_config.num_layers)]
+        self.kv_layers = [self.kv_cache[:, i] for i in range(self.num_layers)]
         self.sampler = Sampler()
 
     @property
     def kv_cache_shape(self) -> tuple[int, ...]:
         m = self.model_config
-        return (self.num_blocks, m.num_layers, 2, self.block_size, self.num_kv_heads, m.head_dim)
+        return (self.num_blocks, self.num_layers, 2, self.num_kv_heads, self.block_size, m.head_dim)
 
     @property
     def block_bytes(self) -> int:
         m = self.model_config
-        return (
-            m.kv_bytes_per_token(self.dtype) * self.num_kv_heads // m.num_kv_heads * self.block_size
-        )
+        per_token = 2 * self.num_layers * self.num_kv_heads * m.head_dim
+        return per_token * self.dtype.itemsize * self.block_size
 
     def _num_blocks(self, cache: CacheConfig) -> int:
         if cache.num_blocks is not None:
@@ -95,14 +104,45 @@ class ModelRunner:
         generators: dict[str, torch.Generator],
     ) -> tuple[list[Request], SamplerOutput | None]:
         """Run one step; return the requests that got a token and what was sampled."""
+        if self.pp.size > 1:
+            return self._execute_pipelined(plan, block_tables, generators)
         inp = self.prepare(plan, block_tables)
         hidden = self.model(inp.input_ids, inp.positions, self.kv_layers, inp.meta)
         if not inp.sample_requests:
             return [], None
-        logits = self.model.compute_logits(hidden[inp.sample_indices])
-        params = [r.params for r in inp.sample_requests]
-        gens = [generators.get(r.request_id) for r in inp.sample_requests]
-        return inp.sample_requests, self.sampler(logits, params, gens)
+        return inp.sample_requests, self._sample(hidden[inp.sample_indices],
+                                                 inp.sample_requests, generators)  # fmt: skip
+
+    def _sample(self, hidden: torch.Tensor, requests: list[Request], generators) -> SamplerOutput:
+        logits = self.model.compute_logits(hidden)
+        gens = [generators.get(r.request_id) for r in requests]
+        return self.sampler(logits, [r.params for r in requests], gens)
+
+    def _execute_pipelined(self, plan, block_tables, generators):
+        """This stage's part of one step, micro-batch by micro-batch (parallel.py): receive,
+        run the stage's layers, send on without waiting; the last stage samples and every
+        rank gets the tokens."""
+        inputs = [self.prepare(mb, block_tables) for mb in split_microbatches(plan, self.pp.size)]
+        hidden_size = self.model_config.hidden_size
+        sends, last_hidden = [], []
+        for inp in inputs:
+            x = None
+            if not self.pp.is_first:
+                x = self.pp.recv((len(inp.input_ids), hidden_size), self.dtype, self.device)
+            h = self.model(inp.input_ids, inp.positions, self.kv_layers, inp.meta, hidden=x)
+            if not self.pp.is_last:
+                sends.append(self.pp.send(h))
+            elif len(inp.sample_indices):
+                last_hidden.append(h[inp.sample_indices])
+        for work in sends:
+            work.wait()
+        requests = [r for inp in inputs for r in inp.sample_requests]
+        if not requests:
+            return [], None
+        result = None
+        if self.pp.is_last:
+            result = self._sample(torch.cat(last_hidden), requests, generators)
+        return requests, self.pp.broadcast_from_last(result)
 
     def prepare(self, plan: SchedulerOutput, block_tables: dict[str, list[int]]) -> ModelInput:
         """Flatten the plan (decodes first, as the scheduler ordered it) into tensors."""
@@ -184,6 +224,26 @@ class ModelRunner:
                 mask &= k_pos > q_pos - window
         block_ids = torch.tensor(table, dtype=torch.long, device=self.device)
         return PrefillChunk(q_start, q_len, ctx_len, block_ids, mask)
+
+
+def split_microbatches(plan: SchedulerOutput, num: int) -> list[SchedulerOutput]:
+    """Cut a step's plan into up to `num` micro-batches of consecutive requests with about
+    equal token counts (decodes stay first in each, as the attention layout wants)."""
+    total = plan.total_num_tokens
+    out: list[SchedulerOutput] = []
+    current = SchedulerOutput()
+    done = 0
+    for request in plan.requests:
+        n = plan.num_scheduled_tokens[request.request_id]
+        current.requests.append(request)
+        current.num_scheduled_tokens[request.request_id] = n
+        done += n
+        if done * num >= total * (len(out) + 1) and len(out) < num - 1:
+            out.append(current)
+            current = SchedulerOutput()
+    if current.requests:
+        out.append(current)
+    return out
 
 
 def bucket_by_length(

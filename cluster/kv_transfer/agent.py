@@ -34,6 +34,7 @@ import torch
 from cluster.kv_transfer.agent_info import KVAgentInfo
 from cluster.kv_transfer.descriptors import check_block_ids, count_runs, run_descs
 from cluster.kv_transfer.layout import KVLayout
+from cluster.kv_transfer.reshard import Piece, piece_descs
 
 XferState = Literal["DONE", "PROC", "ERR"]
 
@@ -95,6 +96,14 @@ def _make_nixl_agent(name: str, progress_delay_us: int) -> Any:
     return agent
 
 
+def _descs(base: int, offsets: np.ndarray, lengths: np.ndarray, device_id: int) -> np.ndarray:
+    descs = np.empty((len(offsets), 3), dtype=np.uint64)
+    descs[:, 0] = np.uint64(base) + offsets.astype(np.uint64)
+    descs[:, 1] = lengths.astype(np.uint64)
+    descs[:, 2] = device_id
+    return descs
+
+
 @dataclass(slots=True)
 class TransferHandle:
     remote_name: str
@@ -113,9 +122,15 @@ class NixlKVAgent:
         tp_size: int = 1,
         progress_delay_us: int = 10_000,
         layerwise: bool = False,
+        pp_rank: int = 0,
+        pp_size: int = 1,
+        model_layers: int = 0,
+        model_kv_heads: int = 0,
     ) -> None:
         self.name = name
-        self.layout = KVLayout.from_tensor(kv_cache, tp_rank, tp_size)
+        self.layout = KVLayout.from_tensor(
+            kv_cache, tp_rank, tp_size, pp_rank, pp_size, model_layers, model_kv_heads
+        )
         self.num_blocks = kv_cache.shape[0]
         self.base_addr = kv_cache.data_ptr()
         self.device_id = max(kv_cache.get_device(), 0)
@@ -182,14 +197,20 @@ class NixlKVAgent:
         if name != info.agent_name:
             self._nixl.remove_remote_agent(name)
             raise ValueError(f"metadata is of agent {name!r}, info says {info.agent_name!r}")
-        self._remote_dlists[name] = self._prep_blocks(
-            name, info.base_addr, info.num_blocks, info.device_id, info.mem_type
-        )
-        if self.layerwise:
-            self._remote_layer_dlists[name] = self._prep_layers(
+        self._remotes[name] = info
+        if not self.layout.same_shard(info.layout):  # re-sharded pulls build their own lists
+            return name
+        try:
+            self._remote_dlists[name] = self._prep_blocks(
                 name, info.base_addr, info.num_blocks, info.device_id, info.mem_type
             )
-        self._remotes[name] = info
+            if self.layerwise:
+                self._remote_layer_dlists[name] = self._prep_layers(
+                    name, info.base_addr, info.num_blocks, info.device_id, info.mem_type
+                )
+        except KVTransferError:
+            self._remove_remote(name)
+            raise
         return name
 
     def _prep_blocks(self, agent: str, base: int, num_blocks: int, dev: int, mem: str) -> Any:
@@ -234,6 +255,11 @@ class NixlKVAgent:
         """Post a READ of remote_block_ids[i] into local_block_ids[i] for every i; NIXL sends
         `notif` to the remote once all of it has landed. Poll the handle, then release it."""
         remote = self._remote(remote_name)
+        if not self.layout.same_shard(remote.layout):
+            raise ValueError(
+                f"{remote_name!r} holds other layers or heads than this pool: re-shard with "
+                "read_pieces (kv_transfer/reshard.py)"
+            )
         self._check_pull(remote, remote_block_ids, local_block_ids)
         src = np.asarray(remote_block_ids, dtype=np.int32)
         dst = np.asarray(local_block_ids, dtype=np.int32)
@@ -272,6 +298,41 @@ class NixlKVAgent:
             except _NIXL_ERRORS as e:
                 raise KVTransferError(f"cannot READ from {remote_name!r}: {e!r}") from e
         return TransferHandle(remote_name, num_bytes, count_runs(src, dst), xfer, state)
+
+    def read_pieces(
+        self,
+        remote_name: str,
+        pieces: Sequence[Piece],
+        remote_block_ids: Sequence[int],
+        local_block_ids: Sequence[int],
+        notif: bytes = b"",
+    ) -> TransferHandle:
+        """One READ of the layers and heads `pieces` name (reshard.plan_reads) of each remote
+        block into the matching local block, for pools of different TP/PP layouts. No
+        notification unless `notif`: a re-sharded pull is several READs, and the holder frees
+        on the one message the puller sends when all have landed."""
+        remote = self._remote(remote_name)
+        self._check_pull(remote, remote_block_ids, local_block_ids)
+        src, dst, lengths = piece_descs(
+            pieces, remote.layout, self.layout, remote_block_ids, local_block_ids
+        )
+        with self._lock:
+            try:
+                xfer = self._nixl.initialize_xfer(
+                    "READ",
+                    self._nixl.get_xfer_descs(
+                        _descs(self.base_addr, dst, lengths, self.device_id), self.mem_type
+                    ),
+                    self._nixl.get_xfer_descs(
+                        _descs(remote.base_addr, src, lengths, remote.device_id), remote.mem_type
+                    ),
+                    remote_name,
+                    notif,
+                )
+                state = self._nixl.transfer(xfer)
+            except _NIXL_ERRORS as e:
+                raise KVTransferError(f"cannot READ from {remote_name!r}: {e!r}") from e
+        return TransferHandle(remote_name, int(lengths.sum()), len(lengths), xfer, state)
 
     def send_notification(self, remote_name: str, message: bytes) -> None:
         """A message to a remote agent we know (its get_notifications returns it): prefill

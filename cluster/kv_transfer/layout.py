@@ -1,23 +1,24 @@
-"""KV layout: the shape of one engine's paged KV pool as the transfer layer sees it, and the
-rule for when a block read from one pool means the same thing in another.
+"""KV layout: the shape of one engine rank's paged KV pool as the transfer layer sees it, which
+part of the model's KV it holds, and the rule for when blocks of one pool can be read into
+another.
 
-The model runner keeps the pool as one block-major tensor
+The model runner keeps a rank's pool as one block-major tensor, heads before tokens:
 
-    kv_cache[num_blocks, num_layers, 2 (K, V), block_size, num_kv_heads, head_dim]
+    kv_cache[num_blocks, num_layers, 2 (K, V), num_kv_heads, block_size, head_dim]
 
 so block i is the contiguous byte range [i * block_bytes, (i + 1) * block_bytes) from the
-tensor's base, all layers included. A pull copies those bytes verbatim, which is only right
-when both sides agree on every field that shapes them:
+tensor's base, all of the rank's layers included, and heads [h0, h1) of one layer's K (or V)
+of a block are one contiguous range too. A rank of a tensor/pipeline-parallel instance holds
+the layers of its stage and the KV heads of its TP rank (parallel.py says which):
 
-    must match (in compat_hash)   num_layers, num_kv_heads, head_dim, block_size, dtype,
-                                  memory_layout, tp_size
-    may differ                    device_type: UCX moves DRAM<->VRAM, the bytes are the same
-    pairing, not layout           tp_rank: one instance's ranks share a hash (so the router
-                                  can compare instances) but a pull is rank r <- rank r, so
-                                  check_compatible also demands equal tp_rank
-
-num_kv_heads is per rank (the tensor's own head dimension). tp_size is hashed because two
-pools with equal per-rank heads but different TP hold different head shards per rank.
+    must match (in compat_hash)   model_layers, model_kv_heads, head_dim, block_size, dtype,
+                                  memory_layout: then any rank's blocks can be re-sharded
+                                  into any other's (kv_transfer/reshard.py)
+    may differ                    tp/pp sizes and ranks (which heads and layers a pool
+                                  holds); device_type: UCX moves DRAM<->VRAM, the bytes are
+                                  the same
+    whole-block pulls             need the same shard on both sides (same_shard): block i
+                                  then means the same bytes in both pools
 """
 
 from __future__ import annotations
@@ -27,18 +28,19 @@ from dataclasses import dataclass
 
 import torch
 
-MEMORY_LAYOUTS = ("block_major",)
+from cluster.engine.parallel import kv_head_range, layer_range
+
+MEMORY_LAYOUTS = ("block_major_hnd",)
 DEVICE_TYPES = ("cpu", "cuda")
 _HASHED_FIELDS = (
-    "num_layers",
-    "num_kv_heads",
+    "model_layers",
+    "model_kv_heads",
     "head_dim",
     "block_size",
     "dtype",
     "memory_layout",
-    "tp_size",
 )
-_CHECKED_FIELDS = (*_HASHED_FIELDS, "tp_rank")
+_SHARD_FIELDS = ("tp_size", "tp_rank", "pp_size", "pp_rank")
 
 
 class LayoutMismatchError(ValueError):
@@ -47,18 +49,27 @@ class LayoutMismatchError(ValueError):
 
 @dataclass(slots=True, frozen=True)
 class KVLayout:
-    num_layers: int
-    num_kv_heads: int
+    num_layers: int  # in this pool (its stage's)
+    num_kv_heads: int  # in this pool (its TP rank's)
     head_dim: int
     block_size: int
     dtype: str  # torch dtype name without the "torch." prefix, e.g. "bfloat16"
     device_type: str
     tp_rank: int = 0
     tp_size: int = 1
-    memory_layout: str = "block_major"
+    memory_layout: str = "block_major_hnd"
+    pp_rank: int = 0
+    pp_size: int = 1
+    model_layers: int = 0  # the model's; 0: num_layers (one stage)
+    model_kv_heads: int = 0  # the model's; 0: num_kv_heads * tp_size (no replication)
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "num_kv_heads", "head_dim", "block_size", "tp_size"):
+        if not self.model_layers:
+            object.__setattr__(self, "model_layers", self.num_layers * self.pp_size)
+        if not self.model_kv_heads:
+            object.__setattr__(self, "model_kv_heads", self.num_kv_heads * self.tp_size)
+        for name in ("num_layers", "num_kv_heads", "head_dim", "block_size", "tp_size",
+                     "pp_size"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"KVLayout.{name} must be >= 1, got {getattr(self, name)}")
         if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
@@ -67,20 +78,40 @@ class KVLayout:
             raise ValueError(f"KVLayout.device_type must be one of {DEVICE_TYPES}")
         if not 0 <= self.tp_rank < self.tp_size:
             raise ValueError(f"KVLayout.tp_rank {self.tp_rank} outside [0, {self.tp_size})")
+        if not 0 <= self.pp_rank < self.pp_size:
+            raise ValueError(f"KVLayout.pp_rank {self.pp_rank} outside [0, {self.pp_size})")
         if self.memory_layout not in MEMORY_LAYOUTS:
             raise ValueError(f"KVLayout.memory_layout must be one of {MEMORY_LAYOUTS}")
+        l0, l1 = self.layer_range
+        h0, h1 = self.head_range
+        if (l1 - l0, h1 - h0) != (self.num_layers, self.num_kv_heads):
+            raise ValueError(
+                f"KVLayout: pp rank {self.pp_rank}/{self.pp_size} of {self.model_layers} layers "
+                f"and tp rank {self.tp_rank}/{self.tp_size} of {self.model_kv_heads} KV heads "
+                f"hold {l1 - l0} layers and {h1 - h0} heads, not {self.num_layers} and "
+                f"{self.num_kv_heads}"
+            )
 
     @classmethod
-    def from_tensor(cls, kv_cache: torch.Tensor, tp_rank: int = 0, tp_size: int = 1) -> KVLayout:
-        """The layout of an engine KV pool (see the module docstring for the shape)."""
+    def from_tensor(
+        cls,
+        kv_cache: torch.Tensor,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        pp_rank: int = 0,
+        pp_size: int = 1,
+        model_layers: int = 0,
+        model_kv_heads: int = 0,
+    ) -> KVLayout:
+        """The layout of an engine rank's KV pool (see the module docstring for the shape)."""
         if kv_cache.dim() != 6 or kv_cache.shape[2] != 2:
             raise ValueError(
-                "expected kv_cache[num_blocks, num_layers, 2, block_size, num_kv_heads, "
+                "expected kv_cache[num_blocks, num_layers, 2, num_kv_heads, block_size, "
                 f"head_dim], got shape {tuple(kv_cache.shape)}"
             )
         if not kv_cache.is_contiguous():
             raise ValueError("kv_cache must be contiguous: a block is one byte range")
-        _, num_layers, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+        _, num_layers, _, num_kv_heads, block_size, head_dim = kv_cache.shape
         return cls(
             num_layers=num_layers,
             num_kv_heads=num_kv_heads,
@@ -90,36 +121,60 @@ class KVLayout:
             device_type=kv_cache.device.type,
             tp_rank=tp_rank,
             tp_size=tp_size,
+            pp_rank=pp_rank,
+            pp_size=pp_size,
+            model_layers=model_layers,
+            model_kv_heads=model_kv_heads,
         )
+
+    @property
+    def layer_range(self) -> tuple[int, int]:
+        """[start, end) of the model's layers in this pool."""
+        return layer_range(self.pp_rank, self.pp_size, self.model_layers)
+
+    @property
+    def head_range(self) -> tuple[int, int]:
+        """[start, end) of the model's KV heads in this pool."""
+        return kv_head_range(self.tp_rank, self.tp_size, self.model_kv_heads)
 
     @property
     def element_bytes(self) -> int:
         return getattr(torch, self.dtype).itemsize
 
     @property
+    def head_bytes(self) -> int:
+        """One head's K (or V) of one layer of one block."""
+        return self.block_size * self.head_dim * self.element_bytes
+
+    @property
     def layer_bytes(self) -> int:
         """One layer's K and V of one block."""
-        return 2 * self.block_size * self.num_kv_heads * self.head_dim * self.element_bytes
+        return 2 * self.num_kv_heads * self.head_bytes
 
     @property
     def block_bytes(self) -> int:
-        """One block across all layers: the unit a pull moves."""
+        """One block across all layers: the unit a whole-block pull moves."""
         return self.num_layers * self.layer_bytes
 
     @property
     def compat_hash(self) -> str:
         """Stable across processes and Python versions (unlike hash()): equal for every
-        rank of every instance whose blocks can be pulled into each other."""
+        rank of every instance of the same model whose KV can be moved into each other."""
         canonical = ";".join(f"{name}={getattr(self, name)}" for name in _HASHED_FIELDS)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def check_compatible(self, remote: KVLayout) -> None:
-        """Raise LayoutMismatchError naming every field that forbids pulling `remote`'s
-        blocks into ours."""
+        """Raise LayoutMismatchError naming every field that forbids moving `remote`'s KV
+        into ours (re-sharded if need be)."""
         diffs = [
             f"{name}: local={getattr(self, name)!r} remote={getattr(remote, name)!r}"
-            for name in _CHECKED_FIELDS
+            for name in _HASHED_FIELDS
             if getattr(self, name) != getattr(remote, name)
         ]
         if diffs:
             raise LayoutMismatchError("incompatible KV layouts: " + "; ".join(diffs))
+
+    def same_shard(self, remote: KVLayout) -> bool:
+        """True when both pools hold the same layers and heads: block i of one is block i of
+        the other, byte for byte."""
+        return all(getattr(self, f) == getattr(remote, f) for f in _SHARD_FIELDS)

@@ -17,9 +17,10 @@ from torch import nn
 
 from cluster.engine.attention import AttentionMetadata, TorchPagedAttention
 from cluster.engine.config import ModelConfig
-from cluster.engine.parallel import TPGroup
+from cluster.engine.parallel import PPStage, TPGroup
 
 _SINGLE = TPGroup()
+_ONE_STAGE = PPStage()
 
 
 class RMSNorm(nn.Module):
@@ -153,29 +154,42 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    """One pipeline stage of the model (the whole model when pp = 1): the embedding on the
+    first stage (and on the last when the head is tied to it), its layers, and the final norm
+    and head on the last stage."""
+
     def __init__(self, config: ModelConfig, backend: TorchPagedAttention, max_len: int,
-                 tp: TPGroup = _SINGLE):  # fmt: skip
+                 tp: TPGroup = _SINGLE, pp: PPStage = _ONE_STAGE):  # fmt: skip
         super().__init__()
-        self.config, self.tp = config, tp
+        self.config, self.tp, self.pp = config, tp, pp
         rotary = RotaryEmbedding(config, max_len)
-        if tp.size == 1:
-            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        else:
-            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
-        self.layers = nn.ModuleList(
-            DecoderLayer(config, rotary, backend, tp) for _ in range(config.num_layers)
+        if pp.is_first or (pp.is_last and config.tie_word_embeddings):
+            if tp.size == 1:
+                self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+            else:
+                self.embed_tokens = VocabParallelEmbedding(
+                    config.vocab_size, config.hidden_size, tp
+                )
+        self.layer_range = pp.layers(config.num_layers)
+        # Keyed by the model-wide index so parameter names stay the checkpoint's.
+        self.layers = nn.ModuleDict(
+            {str(i): DecoderLayer(config, rotary, backend, tp) for i in range(*self.layer_range)}
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        if not config.tie_word_embeddings:
-            rows = tp.padded_split(config.vocab_size)[2]
-            self.lm_head = nn.Linear(config.hidden_size, rows, bias=False)
+        if pp.is_last:
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            if not config.tie_word_embeddings:
+                rows = tp.padded_split(config.vocab_size)[2]
+                self.lm_head = nn.Linear(config.hidden_size, rows, bias=False)
         self.rotary = rotary
 
-    def forward(self, input_ids, positions, kv_layers, meta: AttentionMetadata) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
-        for layer, kv_layer in zip(self.layers, kv_layers, strict=True):
+    def forward(self, input_ids, positions, kv_layers, meta: AttentionMetadata,
+                hidden: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """Token ids in (first stage) or the previous stage's hidden states; the next
+        stage's input out, or the final normed hidden states on the last stage."""
+        x = self.embed_tokens(input_ids) if hidden is None else hidden
+        for layer, kv_layer in zip(self.layers.values(), kv_layers, strict=True):
             x = layer(positions, x, kv_layer, meta)
-        return self.norm(x)
+        return self.norm(x) if self.pp.is_last else x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = (

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from cluster.engine.attention import TorchPagedAttention
 from cluster.engine.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from cluster.engine.models.llama import LlamaForCausalLM
-from cluster.engine.parallel import TPGroup
+from cluster.engine.parallel import PPStage, TPGroup
 
 MODEL_CLASSES = {arch: LlamaForCausalLM for arch in SUPPORTED_ARCHITECTURES}
 
@@ -39,10 +39,13 @@ def load_model(
     device: torch.device,
     max_len: int,
     tp: TPGroup | None = None,
+    pp: PPStage | None = None,
 ) -> LlamaForCausalLM:
     checkpoint = SafetensorsCheckpoint(config.path)
     with torch.device(device):
-        model = MODEL_CLASSES[config.architecture](config, backend, max_len, tp or TPGroup())
+        model = MODEL_CLASSES[config.architecture](
+            config, backend, max_len, tp or TPGroup(), pp or PPStage()
+        )
     model.load_weights(checkpoint.get)
     # RoPE tables were computed in fp32; casting them now equals transformers' per-step cast.
     return model.to(dtype=dtype).eval()
