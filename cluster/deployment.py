@@ -35,9 +35,10 @@ _ENGINE_KEYS = {
     "attention_backend",
     "model_runner",
     "tensor_parallel_size",
+    "pipeline_parallel_size",
 }
 ENGINE_OPTIONS = sorted(_CACHE_KEYS | _SCHEDULER_KEYS | _ENGINE_KEYS)
-RAY_NAMESPACE = "pd-cluster"
+from cluster.ranks import RAY_NAMESPACE  # noqa: E402 - one name for the ranks too
 
 
 @dataclass(slots=True)
@@ -120,7 +121,8 @@ class DeploymentConfig:
         cache = CacheConfig(**{k: v for k, v in options.items() if k in _CACHE_KEYS})
         scheduler = SchedulerConfig(**{k: v for k, v in options.items() if k in _SCHEDULER_KEYS})
         engine = {k: v for k, v in options.items() if k in _ENGINE_KEYS}
-        if engine.get("tensor_parallel_size", 1) > 1:  # the worker picks the real address
+        world = engine.get("tensor_parallel_size", 1) * engine.get("pipeline_parallel_size", 1)
+        if world > 1:  # the worker picks the real address
             engine["dist_init_method"] = "auto"
         return EngineConfig(model=self.model, role=role, cache=cache, scheduler=scheduler, **engine)
 
@@ -195,6 +197,7 @@ async def start_ray(config: DeploymentConfig, settings=None, ready_timeout_s: fl
     """Every instance as a Ray actor (restarted by Ray if it dies) in the current Ray
     cluster; call ray.init() first."""
     import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from cluster.kv_transfer.registry import RayKVRegistry
     from cluster.router.clients import RayClient
@@ -203,7 +206,7 @@ async def start_ray(config: DeploymentConfig, settings=None, ready_timeout_s: fl
     # not to whichever worker would create it first and take it down when it dies.
     registry = RayKVRegistry(namespace=RAY_NAMESPACE)
     deployment_id = uuid.uuid4().hex[:6]
-    clients = []
+    clients, groups = [], []
     for role in config.roles():
         pool = getattr(config, role)
         engine = config.engine_config(role)
@@ -213,6 +216,11 @@ async def start_ray(config: DeploymentConfig, settings=None, ready_timeout_s: fl
         actor_cls = ray.remote(_worker_class(role))
         for n in range(pool.num_instances):
             instance_id = f"{role}-{n}-{deployment_id}"
+            placement = {}
+            if engine.world_size > 1:
+                pg = await _instance_placement_group(engine, pool, num_gpus)
+                groups.append(pg)
+                placement = {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, 0)}
             actor = actor_cls.options(
                 name=f"pd-cluster-{instance_id}",
                 namespace=RAY_NAMESPACE,
@@ -221,6 +229,7 @@ async def start_ray(config: DeploymentConfig, settings=None, ready_timeout_s: fl
                 resources=dict(pool.resources),
                 max_restarts=-1,
                 max_task_retries=0,
+                **placement,
             ).remote(*_worker_args(config, role, instance_id, "ray"))
             clients.append((role, RayClient(actor)))
 
@@ -228,12 +237,33 @@ async def start_ray(config: DeploymentConfig, settings=None, ready_timeout_s: fl
         for _, client in clients:
             ray.kill(client.actor, no_restart=True)
         ray.kill(registry.actor, no_restart=True)  # (this closure also keeps it alive)
+        for pg in groups:
+            ray.util.remove_placement_group(pg)
 
     try:
         return await asyncio.wait_for(_router(config, settings, clients, shutdown), ready_timeout_s)
     except BaseException:
         await shutdown()
         raise
+
+
+async def _instance_placement_group(engine: EngineConfig, pool: PoolSpec, num_gpus: float):
+    """One bundle per rank of a parallel instance, all on one node (STRICT_PACK: the ranks'
+    process group and, on GPUs, NVLink); the worker (rank 0) goes in bundle 0 with the pool's
+    resources, its follower ranks in the others (ranks.py)."""
+    import ray
+
+    first = {"CPU": max(pool.num_cpus, _BUNDLE_CPU), **pool.resources}
+    rank = {"CPU": _BUNDLE_CPU}
+    if num_gpus:
+        first["GPU"] = num_gpus
+        rank["GPU"] = 1
+    pg = ray.util.placement_group([first] + [rank] * (engine.world_size - 1), "STRICT_PACK")
+    await asyncio.wrap_future(pg.ready().future())
+    return pg
+
+
+_BUNDLE_CPU = 0.01  # a bundle needs some resource; ranks use what their engines need
 
 
 async def _router(config: DeploymentConfig, settings, clients, shutdown):

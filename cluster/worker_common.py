@@ -22,6 +22,7 @@ from cluster.engine.config import EngineConfig
 from cluster.engine.llm_engine import LLMEngine
 from cluster.engine.outputs import RequestOutput
 
+_HEARTBEAT_INTERVAL_S = 10.0  # an idle parallel instance's leader checks on its ranks
 _LATENCY_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -87,18 +88,21 @@ class EngineWorker:
         if engine_config.role != self.role:
             raise ValueError(f"{type(self).__name__} needs role {self.role!r}")
         self.instance_id = instance_id
-        self.tp_followers: list = []
-        if engine_config.tensor_parallel_size > 1:  # rank 0 here, ranks 1.. as actors
+        self.rank_followers: list = []
+        if engine_config.world_size > 1:  # rank 0 here, ranks 1.. as actors (ranks.py)
             from cluster.engine.replicated import LeaderEngine
-            from cluster.tp_ranks import start_followers
+            from cluster.ranks import start_followers
 
-            engine_config, self.tp_followers = start_followers(engine_config)
+            engine_config, self.rank_followers = start_followers(engine_config, instance_id)
             self.llm = LeaderEngine(engine_config)
-            for follower in self.tp_followers:
+            for follower in self.rank_followers:
                 follower.start.remote()
         else:
             self.llm = LLMEngine(engine_config)
-        self.engine = AsyncLLMEngine(self.llm)
+        # A rank that fails takes the instance down: exit, so that the router sees this
+        # instance lost (its failure policy decides) and Ray restarts it with new ranks.
+        on_failure = _exit_instance if self.rank_followers else None
+        self.engine = AsyncLLMEngine(self.llm, on_failure=on_failure)
         self.node = socket.gethostname()
         self.registry = CollectorRegistry()
         labels = ("role", "instance")
@@ -123,6 +127,8 @@ class EngineWorker:
         ).labels(self.role, instance_id)
         self.registry.register(_EngineGauges(self))
         self._closed = threading.Event()
+        if self.rank_followers:
+            self._every(_HEARTBEAT_INTERVAL_S, self._heartbeat)
 
     # -- called by the router ---------------------------------------------------------------
 
@@ -184,11 +190,14 @@ class EngineWorker:
     async def shutdown(self) -> None:
         self._closed.set()
         await asyncio.to_thread(self.engine.shutdown)
-        if self.tp_followers:
+        if self.rank_followers:
             import ray
 
-            self.llm.stop_followers()
-            for follower in self.tp_followers:
+            try:
+                self.llm.stop_followers()
+            except Exception:  # noqa: BLE001 - a rank already gone: kill the rest anyway
+                pass
+            for follower in self.rank_followers:
                 ray.kill(follower, no_restart=True)
 
     # -- for subclasses ---------------------------------------------------------------------
@@ -199,14 +208,35 @@ class EngineWorker:
         transfer metrics, registered with this worker's."""
         from cluster.kv_transfer.agent import NixlKVAgent
         from cluster.kv_transfer.metrics import KVTransferMetrics
+        from cluster.ranks import agent_kwargs
 
-        self.agent = NixlKVAgent(self.instance_id, self.llm.runner.kv_cache, layerwise=layerwise)
+        if layerwise and self.rank_followers:
+            raise ValueError(
+                "layer-wise KV pulls (transfer.layerwise) are not built for tensor/pipeline-"
+                "parallel instances; turn layerwise off or use TP = PP = 1"
+            )
+        self.agent = NixlKVAgent(self.instance_id, self.llm.runner.kv_cache, layerwise=layerwise,
+                                 **agent_kwargs(self.llm))  # fmt: skip
+        # Every rank's agent, rank 0 first: the KV moves rank to rank (ranks.py).
+        self.rank_infos = [self.agent.info()]
+        if self.rank_followers:
+            import ray
+
+            self.rank_infos += ray.get([f.agent_info.remote() for f in self.rank_followers])
         if registry == "ray":
             from cluster.kv_transfer.registry import RayKVRegistry
 
             registry = RayKVRegistry()
         self.kv_registry = registry
         return KVTransferMetrics(self.role, self.instance_id, registry=self.registry)
+
+    def _heartbeat(self) -> None:
+        try:
+            self.engine.call(self.llm.heartbeat)
+        except Exception as e:  # noqa: BLE001 - a rank is gone (or the engine failed)
+            if not self._closed.is_set():
+                _exit_instance(e)
+            raise RuntimeError("stopped") from e
 
     def _count(self, out: RequestOutput, first: bool) -> None:
         if first and out.metrics is not None and out.metrics.queue_time_s is not None:
@@ -230,6 +260,16 @@ class EngineWorker:
         thread = threading.Thread(target=loop, name=f"{self.role}-housekeeping", daemon=True)
         thread.start()
         return thread
+
+
+def _exit_instance(error: BaseException) -> None:
+    """The engine of a parallel instance failed (a rank died, a collective broke): leave at
+    once, before any stream hears a generic error, so that callers see the actor die."""
+    import logging
+    import os
+
+    logging.getLogger(__name__).error("instance rank failure, exiting: %s", error)
+    os._exit(70)
 
 
 class _EngineGauges:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import time
 from collections.abc import AsyncIterator
@@ -26,6 +27,7 @@ from cluster.kv_transfer.connector import (
     PrefillUnavailable,
     RemoteTransferError,
     TransferTimeout,
+    agent_epoch,
 )
 from cluster.kv_transfer.layerwise import LayerPuller
 from cluster.worker_common import Chunk, EngineWorker, TransferSettings, engine_timing
@@ -75,6 +77,7 @@ class DecodeWorker(ColocatedWorker):
         metrics = self._start_kv_transfer(registry, layerwise=self.transfer.layerwise)
         self.receiver = KVReceiver(self.llm, self.agent, metrics=metrics)
         self._reading: set[str] = set()  # requests whose READ is in flight
+        self._rank_infos: dict[str, list] = {}  # prefill agent -> its ranks' agent infos
         self._abort_after_read: set[str] = set()
         self._every(_REAP_INTERVAL_S, self._reap)
         self.puller = None
@@ -325,27 +328,50 @@ class DecodeWorker(ColocatedWorker):
         return await super().abort(request_id)
 
     async def _connect(self, handle: KVHandle) -> None:
-        """Load the prefill agent's metadata once per agent epoch (from the registry)."""
+        """Load the prefill agent's metadata once per agent epoch (from the registry); for a
+        parallel prefill instance, every rank's."""
         if not self.receiver.needs_info(handle):
             return
         if self.kv_registry is None:
             raise RemoteTransferError("no KV registry to find prefill agents in")
         try:
             info = await asyncio.to_thread(self.kv_registry.lookup, handle.agent_name)
-            await asyncio.to_thread(self.receiver.connect, info)
+            others = [
+                await asyncio.to_thread(self.kv_registry.lookup, name)
+                for name in handle.rank_agents[1:]
+            ]
+            if not self._sharded(info, handle):
+                await asyncio.to_thread(self.receiver.connect, info)
+            else:  # re-sharded pulls: each rank loads the agents it reads from itself
+                await asyncio.to_thread(self.agent.layout.check_compatible, info.layout)
+                self.receiver._epochs[info.agent_name] = agent_epoch(info)
+            self._rank_infos[handle.agent_name] = [info, *others]
         except Exception as e:  # noqa: BLE001 - registry gone, metadata refused: one error
             raise RemoteTransferError(f"cannot reach KV agent {handle.agent_name!r}: {e}") from e
         if self.receiver.needs_info(handle):
             raise RemoteTransferError(f"KV agent {handle.agent_name!r} restarted: its KV is gone")
 
+    def _sharded(self, info, handle: KVHandle) -> bool:
+        """Whether a pull must be re-sharded (or split over ranks) rather than whole blocks
+        rank 0 to rank 0."""
+        return bool(handle.rank_agents or self.rank_followers) or not self.agent.layout.same_shard(
+            info.layout
+        )
+
     async def _read(self, handle, request_id, block_ids, renew) -> None:
         """The READ on a thread. If our caller is cancelled meanwhile, the READ still ends
         within its deadline; then the request is aborted, so its blocks are never leaked."""
-        read = asyncio.ensure_future(
-            asyncio.to_thread(
+        infos = self._rank_infos.get(handle.agent_name)
+        if infos is not None and self._sharded(infos[0], handle):
+            pull = functools.partial(
+                self.receiver.read_sharded, handle, infos, request_id, block_ids, renew,
+                self.transfer.deadline_s, self.rank_followers,
+            )  # fmt: skip
+        else:
+            pull = functools.partial(
                 self.receiver.read, handle, request_id, block_ids, renew, self.transfer.deadline_s
             )
-        )
+        read = asyncio.ensure_future(asyncio.to_thread(pull))
         try:
             await asyncio.shield(read)
         except BaseException:

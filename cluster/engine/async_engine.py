@@ -33,8 +33,11 @@ class RequestAborted(RuntimeError):
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, on_failure=None):
+        """`on_failure(error)`: called on the loop thread when a step raises, before the
+        waiters hear of it (a parallel instance's worker exits there)."""
         self.engine = engine
+        self._on_failure = on_failure
         self._work = threading.Condition(threading.Lock())
         self._sinks: dict[str, _Sink] = {}
         self._error: BaseException | None = None
@@ -154,6 +157,8 @@ class AsyncLLMEngine:
                     for out in self.engine.step():
                         self._send(out.request_id, out)
                 except BaseException as e:  # noqa: BLE001 - every waiter must hear of it
+                    if self._on_failure is not None:
+                        self._on_failure(e)
                     self._error = e
                     self._fail_all(RuntimeError(f"engine failed: {e}"))
                     return

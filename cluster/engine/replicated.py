@@ -1,18 +1,24 @@
-"""Keeping the ranks of a tensor-parallel instance in lockstep.
+"""Keeping the ranks of a tensor/pipeline-parallel instance in lockstep.
 
 Every rank runs a whole engine (cluster/engine/parallel.py); the scheduler is deterministic,
 so ranks that see the same requests in the same order, between the same steps, schedule the
-same batches. Rank 0 (LeaderEngine) is the one the worker talks to: it records every call that
-changes engine state and, right before each step, broadcasts the record over the instance's
-process group; followers apply it and step too. Collectives then line up: broadcast, then the
-forward pass's all-reduces, in the same order on every rank.
+same batches and hand out the same block ids. Rank 0 (LeaderEngine) is the one the worker
+talks to: it records every call that changes engine state and, right before each step,
+broadcasts the record over the instance's process group; followers apply it and step too.
+Collectives then line up: broadcast, then the forward pass's all-reduces, sends and receives,
+in the same order on every rank.
 
-    rank 0   add_request ─ abort ─ …   step: broadcast([ops]) ─ forward ─ sample ─ outputs
-    rank r                              follow: receive([ops]) ─ apply ─ forward ─ sample
+    rank 0   add_request ─ abort ─ …   step: broadcast(ops, step) ─ forward ─ sample ─ outputs
+    rank r                              follow: receive(ops, step) ─ apply ─ forward ─ …
 
 Arrival times and sampling seeds are fixed by the leader before recording (a rank must not
-read its own clock or draw its own seed). Only the colocated role replicates: disaggregated
-tensor-parallel instances need each rank's KV moved to the matching ranks (not built).
+read its own clock or draw its own seed). In the decode role, `add_remote_request` reserves
+the same blocks on every rank, so each rank can pull its share of the prompt's KV into them
+(kv_transfer/connector.py) before `commit_remote` starts the decode everywhere.
+
+An idle leader still broadcasts now and then (`heartbeat`, no step): followers blocked in the
+broadcast would otherwise hit the process group's timeout, and a rank that died while idle is
+found then rather than on the next request.
 """
 
 from __future__ import annotations
@@ -41,38 +47,59 @@ def _receive():
 
 
 class LeaderEngine(LLMEngine):
-    """Rank 0 of a tensor-parallel instance."""
+    """Rank 0 of a parallel instance."""
 
     def __init__(self, config: EngineConfig):
-        if config.role != "colocated":
-            raise ValueError(
-                f"tensor-parallel {config.role} instances need KV re-sharding between pools, "
-                "which this build does not have; use TP only for colocated instances"
-            )
         super().__init__(config)
         self._ops: list[tuple] = []
         self._rng = random.Random(config.seed)
 
-    def add_request(self, request_id, prompt, params=None, *, arrival_time=None, priority=0,
-                    cache_salt=None) -> str:  # fmt: skip
+    def _fix(self, params: SamplingParams | None, arrival_time: float | None):
         params = params or SamplingParams()
         if params.seed is None:  # every rank must draw the same tokens
             params = dataclasses.replace(params, seed=self._rng.randrange(2**63))
-        arrival_time = time.time() if arrival_time is None else arrival_time
+        return params, time.time() if arrival_time is None else arrival_time
+
+    def add_request(self, request_id, prompt, params=None, *, arrival_time=None, priority=0,
+                    cache_salt=None) -> str:  # fmt: skip
+        params, arrival_time = self._fix(params, arrival_time)
         kwargs = {"arrival_time": arrival_time, "priority": priority, "cache_salt": cache_salt}
         request_id = super().add_request(request_id, prompt, params, **kwargs)
         self._ops.append(("add_request", (request_id, prompt, params), kwargs))
         return request_id
+
+    def add_remote_request(self, request_id, prompt, params=None, *, arrival_time=None,
+                           priority=0, cache_salt=None):  # fmt: skip
+        params, arrival_time = self._fix(params, arrival_time)
+        kwargs = {"arrival_time": arrival_time, "priority": priority, "cache_salt": cache_salt}
+        block_ids = super().add_remote_request(request_id, prompt, params, **kwargs)
+        if block_ids is not None:
+            self._ops.append(("add_remote_request", (request_id, prompt, params), kwargs))
+        return block_ids
+
+    def commit_remote(self, request_id, first_token_id, first_logprob=None):
+        out = super().commit_remote(request_id, first_token_id, first_logprob)
+        self._ops.append(("commit_remote", (request_id, first_token_id, first_logprob), {}))
+        return out
 
     def abort(self, request_id: str) -> bool:
         found = super().abort(request_id)
         self._ops.append(("abort", (request_id,), {}))
         return found
 
+    def release(self, request_id: str) -> None:
+        super().release(request_id)
+        self._ops.append(("release", (request_id,), {}))
+
     def step(self):
         ops, self._ops = self._ops, []
-        _broadcast(ops)
+        _broadcast((ops, True))
         return super().step()
+
+    def heartbeat(self) -> None:
+        """Apply pending calls on every rank without a step (call between steps)."""
+        ops, self._ops = self._ops, []
+        _broadcast((ops, False))
 
     def stop_followers(self) -> None:
         _broadcast(_STOP)
@@ -81,9 +108,11 @@ class LeaderEngine(LLMEngine):
 def follow(engine: LLMEngine) -> None:
     """A follower rank's loop: apply the leader's calls, step as it steps, until it stops."""
     while True:
-        ops = _receive()
-        if ops == _STOP:
+        message = _receive()
+        if message == _STOP:
             return
+        ops, step = message
         for name, args, kwargs in ops:
             getattr(engine, name)(*args, **kwargs)
-        engine.step()
+        if step:
+            engine.step()

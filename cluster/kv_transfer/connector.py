@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cluster.kv_transfer.agent import KVTransferError
 from cluster.kv_transfer.agent_info import KVAgentInfo
@@ -66,6 +66,9 @@ class KVHandle:
     first_token_id: int
     first_logprob: float | None = None
     lease_s: float = 0.0
+    # Every rank's agent of a tensor/pipeline-parallel prefill instance, rank 0 first (its
+    # agent_name); empty for a one-rank instance. The decode side re-shards from them.
+    rank_agents: tuple[str, ...] = ()
 
 
 def agent_epoch(info: KVAgentInfo) -> bytes:
@@ -92,6 +95,7 @@ class KVSender:
         self.metrics = metrics or KVTransferMetrics("prefill")
         self._info = agent.info()
         self._epoch = agent_epoch(self._info)
+        self.rank_infos = [self._info]  # a parallel instance's worker adds its other ranks'
 
     def info(self) -> KVAgentInfo:
         return self._info
@@ -108,6 +112,9 @@ class KVSender:
             first_token_id=out.token_ids[0],
             first_logprob=out.logprobs[0] if out.logprobs else None,
             lease_s=self.lease_s,
+            rank_agents=tuple(i.agent_name for i in self.rank_infos)
+            if len(self.rank_infos) > 1
+            else (),
         )
 
     def renew(self, request_id: str) -> float | None:
@@ -266,8 +273,8 @@ class KVReceiver:
         for request_id, xfer in list(self._stuck.items()):
             held = []  # a layer-wise pull can leave several READs behind
             for read in xfer if isinstance(xfer, list) else [xfer]:
-                try:
-                    self.agent.release(read)
+                try:  # a follower rank's stuck pull releases itself (FollowerStuck)
+                    read.release() if isinstance(read, FollowerStuck) else self.agent.release(read)
                 except KVTransferError:
                     held.append(read)
             if held:
@@ -278,9 +285,134 @@ class KVReceiver:
             freed.append(request_id)
         return freed
 
+    def read_sharded(self, handle: KVHandle, infos: list[KVAgentInfo], request_id: str,
+                     block_ids, renew, deadline_s: float, followers=()) -> None:  # fmt: skip
+        """read() between instances of different (or parallel) TP/PP layouts: this rank and
+        every follower rank of ours READ their own heads and layers from the prefill ranks
+        holding them (`infos`, rank 0 first), all within the lease view and the deadline;
+        then the prefill's rank 0 hears that it may free the blocks. Raises TransferError;
+        on STUCK the blocks stay taken until reap() (keep_stuck)."""
+        try:
+            self._read_sharded(handle, infos, request_id, block_ids, renew, deadline_s,
+                               followers)  # fmt: skip
+        except TransferError as e:
+            self.metrics.failed(e.reason)
+            raise
+
+    def _read_sharded(self, handle, infos, request_id, block_ids, renew, deadline_s, followers):
+        import ray
+
+        if len(block_ids) != len(handle.block_ids):
+            raise TransferError(f"{len(handle.block_ids)} remote blocks for {len(block_ids)}")
+        asked = time.monotonic()
+        remaining = renew(handle.request_id)
+        if remaining is None:
+            raise LeaseExpired(f"lease on {handle.request_id!r} expired before the pull")
+        until = min(asked + remaining, time.monotonic() + deadline_s)
+        start = time.monotonic()
+        remote_ids = list(handle.block_ids)
+        refs = [
+            f.pull.remote(infos, remote_ids, list(block_ids), until - start, request_id)
+            for f in followers
+        ]
+        mine = pull_from_ranks(self.agent, infos, remote_ids, block_ids, until,
+                               self.poll_interval_s)  # fmt: skip
+        states = [mine.state if not mine.stuck else "STUCK"]
+        try:
+            states += ray.get(refs, timeout=max(until - time.monotonic(), 0) + 5.0)
+        except Exception:  # noqa: BLE001 - a lost rank of ours: the instance is failing
+            states.append("ERR")
+        stuck = list(mine.stuck) + [
+            FollowerStuck(f, request_id) for f, s in zip(followers, states[1:]) if s == "STUCK"
+        ]
+        if stuck:
+            self.keep_stuck(request_id, stuck)
+            raise RemoteTransferError(f"a READ from {handle.agent_name!r} could not be released")
+        if "ERR" in states:
+            raise RemoteTransferError(f"re-sharded READs from {handle.agent_name!r} failed")
+        if "TIMEOUT" in states or time.monotonic() > until:
+            cls = LeaseExpired if until == asked + remaining else TransferTimeout
+            raise cls(f"re-sharded READs from {handle.agent_name!r} not done in time")
+        self.metrics.transfer(mine.num_bytes, mine.num_descs, mine.posted_s,
+                              time.monotonic() - start)  # fmt: skip
+        try:  # one message frees the prefill's blocks, as a whole-block READ's does
+            self.agent.add_remote(infos[0])
+            self.agent.send_notification(handle.agent_name, handle.request_id.encode())
+        except (KVTransferError, ValueError):
+            pass  # the prefill's lease frees them instead
+
     def _wait(self, xfer, until: float) -> str:
         while (state := self.agent.poll(xfer)) == "PROC":
             if time.monotonic() > until:
                 return "TIMEOUT"
             time.sleep(self.poll_interval_s)
         return state if time.monotonic() <= until else "TIMEOUT"
+
+
+@dataclass(slots=True)
+class RankPull:
+    """One rank's share of a re-sharded pull."""
+
+    state: str  # DONE, ERR, TIMEOUT
+    num_bytes: int = 0
+    num_descs: int = 0
+    posted_s: float = 0.0
+    stuck: list = field(default_factory=list)  # READs NIXL would not release
+
+
+def pull_from_ranks(agent, infos: list[KVAgentInfo], remote_block_ids, local_block_ids,
+                    until: float, poll_interval_s: float = 0.0002) -> RankPull:  # fmt: skip
+    """READ what this rank's pool owns of remote_block_ids from the ranks (`infos`) that
+    hold it (reshard.plan_reads: one READ per overlapping rank), wait until all land or
+    `until` (monotonic) passes, release them."""
+    from cluster.kv_transfer.reshard import plan_reads
+
+    start = time.monotonic()
+    reads = []
+    state = "DONE"
+    try:
+        plan = plan_reads(agent.layout, [info.layout for info in infos])
+        for index, pieces in plan.items():
+            name = agent.add_remote(infos[index])
+            reads.append(agent.read_pieces(name, pieces, remote_block_ids, local_block_ids))
+    except (KVTransferError, ValueError):
+        state = "ERR"
+    posted = time.monotonic() - start
+    while state == "DONE" and any(agent.poll(r) == "PROC" for r in reads):
+        if time.monotonic() > until:
+            state = "TIMEOUT"
+            break
+        time.sleep(poll_interval_s)
+    if state == "DONE" and any(r.state == "ERR" for r in reads):
+        state = "ERR"
+    stuck = []
+    for read in reads:
+        try:
+            agent.release(read)
+        except KVTransferError:
+            stuck.append(read)
+    return RankPull(
+        state,
+        sum(r.num_bytes for r in reads),
+        sum(r.num_descs for r in reads),
+        posted,
+        stuck,
+    )
+
+
+@dataclass(slots=True)
+class FollowerStuck:
+    """A follower rank's READs that would not release: reap() asks the rank again."""
+
+    follower: object  # RankFollower actor handle
+    request_id: str
+
+    def release(self) -> None:
+        import ray
+
+        try:
+            released = ray.get(self.follower.reap.remote(self.request_id), timeout=5.0)
+        except Exception:  # noqa: BLE001 - the rank is gone: so is whatever it would write
+            released = True
+        if not released:
+            raise KVTransferError(f"{self.request_id!r}: a follower rank still holds a READ")

@@ -42,9 +42,10 @@ class PrefillWorker(EngineWorker):
             grace_s=transfer.grace_s,
             metrics=metrics,
         )
+        self.sender.rank_infos = self.rank_infos
         self.announcer = LayerAnnouncer(self.llm, self.agent) if transfer.layerwise else None
         if self.kv_registry is not None:
-            self.kv_registry.publish(self.sender.info())
+            self._publish()
         self._every(_POLL_INTERVAL_S, self._poll_notifications)
         self._every(_EXPIRE_INTERVAL_S, lambda: self.engine.call(self.sender.poll, []))
         if self.kv_registry is not None:  # a registry that restarted empty learns us again
@@ -58,7 +59,8 @@ class PrefillWorker(EngineWorker):
 
     def _publish(self) -> None:
         try:
-            self.kv_registry.publish(self.sender.info())
+            for info in self.rank_infos:  # every rank's agent: decode ranks read from each
+                self.kv_registry.publish(info)
         except Exception:  # noqa: BLE001 - registry restarting: try again next round
             pass
 
@@ -123,7 +125,8 @@ class PrefillWorker(EngineWorker):
         await super().shutdown()
         if self.kv_registry is not None:
             try:
-                self.kv_registry.remove(self.instance_id)
+                for info in self.rank_infos:
+                    self.kv_registry.remove(info.agent_name)
             except Exception:  # noqa: BLE001 - the registry may be gone first at teardown
                 pass
         self.agent.close()

@@ -1,0 +1,154 @@
+"""The follower ranks of a tensor/pipeline-parallel instance as Ray actors.
+
+An instance of TP x PP ranks runs rank 0 inside its worker actor and ranks 1.. as
+`RankFollower` actors. They are placed in the instance's placement group, one bundle per rank
+(deployment.py makes it, STRICT_PACK: one node, where NVLink and the gloo/NCCL group live),
+or, when the worker was started without one, pinned to the worker's node. The worker starts
+them before building its own engine (every rank blocks in the process group's rendezvous
+until all joined), then sets them following it (cluster/engine/replicated.py).
+
+In the prefill and decode roles each rank also owns a NIXL agent over its own KV pool: KV
+moves rank to rank, re-sharded when the two instances' layouts differ
+(kv_transfer/reshard.py), never gathered through rank 0. A decode follower's `pull` runs on
+the actor's own thread while its engine keeps following the leader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import threading
+
+from cluster.engine.config import EngineConfig
+
+RAY_NAMESPACE = "pd-cluster"  # every named actor of a deployment lives here
+
+
+def agent_name(instance_id: str, rank: int) -> str:
+    """NIXL agent name of a rank: the instance id for rank 0 (as for one-rank instances)."""
+    return instance_id if rank == 0 else f"{instance_id}/rank{rank}"
+
+
+def actor_name(instance_id: str, rank: int) -> str:
+    return f"pd-cluster-{instance_id}-rank{rank}"
+
+
+def agent_kwargs(llm) -> dict:
+    """Which part of the model's KV an engine's pool holds, for NixlKVAgent."""
+    c, m = llm.config, llm.model_config
+    return {
+        "tp_rank": c.tensor_parallel_rank,
+        "tp_size": c.tensor_parallel_size,
+        "pp_rank": c.pipeline_parallel_rank,
+        "pp_size": c.pipeline_parallel_size,
+        "model_layers": m.num_layers,
+        "model_kv_heads": m.num_kv_heads,
+    }
+
+
+class RankFollower:
+    """One follower rank: an engine that replays the leader's calls and steps with it, and in
+    the prefill/decode roles the NIXL agent over its KV pool."""
+
+    def __init__(self, config: EngineConfig, instance_id: str):
+        from cluster.engine.llm_engine import LLMEngine
+
+        self.llm = LLMEngine(config)
+        self.agent = None
+        if config.role != "colocated":
+            from cluster.kv_transfer.agent import NixlKVAgent
+
+            name = agent_name(instance_id, config.global_rank)
+            self.agent = NixlKVAgent(name, self.llm.runner.kv_cache, **agent_kwargs(self.llm))
+        self._stuck: dict[str, list] = {}
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        from cluster.engine.replicated import follow
+
+        self._thread = threading.Thread(target=follow, args=(self.llm,), daemon=True)
+        self._thread.start()
+
+    def agent_info(self):
+        return self.agent.info()
+
+    def pull(self, infos: list, remote_ids: list[int], local_ids: list[int], seconds: float,
+             request_id: str) -> str:  # fmt: skip
+        """This rank's share of a KV pull (kv_transfer/connector.py: pull_from_ranks):
+        DONE, ERR, TIMEOUT, or STUCK (a READ NIXL would not release: reap() retries)."""
+        import time
+
+        from cluster.kv_transfer.connector import pull_from_ranks
+
+        result = pull_from_ranks(
+            self.agent, infos, remote_ids, local_ids, time.monotonic() + seconds
+        )
+        if result.stuck:
+            self._stuck[request_id] = result.stuck
+            return "STUCK"
+        return result.state
+
+    def reap(self, request_id: str) -> bool:
+        """Retry releasing a stuck pull's READs; True once none is left."""
+        from cluster.kv_transfer.agent import KVTransferError
+
+        held = []
+        for read in self._stuck.pop(request_id, []):
+            try:
+                self.agent.release(read)
+            except KVTransferError:
+                held.append(read)
+        if held:
+            self._stuck[request_id] = held
+        return not held
+
+    def check_integrity(self) -> tuple[int, int]:
+        return self.llm.num_free_blocks, self.llm.block_manager.num_blocks
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        return s.getsockname()[1]
+
+
+def start_followers(config: EngineConfig, instance_id: str) -> tuple[EngineConfig, list]:
+    """Launch ranks 1..N-1 in this actor's placement group (bundle i for rank i) or on this
+    node; returns rank 0's config (its rendezvous address filled in) and the actors."""
+    import ray
+    from ray.util.scheduling_strategies import (
+        NodeAffinitySchedulingStrategy,
+        PlacementGroupSchedulingStrategy,
+    )
+
+    host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+    address = f"tcp://{host}:{_free_port()}"
+    leader = dataclasses.replace(
+        config, dist_init_method=address, tensor_parallel_rank=0, pipeline_parallel_rank=0
+    )
+    pg = ray.util.get_current_placement_group()
+    if pg is not None and len(pg.bundle_specs) < config.world_size:
+        pg = None
+    gpu = 1 if config.device.startswith("cuda") else 0
+    followers = []
+    for rank in range(1, config.world_size):
+        if pg is not None:
+            where = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank)
+        else:
+            where = NodeAffinitySchedulingStrategy(
+                ray.get_runtime_context().get_node_id(), soft=False
+            )
+        tp = config.tensor_parallel_size
+        rank_config = dataclasses.replace(
+            leader, tensor_parallel_rank=rank % tp, pipeline_parallel_rank=rank // tp
+        )
+        actor = ray.remote(RankFollower).options(
+            name=actor_name(instance_id, rank),
+            namespace=RAY_NAMESPACE,
+            num_cpus=0,
+            num_gpus=gpu,
+            scheduling_strategy=where,
+            max_restarts=0,  # a lost rank ends the instance; its worker restarts them all
+        )
+        followers.append(actor.remote(rank_config, instance_id))
+    return leader, followers
