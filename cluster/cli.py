@@ -8,6 +8,8 @@ cluster bench transfer [--json]      NIXL KV pull bandwidth against memcpy
 cluster bench router [--json]        serving overhead per request/token; TTFT P/D vs colocated
 cluster bench placement [--json]     planning time, planned goodput P/D vs colocated, fit error
 cluster bench layerwise [--json]     KV pulled layer by layer during prefill vs after it
+cluster bench reshard [--json]       KV pulls across TP/PP layouts vs same-layout pulls
+cluster bench pipeline [--json]      pipeline-parallel micro-batching against PP=1
 cluster bench serve --ttft S --tpot S  SLO attainment vs rate, goodput per GPU, HTML report
 cluster bench compare --ttft S ...   the same, disaggregated against colocated, one report
 cluster deploy kuberay --plan PLAN   the KubeRay RayService (+ PodMonitor) that runs a plan
@@ -71,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_placement_bench(placement_bench)
     layerwise_bench = bench.add_parser("layerwise", help="KV pulled layer by layer vs whole")
     _add_layerwise_bench(layerwise_bench)
+    reshard_bench = bench.add_parser("reshard", help="KV pulls across TP/PP layouts vs same")
+    _add_reshard_bench(reshard_bench)
+    pipeline_bench = bench.add_parser("pipeline", help="PP micro-batching against PP=1")
+    _add_pipeline_bench(pipeline_bench)
     serve_bench = bench.add_parser("serve", help="goodput: SLO attainment against rate")
     compare_bench = bench.add_parser("compare", help="goodput, disaggregated vs colocated")
     _add_serve_bench(serve_bench, compare_bench)
@@ -228,6 +234,20 @@ def _add_layerwise_bench(parser: argparse.ArgumentParser) -> None:
 
     layerwise_bench.add_arguments(parser)
     parser.set_defaults(func=lambda args: layerwise_bench.run(args) and 0)
+
+
+def _add_pipeline_bench(parser: argparse.ArgumentParser) -> None:
+    from cluster.bench import pipeline_bench
+
+    pipeline_bench.add_arguments(parser)
+    parser.set_defaults(func=lambda args: pipeline_bench.run(args) and 0)
+
+
+def _add_reshard_bench(parser: argparse.ArgumentParser) -> None:
+    from cluster.bench import reshard_bench
+
+    reshard_bench.add_arguments(parser)
+    parser.set_defaults(func=lambda args: reshard_bench.run(args) and 0)
 
 
 def _add_placement_bench(parser: argparse.ArgumentParser) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from cluster.ranks import RAY_NAMESPACE
 from cluster.worker_common import TransferSettings
 
 _CACHE_KEYS = {f.name for f in dataclasses.fields(CacheConfig)}
@@ -36,9 +37,9 @@ _ENGINE_KEYS = {
     "model_runner",
     "tensor_parallel_size",
     "pipeline_parallel_size",
+    "pipeline_microbatches",
 }
 ENGINE_OPTIONS = sorted(_CACHE_KEYS | _SCHEDULER_KEYS | _ENGINE_KEYS)
-from cluster.ranks import RAY_NAMESPACE  # noqa: E402 - one name for the ranks too
 
 
 @dataclass(slots=True)

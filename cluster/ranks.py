@@ -64,9 +64,11 @@ class RankFollower:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        from cluster.engine.replicated import follow
+        from cluster.engine.replicated import Progress, follow
 
-        self._thread = threading.Thread(target=follow, args=(self.llm,), daemon=True)
+        self.progress = Progress()
+        self._thread = threading.Thread(target=follow, args=(self.llm, self.progress),
+                                        daemon=True)  # fmt: skip
         self._thread.start()
 
     def agent_info(self):
@@ -102,8 +104,13 @@ class RankFollower:
             self._stuck[request_id] = held
         return not held
 
-    def check_integrity(self) -> tuple[int, int]:
-        return self.llm.num_free_blocks, self.llm.block_manager.num_blocks
+    def check_integrity(self, num_messages: int) -> tuple[int, int]:
+        """(free blocks, all blocks) of this rank's replica, checked once it has applied the
+        leader's first `num_messages` messages and while it applies no other."""
+        self.progress.wait_for(num_messages, timeout_s=30)
+        with self.progress.cond:
+            self.llm.check_integrity()
+            return self.llm.num_free_blocks, self.llm.block_manager.num_blocks
 
 
 def _free_port() -> int:

@@ -89,8 +89,9 @@ def load_plan(path: str) -> dict:
 
 
 def apply_plan(config: DeploymentConfig, plan: dict) -> None:
-    """Take the pools of a placement plan: mode and, per role, the instance count and (for
-    colocated instances) the tensor parallelism; what this build cannot run is refused."""
+    """Take the pools of a placement plan: mode and, per role, the instance count and the
+    tensor/pipeline parallelism (prefill and decode may differ: their KV is re-sharded on
+    transfer, kv_transfer/reshard.py)."""
     plan = plan.get("deployment", plan)
     if "mode" in plan:
         config.mode = plan["mode"]
@@ -98,18 +99,14 @@ def apply_plan(config: DeploymentConfig, plan: dict) -> None:
         pool = plan.get(role)
         if not pool:
             continue
-        tp = pool.get("tensor_parallel_size", pool.get("tp", 1))
-        pp = pool.get("pipeline_parallel_size", pool.get("pp", 1))
-        if pp != 1 or (tp != 1 and role != "colocated"):
-            raise ValueError(
-                f"the plan's {role} pool asks for TP={tp} x PP={pp}; this build serves "
-                "tensor-parallel colocated instances, but no pipeline parallelism and no "
-                "tensor-parallel prefill/decode instances (their KV would need re-sharding)"
-            )
         spec = getattr(config, role)
         spec.num_instances = int(pool.get("num_instances", 1))
-        if tp != 1:
-            spec.engine["tensor_parallel_size"] = int(tp)
+        for key, short in (("tensor_parallel_size", "tp"), ("pipeline_parallel_size", "pp")):
+            size = int(pool.get(key, pool.get(short, 1)))
+            if size < 1:
+                raise ValueError(f"the plan's {role} pool has {key}={size}; it must be >= 1")
+            if size != 1:
+                spec.engine[key] = size
 
 
 def run(args: argparse.Namespace) -> int:

@@ -185,7 +185,21 @@ class EngineWorker:
             self.llm.check_integrity()
             return self.llm.num_free_blocks, self.llm.block_manager.num_blocks
 
-        return await asyncio.to_thread(self.engine.call, check)
+        if not self.rank_followers:
+            return await asyncio.to_thread(self.engine.call, check)
+        import ray
+
+        def check_all() -> tuple[tuple[int, int], list]:
+            # Every rank's replica must agree block for block once it has seen all we sent;
+            # the lock keeps us from stepping meanwhile.
+            mine, sent = check(), self.llm.heartbeat()
+            refs = [f.check_integrity.remote(sent) for f in self.rank_followers]
+            return mine, ray.get(refs, timeout=60)
+
+        mine, theirs = await asyncio.to_thread(self.engine.call, check_all)
+        if any(tuple(t) != mine for t in theirs):
+            raise AssertionError(f"ranks disagree on free blocks: {mine} vs {theirs}")
+        return mine
 
     async def shutdown(self) -> None:
         self._closed.set()

@@ -102,8 +102,9 @@ def _plan(tmp_path, pools: dict, hardware: list[str], placement=None) -> Plan:
         "slo": {"ttft_s": 0.5, "tpot_s": 0.05},
         "placement": placement or [],
     }
-    for role, (hw, n, tp) in pools.items():
-        data[role] = {"hardware": hw, "num_instances": n, "tensor_parallel_size": tp}
+    for role, (hw, n, tp, *pp) in pools.items():
+        data[role] = {"hardware": hw, "num_instances": n, "tensor_parallel_size": tp,
+                      "pipeline_parallel_size": pp[0] if pp else 1}  # fmt: skip
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump(data))
     return Plan.load(path)
@@ -157,21 +158,36 @@ def test_cpu_plan_asks_for_no_gpu(tmp_path):
     assert args["engine"]["device"] == "cpu" and args["colocated"]["num_gpus"] == 0
 
 
-def test_oversized_and_parallel_plans_are_refused(tmp_path, capsys):
+def test_oversized_plans_are_refused(tmp_path, capsys):
     with pytest.raises(PlanError, match="must stay inside a node"):
         _plan(
             tmp_path,
             {"prefill": ("A100-80GB", 1, 16), "decode": ("A100-80GB", 1, 1)},
             ["A100-80GB"],
         )
-    plan = _plan(
-        tmp_path, {"prefill": ("A100-80GB", 1, 2), "decode": ("A100-80GB", 1, 1)}, ["A100-80GB"]
-    )
-    with pytest.raises(PlanError, match="tensor-parallel colocated instances only"):
+    plan = _plan(  # TP4 x PP4 = 16 ranks: Plan accepts it (PP may span nodes), we cannot
+        tmp_path, {"prefill": ("A100-80GB", 1, 4, 4), "decode": ("A100-80GB", 1, 1)},
+        ["A100-80GB"],
+    )  # fmt: skip
+    with pytest.raises(PlanError, match="ranks on one node"):
         generate(plan)
     code = main(["deploy", "kuberay", "--plan", str(tmp_path / "plan.yaml")])
     err = capsys.readouterr().err
-    assert code == 2 and "TP=2" in err and "Traceback" not in err
+    assert code == 2 and "TP=4 x PP=4" in err and "Traceback" not in err
+
+
+def test_prefill_and_decode_of_different_parallelism(tmp_path):
+    """DistServe's OPT-66B shape: prefill TP4, decode TP2 x PP2."""
+    plan = _plan(
+        tmp_path, {"prefill": ("A100-80GB", 2, 4), "decode": ("A100-80GB", 2, 2, 2)},
+        ["A100-80GB"],
+    )  # fmt: skip
+    objects = generate(plan)
+    validate_objects(objects)
+    args = yaml.safe_load(objects[0]["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert args["prefill"]["engine"] == {"tensor_parallel_size": 4}
+    assert args["decode"]["engine"] == {"tensor_parallel_size": 2, "pipeline_parallel_size": 2}
+    assert args["prefill"]["resources"] == args["decode"]["resources"] == {"pdc-A100-80GB": 4}
 
 
 def test_planner_output_round_trips_into_a_valid_manifest(tmp_path, capsys):

@@ -67,21 +67,23 @@ def test_unknown_router_setting_is_refused():
         DeploymentConfig(router={"max_inflight": 3}).router_settings()
 
 
-def test_plan_sets_mode_and_counts_and_refuses_parallelism():
+def test_plan_sets_mode_and_counts():
     config = DeploymentConfig()
     apply_plan(config, {"deployment": {"prefill": {"num_instances": 3}, "decode": {"tp": 1}}})
     assert (config.prefill.num_instances, config.decode.num_instances) == (3, 1)
+    assert "tensor_parallel_size" not in config.decode.engine  # TP=1 adds nothing
     apply_plan(config, {"mode": "colocated", "colocated": {"num_instances": 2}})
     assert config.mode == "colocated" and config.colocated.num_instances == 2
-    with pytest.raises(ValueError, match="TP=2 x PP=1"):
-        apply_plan(config, {"decode": {"tensor_parallel_size": 2}})
 
 
-def test_plan_takes_colocated_tensor_parallelism_and_refuses_pipelines():
-    config = DeploymentConfig(mode="colocated")
-    apply_plan(config, {"colocated": {"num_instances": 2, "tensor_parallel_size": 2}})
-    assert config.colocated.engine["tensor_parallel_size"] == 2
-    engine = config.engine_config("colocated")
-    assert engine.tensor_parallel_size == 2 and engine.dist_init_method == "auto"
-    with pytest.raises(ValueError, match="no pipeline parallelism"):
-        apply_plan(config, {"colocated": {"pipeline_parallel_size": 2}})
+def test_plan_takes_each_pools_parallelism():
+    """DistServe's shape: prefill TP4, decode TP2 x PP2; each pool's engine gets its own."""
+    config = DeploymentConfig()
+    apply_plan(config, {"prefill": {"num_instances": 1, "tensor_parallel_size": 4},
+                        "decode": {"num_instances": 2, "tp": 2, "pp": 2}})  # fmt: skip
+    prefill, decode = config.engine_config("prefill"), config.engine_config("decode")
+    assert (prefill.tensor_parallel_size, prefill.pipeline_parallel_size) == (4, 1)
+    assert (decode.tensor_parallel_size, decode.pipeline_parallel_size) == (2, 2)
+    assert prefill.dist_init_method == decode.dist_init_method == "auto"
+    with pytest.raises(ValueError, match="pipeline_parallel_size=0"):
+        apply_plan(config, {"colocated": {"pipeline_parallel_size": 0}})

@@ -58,7 +58,7 @@ class PrefillSide:
         self.engine = LLMEngine(config)
         self.agent = NixlKVAgent("lw-prefill", self.engine.runner.kv_cache, layerwise=True)
         self.mode, self.request_id, self.peer = "whole", "", ""
-        layers = self.engine.runner.model.layers
+        layers = list(self.engine.runner.model.layers.values())
         layers[0].register_forward_pre_hook(lambda *_: self._announce_blocks())
         for i, layer in enumerate(layers):
             layer.register_forward_hook(lambda *_, i=i: self._layer_done(i))

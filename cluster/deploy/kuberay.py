@@ -60,11 +60,12 @@ def check_plan(plan: Plan) -> None:
                 f"the {pool.role} pool's TP={tp} exceeds the {hw.gpus_per_node} GPUs of a "
                 f"{hw.name} node: a tensor-parallel group must stay inside one node"
             )
-        if pp != 1 or (tp != 1 and pool.role != "colocated"):
+        if tp * pp > hw.gpus_per_node:
             raise PlanError(
-                f"the {pool.role} pool asks for TP={tp} x PP={pp}; this build serves "
-                "tensor-parallel colocated instances only (no pipeline parallelism, no "
-                "tensor-parallel prefill/decode), so the RayService would not start"
+                f"the {pool.role} pool's TP={tp} x PP={pp} instance needs {tp * pp} GPUs, more "
+                f"than a {hw.name} node's {hw.gpus_per_node}: this build keeps an instance's "
+                "ranks on one node (one STRICT_PACK placement group); plan with a smaller "
+                "--pp or --tp"
             )
 
 
@@ -94,8 +95,9 @@ def deployment_args(plan: Plan, model_path: str | None, extra: dict | None = Non
 
 
 def _pool_args(plan: Plan, pool: PoolPlan) -> dict:
-    """Each instance's rank 0 is the pool's actor (one device); its other tensor-parallel
-    ranks are actors the instance starts on the same node (cluster/tp_ranks.py)."""
+    """Each instance's rank 0 is the pool's actor (one device); its other tensor/pipeline-
+    parallel ranks are actors in the instance's placement group on the same node
+    (cluster/ranks.py)."""
     gpu = plan.hardware[pool.hardware].kind == "gpu"
     args = {
         "num_instances": pool.num_instances,
@@ -103,10 +105,18 @@ def _pool_args(plan: Plan, pool: PoolPlan) -> dict:
         "num_cpus": 1,
         # The whole instance's share of the node: the node then has the GPUs its follower
         # ranks need beside rank 0.
-        "resources": {_resource_name(pool.hardware): pool.tensor_parallel_size},
+        "resources": {
+            _resource_name(pool.hardware): pool.tensor_parallel_size * pool.pipeline_parallel_size
+        },
     }
-    if pool.tensor_parallel_size > 1:
-        args["engine"] = {"tensor_parallel_size": pool.tensor_parallel_size}
+    engine = {
+        key: size
+        for key, size in (("tensor_parallel_size", pool.tensor_parallel_size),
+                          ("pipeline_parallel_size", pool.pipeline_parallel_size))
+        if size > 1
+    }  # fmt: skip
+    if engine:
+        args["engine"] = engine
     return args
 
 

@@ -207,6 +207,8 @@ class EngineConfig:
     tensor_parallel_rank: int = 0
     pipeline_parallel_size: int = 1
     pipeline_parallel_rank: int = 0
+    # Micro-batches a step is cut into for the pipeline; 0: one per stage.
+    pipeline_microbatches: int = 0
     dist_init_method: str = ""
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -227,6 +229,11 @@ class EngineConfig:
             raise ValueError(
                 f"pipeline_parallel_rank must be in [0, {self.pipeline_parallel_size}), "
                 f"got {self.pipeline_parallel_rank}"
+            )
+        if self.pipeline_microbatches < 0:
+            raise ValueError(
+                f"pipeline_microbatches must be >= 0 (0: one per stage), got "
+                f"{self.pipeline_microbatches}"
             )
         if self.world_size > 1 and not self.dist_init_method:
             raise ValueError(

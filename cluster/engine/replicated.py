@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import threading
 import time
 
 import torch.distributed as dist
@@ -91,28 +92,52 @@ class LeaderEngine(LLMEngine):
         super().release(request_id)
         self._ops.append(("release", (request_id,), {}))
 
+    num_broadcasts = 0  # messages sent; a follower that applied as many is in step
+
     def step(self):
         ops, self._ops = self._ops, []
         _broadcast((ops, True))
+        self.num_broadcasts += 1
         return super().step()
 
-    def heartbeat(self) -> None:
-        """Apply pending calls on every rank without a step (call between steps)."""
+    def heartbeat(self) -> int:
+        """Apply pending calls on every rank without a step (call between steps); returns
+        the number of messages a follower in step with us has applied."""
         ops, self._ops = self._ops, []
         _broadcast((ops, False))
+        self.num_broadcasts += 1
+        return self.num_broadcasts
 
     def stop_followers(self) -> None:
         _broadcast(_STOP)
 
 
-def follow(engine: LLMEngine) -> None:
+class Progress:
+    """How many leader messages a follower has applied, under the lock it applies them in
+    (a check of the replica waits for a count, then reads it between messages)."""
+
+    def __init__(self) -> None:
+        self.applied = 0
+        self.cond = threading.Condition()
+
+    def wait_for(self, count: int, timeout_s: float) -> None:
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.applied >= count, timeout_s):
+                raise TimeoutError(f"follower applied {self.applied} of {count} messages")
+
+
+def follow(engine: LLMEngine, progress: Progress | None = None) -> None:
     """A follower rank's loop: apply the leader's calls, step as it steps, until it stops."""
+    progress = progress or Progress()
     while True:
         message = _receive()
         if message == _STOP:
             return
         ops, step = message
-        for name, args, kwargs in ops:
-            getattr(engine, name)(*args, **kwargs)
-        if step:
-            engine.step()
+        with progress.cond:
+            for name, args, kwargs in ops:
+                getattr(engine, name)(*args, **kwargs)
+            if step:
+                engine.step()
+            progress.applied += 1
+            progress.cond.notify_all()

@@ -48,7 +48,7 @@ class LayerAnnouncer:
     def __init__(self, engine, agent):
         self.engine, self.agent = engine, agent
         self._watched: dict[str, str] = {}  # request id -> decode agent name
-        for i, layer in enumerate(engine.runner.model.layers):
+        for i, layer in enumerate(engine.runner.model.layers.values()):
             layer.register_forward_hook(lambda *_, i=i: self._layer_done(i))
 
     def watch(self, request_id: str, agent_name: str) -> None:

@@ -135,14 +135,15 @@ def run_plan(args) -> int:
         print(json.dumps(plan.to_dict()))
     else:
         print(render_table(plan))
-        unservable = any(
-            p.pipeline_parallel_size > 1 or (p.tensor_parallel_size > 1 and p.role != "colocated")
-            for p in plan.pools
-        )
-        if unservable:
+        spanning = [
+            p for p in plan.pools
+            if p.tensor_parallel_size * p.pipeline_parallel_size > plan.hardware[p.hardware].gpus_per_node
+        ]  # fmt: skip
+        if spanning:
             print(
-                "note: this build serves tensor parallelism for colocated instances only (no "
-                "PP, no TP prefill/decode yet); plan with --tp 1 --pp 1 to serve it today"
+                "note: this build keeps an instance's ranks on one node; the "
+                f"{spanning[0].role} pool's instances span nodes (plan with --affinity high "
+                "or a smaller --pp to serve it today)"
             )
         if args.output != "-":
             print(f"plan written to {args.output}  (serve it: cluster serve --plan {args.output})")
