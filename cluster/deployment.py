@@ -38,6 +38,7 @@ _ENGINE_KEYS = {
     "tensor_parallel_size",
     "pipeline_parallel_size",
     "pipeline_microbatches",
+    "pipeline_microbatch_min_tokens",
 }
 ENGINE_OPTIONS = sorted(_CACHE_KEYS | _SCHEDULER_KEYS | _ENGINE_KEYS)
 

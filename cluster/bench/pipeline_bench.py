@@ -1,14 +1,18 @@
 """`cluster bench pipeline`: do a pipeline-parallel instance's micro-batches keep its stages
-busy? The same workload on one engine (PP=1) and on PP=2 instances whose steps are cut into
-1 (no overlap: each stage idles while the other works), 2 or 4 micro-batches.
+busy? The same work on one engine (PP=1) and on PP=2 instances whose steps are cut into 1 (no
+overlap: each stage idles while the other works), 2 or 4 micro-batches.
 
 Each rank is its own process with one thread (on this 2-core host, two stages really run side
-by side), over gloo; a seeded random Llama of the given shape. The workload is a batch of
-prompts decoded together (--batch x --prompt-len, --output-len tokens each, ignore_eos),
-timed from the first step to the last; median over --repeats. With perfect overlap and
-stages of equal cost, PP=2 finishes a step in ~1/2 of PP=1's compute (each stage has half the
-layers) plus what the split and the sends cost; one micro-batch gives ~1x (serialised
-stages), m micro-batches ~(m + 1) / (2m) of PP=1 (GPipe's bubble).
+by side), over gloo; a seeded random Llama of the given shape. Two phases, timed apart:
+
+    prefill  --batch prompts of --prompt-len tokens in one step each run (compute-bound: what
+             micro-batching is for; with stages of equal cost, m micro-batches finish in
+             ~(m + 1) / (2m) of PP=1's time, GPipe's bubble)
+    decode   --batch requests decoding --output-len tokens from short prompts (memory-bound:
+             each micro-batch would read its stage's weights again, so steps under
+             pipeline_microbatch_min_tokens tokens are not split and the stages take turns)
+
+Median over --repeats after a warm-up run; every configuration must produce PP=1's tokens.
 """
 
 from __future__ import annotations
@@ -22,14 +26,15 @@ from pathlib import Path
 
 from cluster.bench.common import report
 
-DEFAULTS = {"num_layers": 8, "hidden_size": 1024, "batch": 32, "prompt_len": 128,
+DEFAULTS = {"num_layers": 8, "hidden_size": 1024, "batch": 8, "prompt_len": 256,
             "output_len": 32, "repeats": 3}  # fmt: skip
-QUICK = {"num_layers": 2, "hidden_size": 128, "batch": 4, "prompt_len": 16, "output_len": 4,
+QUICK = {"num_layers": 2, "hidden_size": 128, "batch": 4, "prompt_len": 64, "output_len": 4,
          "repeats": 1}  # fmt: skip
 CONFIGS = [(1, 0), (2, 1), (2, 2), (2, 4)]  # (pp, micro-batches)
 
 
 def _rank(rank: int, pp: int, micro: int, port: int, model_dir: str, opt: dict, queue) -> None:
+    import dataclasses
     import time
 
     import torch
@@ -46,16 +51,22 @@ def _rank(rank: int, pp: int, micro: int, port: int, model_dir: str, opt: dict, 
             cache=CacheConfig(num_blocks=opt["batch"] * 16, enable_prefix_caching=False),
             scheduler=SchedulerConfig(max_num_seqs=opt["batch"], max_num_batched_tokens=8192),
         ))  # fmt: skip
-        params = SamplingParams(max_tokens=opt["output_len"], temperature=0.0, ignore_eos=True)
-        times = []
+        phases = {
+            "prefill": (opt["prompt_len"], SamplingParams(max_tokens=1)),
+            "decode": (8, SamplingParams(max_tokens=opt["output_len"], ignore_eos=True)),
+        }
+        times: dict[str, list[float]] = {name: [] for name in phases}
+        tokens = []
         for rep in range(opt["repeats"] + 1):  # the first is warm-up
-            prompts = [[3 + (rep * 131 + i * 17 + j) % 4000 for j in range(opt["prompt_len"])]
-                       for i in range(opt["batch"])]  # fmt: skip
-            start = time.perf_counter()
-            outs = engine.generate(prompts, params)
-            times.append(time.perf_counter() - start)
-        tokens = [o.token_ids for o in outs]
-        queue.put((rank, times[1:], tokens, None))
+            for name, (length, params) in phases.items():
+                prompts = [[3 + (rep * 131 + i * 17 + j) % 4000 for j in range(length)]
+                           for i in range(opt["batch"])]  # fmt: skip
+                start = time.perf_counter()
+                outs = engine.generate(prompts, dataclasses.replace(params, temperature=0.0))
+                if rep:
+                    times[name].append(time.perf_counter() - start)
+                tokens += [o.token_ids for o in outs]
+        queue.put((rank, times, tokens, None))
     except Exception as e:  # noqa: BLE001 - report, do not hang the parent
         queue.put((rank, None, None, repr(e)))
 
@@ -85,8 +96,8 @@ def _measure(model_dir: str, pp: int, micro: int, opt: dict) -> tuple[list[float
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
     for name, help_ in (("num-layers", "layers (8)"), ("hidden-size", "hidden size (1024)"),
-                        ("batch", "requests decoded together (32)"),
-                        ("prompt-len", "prompt tokens (128)"), ("output-len", "tokens out (32)"),
+                        ("batch", "requests decoded together (16)"),
+                        ("prompt-len", "prompt tokens (64)"), ("output-len", "tokens out (64)"),
                         ("repeats", "timed runs (3)")):  # fmt: skip
         parser.add_argument(f"--{name}", type=int, help=help_)
     parser.add_argument("--json", action="store_true")
@@ -105,12 +116,13 @@ def run(args: argparse.Namespace) -> dict:
         for pp, micro in CONFIGS:
             times, tokens = _measure(model_dir, pp, micro, opt)
             reference = reference or tokens
-            rows.append({"pp": pp, "microbatches": micro or pp, "seconds": times,
-                         "median_s": statistics.median(times),
-                         "same_tokens_as_pp1": tokens == reference})  # fmt: skip
-    base = rows[0]["median_s"]
+            row = {"pp": pp, "microbatches": micro or pp, "same_tokens_as_pp1": tokens == reference}
+            for phase, samples in times.items():
+                row[phase] = {"seconds": samples, "median_s": statistics.median(samples)}
+            rows.append(row)
     for row in rows:
-        row["speedup_vs_pp1"] = base / row["median_s"]
+        for phase in ("prefill", "decode"):
+            row[phase]["speedup_vs_pp1"] = rows[0][phase]["median_s"] / row[phase]["median_s"]
     result = {"workload": opt, "rows": rows}
     report(result, format_table(result), args)
     return result
@@ -119,11 +131,17 @@ def run(args: argparse.Namespace) -> dict:
 def format_table(result: dict) -> str:
     w = result["workload"]
     lines = [
-        f"Pipeline micro-batching: {w['num_layers']} layers x {w['hidden_size']}, batch "
-        f"{w['batch']} x {w['prompt_len']} prompt + {w['output_len']} out, 1 thread a rank",
-        f"{'PP':>3} {'micro':>6} {'median s':>9} {'vs PP=1':>8} {'same tokens':>12}",
+        f"Pipeline micro-batching: {w['num_layers']} layers x {w['hidden_size']}; prefill "
+        f"{w['batch']} x {w['prompt_len']} tokens, decode {w['batch']} x {w['output_len']} "
+        "tokens; 1 thread a rank",
+        f"{'PP':>3} {'micro':>6} {'prefill s':>10} {'vs PP=1':>8} {'decode s':>9} "
+        f"{'vs PP=1':>8} {'same tokens':>12}",
     ]
     for r in result["rows"]:
-        lines.append(f"{r['pp']:>3} {r['microbatches']:>6} {r['median_s']:>9.3f} "
-                     f"{r['speedup_vs_pp1']:>7.2f}x {str(r['same_tokens_as_pp1']):>12}")  # fmt: skip
+        p, d = r["prefill"], r["decode"]
+        lines.append(
+            f"{r['pp']:>3} {r['microbatches']:>6} {p['median_s']:>10.3f} "
+            f"{p['speedup_vs_pp1']:>7.2f}x {d['median_s']:>9.3f} {d['speedup_vs_pp1']:>7.2f}x "
+            f"{str(r['same_tokens_as_pp1']):>12}"
+        )
     return "\n".join(lines)

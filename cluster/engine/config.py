@@ -207,8 +207,11 @@ class EngineConfig:
     tensor_parallel_rank: int = 0
     pipeline_parallel_size: int = 1
     pipeline_parallel_rank: int = 0
-    # Micro-batches a step is cut into for the pipeline; 0: one per stage.
+    # Micro-batches a step is cut into for the pipeline (0: one per stage), each of at least
+    # pipeline_microbatch_min_tokens: a memory-bound step (decodes) gains nothing from
+    # overlapping stages and would read each stage's weights once per micro-batch.
     pipeline_microbatches: int = 0
+    pipeline_microbatch_min_tokens: int = 128
     dist_init_method: str = ""
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

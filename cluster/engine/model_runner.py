@@ -53,6 +53,7 @@ class ModelRunner:
             config.dist_init_method, self.device,
         )  # fmt: skip
         self.num_microbatches = config.pipeline_microbatches or self.pp.size
+        self.microbatch_min_tokens = max(config.pipeline_microbatch_min_tokens, 1)
         self.layer_range = self.pp.layers(model_config.num_layers)
         self.num_layers = self.layer_range[1] - self.layer_range[0]  # this stage's
         q0, q1 = self.tp.split(model_config.num_heads)
@@ -123,7 +124,8 @@ class ModelRunner:
         """This stage's part of one step, micro-batch by micro-batch (parallel.py): receive,
         run the stage's layers, send on without waiting; the last stage samples and every
         rank gets the tokens."""
-        parts = split_microbatches(plan, self.num_microbatches)
+        num = min(self.num_microbatches, plan.total_num_tokens // self.microbatch_min_tokens)
+        parts = split_microbatches(plan, max(num, 1))
         inputs = [self.prepare(mb, block_tables) for mb in parts]
         hidden_size = self.model_config.hidden_size
         sends, last_hidden = [], []
