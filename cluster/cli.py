@@ -64,19 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(metavar="BENCHMARK")
     engine_bench = bench.add_parser("engine", help="engine tokens/s against transformers")
-    _add_engine_bench(engine_bench)
+    _add_module_bench(engine_bench, "engine_bench")
     transfer_bench = bench.add_parser("transfer", help="NIXL KV pull bandwidth against memcpy")
-    _add_transfer_bench(transfer_bench)
+    _add_module_bench(transfer_bench, "transfer_bench")
     router_bench = bench.add_parser("router", help="serving overhead and TTFT, P/D vs colocated")
-    _add_router_bench(router_bench)
+    _add_module_bench(router_bench, "router_bench")
     placement_bench = bench.add_parser("placement", help="planner: time, plans, fitted error")
-    _add_placement_bench(placement_bench)
+    _add_module_bench(placement_bench, "placement_bench")
     layerwise_bench = bench.add_parser("layerwise", help="KV pulled layer by layer vs whole")
-    _add_layerwise_bench(layerwise_bench)
+    _add_module_bench(layerwise_bench, "layerwise_bench")
     reshard_bench = bench.add_parser("reshard", help="KV pulls across TP/PP layouts vs same")
-    _add_reshard_bench(reshard_bench)
+    _add_module_bench(reshard_bench, "reshard_bench")
     pipeline_bench = bench.add_parser("pipeline", help="PP micro-batching against PP=1")
-    _add_pipeline_bench(pipeline_bench)
+    _add_module_bench(pipeline_bench, "pipeline_bench")
     serve_bench = bench.add_parser("serve", help="goodput: SLO attainment against rate")
     compare_bench = bench.add_parser("compare", help="goodput, disaggregated vs colocated")
     _add_serve_bench(serve_bench, compare_bench)
@@ -85,6 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     kuberay = deploy.add_parser("kuberay", help="a KubeRay RayService for a placement plan")
     _add_kuberay(kuberay)
     return parser
+
+
+def _add_module_bench(parser: argparse.ArgumentParser, module: str) -> None:
+    """A benchmark of cluster/bench/<module>.py: its add_arguments, its run (prints and
+    returns its result; the exit code is 0)."""
+    import importlib
+
+    bench = importlib.import_module(f"cluster.bench.{module}")
+    bench.add_arguments(parser)
+    parser.set_defaults(func=lambda args: bench.run(args) and 0)
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -206,13 +216,6 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=serve.run)
 
 
-def _add_router_bench(parser: argparse.ArgumentParser) -> None:
-    from cluster.bench import router_bench
-
-    router_bench.add_arguments(parser)
-    parser.set_defaults(func=lambda args: router_bench.run(args) and 0)
-
-
 def _add_kuberay(parser: argparse.ArgumentParser) -> None:
     from cluster.deploy import kuberay
 
@@ -227,48 +230,6 @@ def _add_serve_bench(serve: argparse.ArgumentParser, compare: argparse.ArgumentP
     serve.set_defaults(func=serve_bench.run, command="serve")
     serve_bench.add_compare_arguments(compare)
     compare.set_defaults(func=serve_bench.run, command="compare")
-
-
-def _add_layerwise_bench(parser: argparse.ArgumentParser) -> None:
-    from cluster.bench import layerwise_bench
-
-    layerwise_bench.add_arguments(parser)
-    parser.set_defaults(func=lambda args: layerwise_bench.run(args) and 0)
-
-
-def _add_pipeline_bench(parser: argparse.ArgumentParser) -> None:
-    from cluster.bench import pipeline_bench
-
-    pipeline_bench.add_arguments(parser)
-    parser.set_defaults(func=lambda args: pipeline_bench.run(args) and 0)
-
-
-def _add_reshard_bench(parser: argparse.ArgumentParser) -> None:
-    from cluster.bench import reshard_bench
-
-    reshard_bench.add_arguments(parser)
-    parser.set_defaults(func=lambda args: reshard_bench.run(args) and 0)
-
-
-def _add_placement_bench(parser: argparse.ArgumentParser) -> None:
-    from cluster.bench import placement_bench
-
-    placement_bench.add_arguments(parser)
-    parser.set_defaults(func=lambda args: placement_bench.run(args) and 0)
-
-
-def _add_engine_bench(parser: argparse.ArgumentParser) -> None:
-    from cluster.bench import engine_bench
-
-    engine_bench.add_arguments(parser)
-    parser.set_defaults(func=lambda args: engine_bench.run(args) and 0)
-
-
-def _add_transfer_bench(parser: argparse.ArgumentParser) -> None:
-    from cluster.bench import transfer_bench
-
-    transfer_bench.add_arguments(parser)
-    parser.set_defaults(func=lambda args: transfer_bench.run(args) and 0)
 
 
 if __name__ == "__main__":

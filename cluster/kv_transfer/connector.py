@@ -224,15 +224,22 @@ class KVReceiver:
     def is_stuck(self, request_id: str) -> bool:
         return request_id in self._stuck
 
-    def _read(self, handle, request_id, block_ids, renew, deadline_s) -> None:
+    @staticmethod
+    def _window(handle: KVHandle, block_ids, renew, deadline_s: float):
+        """(monotonic time a pull must be done by, the TransferError class for missing it):
+        renew the lease first; our view of it ends `remaining` after we asked, never later
+        than the holder's, and never after the deadline."""
         if len(block_ids) != len(handle.block_ids):
             raise TransferError(f"{len(handle.block_ids)} remote blocks for {len(block_ids)}")
         asked = time.monotonic()
         remaining = renew(handle.request_id)
         if remaining is None:
             raise LeaseExpired(f"lease on {handle.request_id!r} expired before the pull")
-        # Our view of the lease ends `remaining` after we asked, never later than the holder's.
         until = min(asked + remaining, time.monotonic() + deadline_s)
+        return until, LeaseExpired if until == asked + remaining else TransferTimeout
+
+    def _read(self, handle, request_id, block_ids, renew, deadline_s) -> None:
+        until, late = self._window(handle, block_ids, renew, deadline_s)
         start = time.monotonic()
         try:
             xfer = self.agent.read_blocks(
@@ -248,8 +255,7 @@ class KVReceiver:
         if state == "ERR":
             raise RemoteTransferError(f"READ from {handle.agent_name!r} failed")
         if state != "DONE":
-            cls = LeaseExpired if until == asked + remaining else TransferTimeout
-            raise cls(f"READ from {handle.agent_name!r} not done in time")
+            raise late(f"READ from {handle.agent_name!r} not done in time")
         self.metrics.transfer(
             xfer.num_bytes, xfer.num_descs, posted - start, time.monotonic() - start
         )
@@ -302,13 +308,7 @@ class KVReceiver:
     def _read_sharded(self, handle, infos, request_id, block_ids, renew, deadline_s, followers):
         import ray
 
-        if len(block_ids) != len(handle.block_ids):
-            raise TransferError(f"{len(handle.block_ids)} remote blocks for {len(block_ids)}")
-        asked = time.monotonic()
-        remaining = renew(handle.request_id)
-        if remaining is None:
-            raise LeaseExpired(f"lease on {handle.request_id!r} expired before the pull")
-        until = min(asked + remaining, time.monotonic() + deadline_s)
+        until, late = self._window(handle, block_ids, renew, deadline_s)
         start = time.monotonic()
         remote_ids = list(handle.block_ids)
         refs = [
@@ -331,8 +331,7 @@ class KVReceiver:
         if "ERR" in states:
             raise RemoteTransferError(f"re-sharded READs from {handle.agent_name!r} failed")
         if "TIMEOUT" in states or time.monotonic() > until:
-            cls = LeaseExpired if until == asked + remaining else TransferTimeout
-            raise cls(f"re-sharded READs from {handle.agent_name!r} not done in time")
+            raise late(f"re-sharded READs from {handle.agent_name!r} not done in time")
         self.metrics.transfer(mine.num_bytes, mine.num_descs, mine.posted_s,
                               time.monotonic() - start)  # fmt: skip
         try:  # one message frees the prefill's blocks, as a whole-block READ's does
