@@ -167,3 +167,35 @@ def test_a_dead_rank_ends_requests_by_the_failure_policy(cluster, tiny_model_dir
         assert cluster.run(recovered(), timeout_s=180) == expected
     finally:
         cluster.run(router.shutdown(), timeout_s=60)
+
+
+def test_a_prefill_rank_dead_while_idle_is_replaced_and_requests_retry(cluster, tiny_model_dir,
+                                                                      expected):  # fmt: skip
+    """Kill rank 1 of an idle TP=2 prefill instance: its leader finds out at its next
+    collective (a heartbeat, or the next request's step), exits, and Ray restarts it with new
+    ranks; under policy `retry` requests sent meanwhile still get the reference output (with
+    no healthy prefill instance the router recomputes them on decode), and the restarted
+    instance is whole (every rank's blocks free) and serves again."""
+    from cluster.ranks import actor_name
+
+    router = _start(cluster, tiny_model_dir, prefill={"tensor_parallel_size": 2},
+                    router={"failure_policy": "retry", "instance_wait_s": 120})  # fmt: skip
+    try:
+        (prefill,) = [i for i in router.instances if i.role == "prefill"]
+        assert _serve_all(cluster, router) == expected
+        ray.kill(ray.get_actor(actor_name(prefill.instance_id, 1), namespace="pd-cluster"))
+        started = time.monotonic()
+        assert _serve_all(cluster, router) == expected  # (recomputed on decode meanwhile)
+        assert time.monotonic() - started < 150
+        deadline = time.monotonic() + 120  # the prefill instance comes back with new ranks
+        while True:
+            try:
+                _check_blocks_free(cluster, router)
+                break
+            except Exception:  # noqa: BLE001 - restarting: InstanceLost until it is up
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+        assert _serve_all(cluster, router) == expected
+    finally:
+        cluster.run(router.shutdown(), timeout_s=60)

@@ -87,10 +87,10 @@ def test_tp_equals_tp1_and_transformers(tiny_model_dir, size):
         assert shape[3] == 1
 
 
-@pytest.mark.parametrize(("size", "pp"), [(2, 2), (4, 2), (4, 4)])
+@pytest.mark.parametrize(("size", "pp"), [(2, 2), (4, 2)])
 def test_pipeline_parallel_equals_tp1_and_transformers(tiny_model_dir, size, pp):
-    """PP=2 (two layers a stage), TP=2 x PP=2, PP=4 (one layer a stage): every rank's
-    replica sees the same tokens, each stage caches only its layers."""
+    """PP=2 (two layers a stage) and TP=2 x PP=2: every rank's replica sees the same tokens,
+    each stage caches only its layers and its TP rank's heads."""
     expected = hf_greedy(str(tiny_model_dir), PROMPTS, MAX_TOKENS)
     for rank, out, shape, _ in run_tp(str(tiny_model_dir), size, pp):
         assert out == expected, f"rank {rank}"
