@@ -20,13 +20,14 @@ def test_bench_reshard_quick(capsys):
             for r in result["rows"]}  # fmt: skip
     m = result["model"]
     blocks = -(-64 // m["block_size"])
-    # decode TP1 from prefill TP2: one READ per prefill rank, one descriptor per block, layer
-    # and K/V from each (the other rank's heads sit between), the whole pool's bytes
+    # decode TP1 from prefill TP2: one READ per prefill rank, at most one descriptor per
+    # block from each (a rank's heads, all layers, are one range), the whole pool's bytes
     r = rows[(2, 1, 1, 1)]
-    assert r["num_reads"] == 2 and r["resharded_descs"] == 2 * blocks * m["layers"] * 2
+    assert r["num_reads"] == 2 and 2 <= r["resharded_descs"] <= 2 * blocks
     assert r["bytes"] == blocks * m["layers"] * 2 * m["kv_heads"] * 16 * m["head_dim"] * 2
-    # decode TP2 rank from prefill PP2: one READ per stage
-    assert rows[(1, 2, 2, 1)]["num_reads"] == 2
+    # decode TP2 rank from prefill PP2: one READ per stage, a descriptor per block and head
+    pp = rows[(1, 2, 2, 1)]
+    assert pp["num_reads"] == 2 and pp["resharded_descs"] <= 2 * blocks * m["kv_heads"] // 2
     # same layout through the re-shard path: whole blocks, as many runs as a block pull
     same = rows[(2, 1, 2, 1)]
     assert same["num_reads"] == 1 and same["resharded_descs"] == same["same_layout_descs"]

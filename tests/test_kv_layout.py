@@ -11,7 +11,7 @@ import torch
 from cluster.kv_transfer import KVAgentInfo, KVLayout, LayoutMismatchError
 from cluster.kv_transfer.descriptors import count_runs, run_descs
 
-SHAPE = (10, 3, 2, 4, 16, 8)  # blocks, layers, K/V, kv heads, block_size, head_dim
+SHAPE = (10, 4, 3, 2, 16, 8)  # blocks, kv heads, layers, K/V, block_size, head_dim
 
 
 def layout(**changes) -> KVLayout:
@@ -33,7 +33,7 @@ def test_from_tensor_refuses_other_shapes():
     with pytest.raises(ValueError, match="num_layers, 2"):
         KVLayout.from_tensor(torch.empty(10, 3, 16, 4, 8))
     with pytest.raises(ValueError, match="contiguous"):
-        KVLayout.from_tensor(torch.empty(SHAPE).transpose(3, 4))
+        KVLayout.from_tensor(torch.empty(SHAPE).transpose(4, 5))
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ NUM_RUNS = 5
 
 
 def kv_shape(block_size: int) -> tuple[int, ...]:
-    return (NUM_BLOCKS, NUM_LAYERS, 2, NUM_KV_HEADS, block_size, HEAD_DIM)
+    return (NUM_BLOCKS, NUM_KV_HEADS, NUM_LAYERS, 2, block_size, HEAD_DIM)
 
 
 @ray.remote(num_cpus=0)
@@ -58,9 +58,9 @@ class KVRank:
 
         l0, l1 = layer_range(shard["pp_rank"], shard["pp_size"], MODEL_LAYERS)
         h0, h1 = kv_head_range(shard["tp_rank"], shard["tp_size"], MODEL_KV_HEADS)
-        kv_cache = torch.zeros(NUM_BLOCKS, l1 - l0, 2, h1 - h0, 8, HEAD_DIM)
+        kv_cache = torch.zeros(NUM_BLOCKS, h1 - h0, l1 - l0, 2, 8, HEAD_DIM)
         if seed is not None:
-            kv_cache.copy_(full_kv(seed)[:, l0:l1, :, h0:h1])
+            kv_cache.copy_(full_kv(seed)[:, h0:h1, l0:l1])
         self.pools[name] = kv_cache
         self.agents[name] = NixlKVAgent(
             name, kv_cache, **shard, model_layers=MODEL_LAYERS, model_kv_heads=MODEL_KV_HEADS
@@ -132,8 +132,8 @@ MODEL_LAYERS, MODEL_KV_HEADS = 4, 4
 
 
 def full_kv(seed: int) -> torch.Tensor:
-    """The whole model's KV pool (all layers, all heads, block size 8) a sharded pool slices."""
-    shape = (NUM_BLOCKS, MODEL_LAYERS, 2, MODEL_KV_HEADS, 8, HEAD_DIM)
+    """The whole model's KV pool (all heads, all layers, block size 8) a sharded pool slices."""
+    shape = (NUM_BLOCKS, MODEL_KV_HEADS, MODEL_LAYERS, 2, 8, HEAD_DIM)
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
@@ -243,8 +243,8 @@ def test_layerwise_pull_moves_only_the_asked_layers(ranks):
         state == "DONE" and num_bytes == len(LOCAL_BLOCK_IDS) * 2 * 16 * NUM_KV_HEADS * HEAD_DIM * 4
     )
     src, dst = ray.get([prefill.blocks.remote("prefill-lw"), decode.blocks.remote("decode-lw")])
-    assert torch.equal(dst[LOCAL_BLOCK_IDS, 1], src[REMOTE_BLOCK_IDS, 1])
-    assert not dst[:, 0].any(), "layer 0 was not asked for"
+    assert torch.equal(dst[LOCAL_BLOCK_IDS, :, 1], src[REMOTE_BLOCK_IDS, :, 1])
+    assert not dst[:, :, 0].any(), "layer 0 was not asked for"
     ray.get(
         decode.pull_layers.remote("decode-lw", "prefill-lw", REMOTE_BLOCK_IDS, LOCAL_BLOCK_IDS, [0])
     )
@@ -299,7 +299,7 @@ def test_resharded_pull_moves_exactly_each_ranks_heads_and_layers(
         pool = ray.get(decode.blocks.remote(name))
         l0, l1 = layer_range(shard["pp_rank"], dst_pp, MODEL_LAYERS)
         h0, h1 = kv_head_range(shard["tp_rank"], dst_tp, MODEL_KV_HEADS)
-        want = expected[REMOTE_BLOCK_IDS][:, l0:l1, :, h0:h1]
+        want = expected[REMOTE_BLOCK_IDS][:, h0:h1, l0:l1]
         assert torch.equal(pool[LOCAL_BLOCK_IDS], want), f"decode rank {i}"
         untouched = sorted(set(range(NUM_BLOCKS)) - set(LOCAL_BLOCK_IDS))
         assert not pool[untouched].any()

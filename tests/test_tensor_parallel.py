@@ -84,7 +84,7 @@ def test_tp_equals_tp1_and_transformers(tiny_model_dir, size):
     for rank, out, shape, _ in results:
         assert out == expected, f"rank {rank}"
         # Each rank caches only its KV heads: 2 KV heads split (TP=2) or one each (TP=4).
-        assert shape[3] == 1
+        assert shape[1] == 1
 
 
 @pytest.mark.parametrize(("size", "pp"), [(2, 2), (4, 2)])
@@ -94,8 +94,8 @@ def test_pipeline_parallel_equals_tp1_and_transformers(tiny_model_dir, size, pp)
     expected = hf_greedy(str(tiny_model_dir), PROMPTS, MAX_TOKENS)
     for rank, out, shape, _ in run_tp(str(tiny_model_dir), size, pp):
         assert out == expected, f"rank {rank}"
-        assert shape[1] == 4 // pp  # the tiny model's 4 layers, split over the stages
-        assert shape[3] == 2 // (size // pp)  # 2 KV heads over the stage's TP ranks
+        assert shape[2] == 4 // pp  # the tiny model's 4 layers, split over the stages
+        assert shape[1] == 2 // (size // pp)  # 2 KV heads over the stage's TP ranks
 
 
 def test_microbatches_split_a_step_by_tokens():

@@ -45,13 +45,13 @@ def _pool(shard: dict, g: dict, num_blocks: int, fill: bool) -> torch.Tensor:
 
     l0, l1 = layer_range(shard["pp_rank"], shard["pp_size"], g["layers"])
     h0, h1 = kv_head_range(shard["tp_rank"], shard["tp_size"], g["kv_heads"])
-    pool = torch.zeros(num_blocks, l1 - l0, 2, h1 - h0, BLOCK_SIZE, g["head_dim"],
+    pool = torch.zeros(num_blocks, h1 - h0, l1 - l0, 2, BLOCK_SIZE, g["head_dim"],
                        dtype=torch.bfloat16)  # fmt: skip
-    if fill:  # element value = f(block, layer, kv, head): checkable after any re-sharding
+    if fill:  # element value = f(block, head, layer, kv): checkable after any re-sharding
         b = torch.arange(num_blocks).view(-1, 1, 1, 1, 1, 1)
-        lay = torch.arange(l0, l1).view(1, -1, 1, 1, 1, 1)
-        kv = torch.arange(2).view(1, 1, -1, 1, 1, 1)
-        h = torch.arange(h0, h1).view(1, 1, 1, -1, 1, 1)
+        h = torch.arange(h0, h1).view(1, -1, 1, 1, 1, 1)
+        lay = torch.arange(l0, l1).view(1, 1, -1, 1, 1, 1)
+        kv = torch.arange(2).view(1, 1, 1, -1, 1, 1)
         tags = ((b * 7 + lay * 3 + kv * 5 + h * 11) % 97).to(torch.bfloat16)  # small
         pool.copy_(tags.expand_as(pool))
     return pool

@@ -129,14 +129,14 @@ def make_grid(sizes: tuple[int, ...], block_counts: tuple[int, ...]) -> list[Tra
 
 
 def kv_shape(block_bytes: int, num_blocks: int, dtype: torch.dtype) -> tuple[int, ...]:
-    """An engine pool shape [num_blocks, 1 layer, 2, num_kv_heads, block_size, head_dim] whose
+    """An engine pool shape [num_blocks, num_kv_heads, 1 layer, 2, block_size, head_dim] whose
     block is exactly block_bytes: head_dim 128, up to 8 KV heads, block_size the rest."""
     per_head_token = 2 * HEAD_DIM * dtype.itemsize
     if block_bytes % per_head_token:
         raise ValueError(f"block_bytes {block_bytes} is not a multiple of {per_head_token}")
     head_tokens = block_bytes // per_head_token
     num_kv_heads = math.gcd(head_tokens, MAX_KV_HEADS)
-    return (num_blocks, 1, 2, num_kv_heads, head_tokens // num_kv_heads, HEAD_DIM)
+    return (num_blocks, num_kv_heads, 1, 2, head_tokens // num_kv_heads, HEAD_DIM)
 
 
 # -- the two processes --------------------------------------------------------------------------

@@ -1,16 +1,17 @@
 """Model runner: owns the weights and the paged KV tensor, turns a scheduler plan into input
 tensors, runs the forward pass and samples. The only engine part that touches tensors.
 
-The KV pool is one tensor, block-major, heads before tokens within a block (vLLM's "HND"):
+The KV pool is one tensor, block-major, then head-major:
 
-    kv_cache[num_blocks, num_layers, 2 (K, V), num_kv_heads, block_size, head_dim]
+    kv_cache[num_blocks, num_kv_heads, num_layers, 2 (K, V), block_size, head_dim]
 
 so one block of one request is one contiguous region across all layers (the KV transfer layer
-moves a block with a single descriptor), and any range of heads of one layer's K or V of a
-block is contiguous too (a pull between different tensor-parallel layouts moves each rank's
-heads with one descriptor per block, layer and K/V; kv_transfer/reshard.py). Layer l sees the
-strided view kv_cache[:, l]. With tensor or pipeline parallelism a rank's pool holds only its
-heads and its stage's layers.
+moves a block with a single descriptor), and so is any range of heads of a block, all layers
+included, or any range of layers of one head: a pull between instances of different TP or PP
+layouts moves a rank's share with one descriptor per block (TP) or per block and head (PP)
+(kv_transfer/reshard.py). Layer l sees the strided view kv_cache[:, :, l] as
+[num_blocks, 2, num_kv_heads, block_size, head_dim]. With tensor or pipeline parallelism a
+rank's pool holds only its heads and its stage's layers.
 """
 
 from __future__ import annotations
@@ -67,13 +68,13 @@ class ModelRunner:
         # Every rank's scheduler must hand out the same block ids: the smallest pool wins.
         self.num_blocks = world_min(self._num_blocks(config.cache), self.device)
         self.kv_cache = allocate_kv_pool(self.kv_cache_shape, self.dtype, self.device)
-        self.kv_layers = [self.kv_cache[:, i] for i in range(self.num_layers)]
+        self.kv_layers = [self.kv_cache[:, :, i].transpose(1, 2) for i in range(self.num_layers)]
         self.sampler = Sampler()
 
     @property
     def kv_cache_shape(self) -> tuple[int, ...]:
         m = self.model_config
-        return (self.num_blocks, self.num_layers, 2, self.num_kv_heads, self.block_size, m.head_dim)
+        return (self.num_blocks, self.num_kv_heads, self.num_layers, 2, self.block_size, m.head_dim)
 
     @property
     def block_bytes(self) -> int:

@@ -145,9 +145,9 @@ class NixlKVAgent:
             "NIXL_INIT_AGENT", self.base_addr, self.num_blocks, self.device_id, self.mem_type
         )
         self._remote_dlists: dict[str, Any] = {}
-        # Layer-wise pulls (optional): one prepared descriptor per (block, layer), index
-        # block * num_layers + layer, so layer i of a request moves while later layers are
-        # still being computed (`cluster bench layerwise` measures whether that pays).
+        # Layer-wise pulls (optional): one prepared descriptor per (block, head, layer), so
+        # layer i of a request moves while later layers are still being computed
+        # (`cluster bench layerwise` measures whether that pays).
         self.layerwise = layerwise
         self._local_layer_dlist = (
             self._prep_layers("NIXL_INIT_AGENT", self.base_addr, self.num_blocks,
@@ -221,11 +221,14 @@ class NixlKVAgent:
             raise KVTransferError(f"cannot prepare block descriptors of {agent!r}: {e}") from e
 
     def _prep_layers(self, agent: str, base: int, num_blocks: int, dev: int, mem: str) -> Any:
-        num_layers, layer_bytes = self.layout.num_layers, self.layout.layer_bytes
-        slices = np.arange(num_blocks * num_layers, dtype=np.uint64)
+        """One descriptor per (block, head, layer), index (block·H + head)·L + layer: a
+        layer of a block is one K+V range per head in the head-major layout."""
+        slices = np.arange(num_blocks * self.layout.num_kv_heads * self.layout.num_layers,
+                           dtype=np.uint64)  # fmt: skip
+        one = 2 * self.layout.tile_bytes
         descs = np.empty((len(slices), 3), dtype=np.uint64)
-        descs[:, 0] = np.uint64(base) + slices * np.uint64(layer_bytes)
-        descs[:, 1] = layer_bytes
+        descs[:, 0] = np.uint64(base) + slices * np.uint64(one)
+        descs[:, 1] = one
         descs[:, 2] = dev
         try:
             return self._nixl.prep_xfer_dlist(agent, descs, mem)
@@ -285,9 +288,14 @@ class NixlKVAgent:
         if not layers or not all(0 <= i < num_layers for i in layers):
             raise ValueError(f"layers must be a non-empty subset of [0, {num_layers})")
         lay = np.asarray(layers, dtype=np.int64)
-        src = (np.asarray(remote_block_ids)[:, None] * num_layers + lay).ravel().astype(np.int32)
-        dst = (np.asarray(local_block_ids)[:, None] * num_layers + lay).ravel().astype(np.int32)
-        num_bytes = len(dst) * self.layout.layer_bytes
+        heads = np.arange(self.layout.num_kv_heads, dtype=np.int64)
+
+        def index(block_ids) -> np.ndarray:
+            slots = np.asarray(block_ids, dtype=np.int64)[:, None] * len(heads) + heads
+            return (slots[:, :, None] * num_layers + lay).ravel().astype(np.int32)
+
+        src, dst = index(remote_block_ids), index(local_block_ids)
+        num_bytes = len(dst) * 2 * self.layout.tile_bytes
         with self._lock:
             try:
                 xfer = self._nixl.make_prepped_xfer(

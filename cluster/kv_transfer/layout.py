@@ -2,13 +2,13 @@
 part of the model's KV it holds, and the rule for when blocks of one pool can be read into
 another.
 
-The model runner keeps a rank's pool as one block-major tensor, heads before tokens:
+The model runner keeps a rank's pool as one block-major, then head-major tensor:
 
-    kv_cache[num_blocks, num_layers, 2 (K, V), num_kv_heads, block_size, head_dim]
+    kv_cache[num_blocks, num_kv_heads, num_layers, 2 (K, V), block_size, head_dim]
 
 so block i is the contiguous byte range [i * block_bytes, (i + 1) * block_bytes) from the
-tensor's base, all of the rank's layers included, and heads [h0, h1) of one layer's K (or V)
-of a block are one contiguous range too. A rank of a tensor/pipeline-parallel instance holds
+tensor's base, all of the rank's layers included; heads [h0, h1) of a block (all layers) are
+one contiguous range, and so are layers [l0, l1) of one head of a block. A rank of a tensor/pipeline-parallel instance holds
 the layers of its stage and the KV heads of its TP rank (parallel.py says which):
 
     must match (in compat_hash)   model_layers, model_kv_heads, head_dim, block_size, dtype,
@@ -30,7 +30,7 @@ import torch
 
 from cluster.engine.parallel import kv_head_range, layer_range
 
-MEMORY_LAYOUTS = ("block_major_hnd",)
+MEMORY_LAYOUTS = ("block_head_major",)
 DEVICE_TYPES = ("cpu", "cuda")
 _HASHED_FIELDS = (
     "model_layers",
@@ -57,7 +57,7 @@ class KVLayout:
     device_type: str
     tp_rank: int = 0
     tp_size: int = 1
-    memory_layout: str = "block_major_hnd"
+    memory_layout: str = "block_head_major"
     pp_rank: int = 0
     pp_size: int = 1
     model_layers: int = 0  # the model's; 0: num_layers (one stage)
@@ -104,14 +104,14 @@ class KVLayout:
         model_kv_heads: int = 0,
     ) -> KVLayout:
         """The layout of an engine rank's KV pool (see the module docstring for the shape)."""
-        if kv_cache.dim() != 6 or kv_cache.shape[2] != 2:
+        if kv_cache.dim() != 6 or kv_cache.shape[3] != 2:
             raise ValueError(
-                "expected kv_cache[num_blocks, num_layers, 2, num_kv_heads, block_size, "
+                "expected kv_cache[num_blocks, num_kv_heads, num_layers, 2, block_size, "
                 f"head_dim], got shape {tuple(kv_cache.shape)}"
             )
         if not kv_cache.is_contiguous():
             raise ValueError("kv_cache must be contiguous: a block is one byte range")
-        _, num_layers, _, num_kv_heads, block_size, head_dim = kv_cache.shape
+        _, num_kv_heads, num_layers, _, block_size, head_dim = kv_cache.shape
         return cls(
             num_layers=num_layers,
             num_kv_heads=num_kv_heads,
@@ -142,19 +142,24 @@ class KVLayout:
         return getattr(torch, self.dtype).itemsize
 
     @property
-    def head_bytes(self) -> int:
-        """One head's K (or V) of one layer of one block."""
+    def tile_bytes(self) -> int:
+        """One head's K (or V) of one layer of one block: the contiguous unit."""
         return self.block_size * self.head_dim * self.element_bytes
 
     @property
+    def head_stride(self) -> int:
+        """One head of one block, all of the pool's layers (K and V)."""
+        return self.num_layers * 2 * self.tile_bytes
+
+    @property
     def layer_bytes(self) -> int:
-        """One layer's K and V of one block."""
-        return 2 * self.num_kv_heads * self.head_bytes
+        """One layer's K and V of one block, all heads (num_kv_heads ranges of 2 tiles)."""
+        return 2 * self.num_kv_heads * self.tile_bytes
 
     @property
     def block_bytes(self) -> int:
-        """One block across all layers: the unit a whole-block pull moves."""
-        return self.num_layers * self.layer_bytes
+        """One block across all heads and layers: the unit a whole-block pull moves."""
+        return self.num_kv_heads * self.head_stride
 
     @property
     def compat_hash(self) -> str:

@@ -16,10 +16,10 @@ When several prefill ranks hold the same head (KV heads replicated because kv he
 decode ranks spread over the copies. Nothing goes through a single process: every decode
 rank posts its own READs, and the bytes move holder -> owner once.
 
-With the heads-before-tokens block layout, heads [h0, h1) of one layer's K (or V) of one
-block is one contiguous range on both sides: a piece is one descriptor per block, layer and
-K/V, and runs contiguous on both sides (whole layers of equal shards, consecutive blocks)
-merge into one.
+With the head-major block layout (layout.py), layers [l0, l1) of one head of a block are one
+contiguous range on both sides: a piece is one descriptor per block and head, and runs
+contiguous on both sides merge (all of both pools' layers: a whole head range of the block,
+one descriptor; consecutive blocks: one run).
 """
 
 from __future__ import annotations
@@ -87,24 +87,21 @@ def piece_descs(
     row per contiguous range, runs contiguous on both sides merged."""
     src_ids = np.asarray(src_block_ids, dtype=np.int64)
     dst_ids = np.asarray(dst_block_ids, dtype=np.int64)
-    hb = src.head_bytes
+    layer = 2 * src.tile_bytes  # one layer's K and V of one head: equal on both sides
     parts = []
     for p in pieces:
-        layers = np.arange(*p.layers, dtype=np.int64)
-        kv = np.arange(2, dtype=np.int64)
+        heads = np.arange(*p.heads, dtype=np.int64)
         so = (
-            src_ids[:, None, None] * src.block_bytes
-            + (layers - src.layer_range[0])[None, :, None] * src.layer_bytes
-            + kv[None, None, :] * src.num_kv_heads * hb
-            + (p.heads[0] - src.head_range[0]) * hb
+            src_ids[:, None] * src.block_bytes
+            + (heads - src.head_range[0])[None, :] * src.head_stride
+            + (p.layers[0] - src.layer_range[0]) * layer
         )
         do = (
-            dst_ids[:, None, None] * dst.block_bytes
-            + (layers - dst.layer_range[0])[None, :, None] * dst.layer_bytes
-            + kv[None, None, :] * dst.num_kv_heads * hb
-            + (p.heads[0] - dst.head_range[0]) * hb
+            dst_ids[:, None] * dst.block_bytes
+            + (heads - dst.head_range[0])[None, :] * dst.head_stride
+            + (p.layers[0] - dst.layer_range[0]) * layer
         )
-        length = (p.heads[1] - p.heads[0]) * hb
+        length = (p.layers[1] - p.layers[0]) * layer
         parts.append((so.ravel(), do.ravel(), np.full(so.size, length, dtype=np.int64)))
     so = np.concatenate([p[0] for p in parts])
     do = np.concatenate([p[1] for p in parts])
