@@ -128,7 +128,13 @@ def start_followers(config: EngineConfig, instance_id: str) -> tuple[EngineConfi
         PlacementGroupSchedulingStrategy,
     )
 
-    host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+    if not ray.is_initialized():
+        raise ValueError(
+            f"a {config.tensor_parallel_size} x {config.pipeline_parallel_size} (TP x PP) "
+            "instance runs its ranks as Ray actors: start it in a Ray cluster (cluster serve, "
+            "deployment.start_ray), not in-process"
+        )
+    host = ray.util.get_node_ip_address()
     address = f"tcp://{host}:{_free_port()}"
     leader = dataclasses.replace(
         config, dist_init_method=address, tensor_parallel_rank=0, pipeline_parallel_rank=0

@@ -136,3 +136,14 @@ def test_tp_refuses_bad_settings(tiny_model_dir):
         EngineConfig(model=str(tiny_model_dir), tensor_parallel_size=2)
     with pytest.raises(ValueError, match="tensor_parallel_rank"):
         EngineConfig(tensor_parallel_size=2, tensor_parallel_rank=2, dist_init_method="tcp://x:1")
+
+
+def test_parallel_instances_need_ray(tiny_model_dir):
+    import asyncio
+
+    from cluster.deployment import DeploymentConfig, PoolSpec, start_local
+
+    config = DeploymentConfig(model=str(tiny_model_dir), mode="colocated",
+                              colocated=PoolSpec(engine={"pipeline_parallel_size": 2}))  # fmt: skip
+    with pytest.raises(ValueError, match="runs its ranks as Ray actors"):
+        asyncio.run(start_local(config))
