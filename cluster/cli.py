@@ -63,20 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_generate)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(metavar="BENCHMARK")
-    engine_bench = bench.add_parser("engine", help="engine tokens/s against transformers")
-    _add_module_bench(engine_bench, "engine_bench")
-    transfer_bench = bench.add_parser("transfer", help="NIXL KV pull bandwidth against memcpy")
-    _add_module_bench(transfer_bench, "transfer_bench")
-    router_bench = bench.add_parser("router", help="serving overhead and TTFT, P/D vs colocated")
-    _add_module_bench(router_bench, "router_bench")
-    placement_bench = bench.add_parser("placement", help="planner: time, plans, fitted error")
-    _add_module_bench(placement_bench, "placement_bench")
-    layerwise_bench = bench.add_parser("layerwise", help="KV pulled layer by layer vs whole")
-    _add_module_bench(layerwise_bench, "layerwise_bench")
-    reshard_bench = bench.add_parser("reshard", help="KV pulls across TP/PP layouts vs same")
-    _add_module_bench(reshard_bench, "reshard_bench")
-    pipeline_bench = bench.add_parser("pipeline", help="PP micro-batching against PP=1")
-    _add_module_bench(pipeline_bench, "pipeline_bench")
+    for name, help_ in _MODULE_BENCHES:
+        _add_module_bench(bench.add_parser(name, help=help_), f"{name}_bench")
     serve_bench = bench.add_parser("serve", help="goodput: SLO attainment against rate")
     compare_bench = bench.add_parser("compare", help="goodput, disaggregated vs colocated")
     _add_serve_bench(serve_bench, compare_bench)
@@ -85,6 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     kuberay = deploy.add_parser("kuberay", help="a KubeRay RayService for a placement plan")
     _add_kuberay(kuberay)
     return parser
+
+
+_MODULE_BENCHES = (  # `cluster bench NAME` runs cluster/bench/NAME_bench.py
+    ("engine", "engine tokens/s against transformers"),
+    ("transfer", "NIXL KV pull bandwidth against memcpy"),
+    ("router", "serving overhead and TTFT, P/D vs colocated"),
+    ("placement", "planner: time, plans, fitted error"),
+    ("layerwise", "KV pulled layer by layer vs whole"),
+    ("reshard", "KV pulls across TP/PP layouts vs same"),
+    ("pipeline", "PP micro-batching against PP=1"),
+)
 
 
 def _add_module_bench(parser: argparse.ArgumentParser, module: str) -> None:
