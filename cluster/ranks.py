@@ -92,14 +92,9 @@ class RankFollower:
 
     def reap(self, request_id: str) -> bool:
         """Retry releasing a stuck pull's READs; True once none is left."""
-        from cluster.kv_transfer.agent import KVTransferError
+        from cluster.kv_transfer.connector import release_reads
 
-        held = []
-        for read in self._stuck.pop(request_id, []):
-            try:
-                self.agent.release(read)
-            except KVTransferError:
-                held.append(read)
+        held = release_reads(self.agent, self._stuck.pop(request_id, []))
         if held:
             self._stuck[request_id] = held
         return not held

@@ -98,7 +98,6 @@ class Puller:
         plan = plan_reads(self.agent.layout, [i.layout for i in infos])
         names = {i: self.agent.add_remote(infos[i]) for i in plan}
         twin_name = self.agent.add_remote(twin)
-        twin_blocks = len(local_ids)  # same bytes: the twin's blocks are this pool's blocks
 
         def resharded():
             start = time.perf_counter()
@@ -109,7 +108,8 @@ class Puller:
 
         def same_layout():
             start = time.perf_counter()
-            read = self.agent.read_blocks(twin_name, remote_ids[:twin_blocks], local_ids, b"")
+            # The same bytes: the twin's blocks are laid out like this pool's.
+            read = self.agent.read_blocks(twin_name, remote_ids, local_ids, b"")
             self._wait([read])
             return time.perf_counter() - start, [read]
 

@@ -27,7 +27,6 @@ from cluster.kv_transfer.connector import (
     PrefillUnavailable,
     RemoteTransferError,
     TransferTimeout,
-    agent_epoch,
 )
 from cluster.kv_transfer.layerwise import LayerPuller
 from cluster.worker_common import Chunk, EngineWorker, TransferSettings, engine_timing
@@ -340,11 +339,7 @@ class DecodeWorker(ColocatedWorker):
                 await asyncio.to_thread(self.kv_registry.lookup, name)
                 for name in handle.rank_agents[1:]
             ]
-            if not self._sharded(info, handle):
-                await asyncio.to_thread(self.receiver.connect, info)
-            else:  # re-sharded pulls: each rank loads the agents it reads from itself
-                await asyncio.to_thread(self.agent.layout.check_compatible, info.layout)
-                self.receiver._epochs[info.agent_name] = agent_epoch(info)
+            await asyncio.to_thread(self.receiver.connect, info)  # any shard of the model
             self._rank_infos[handle.agent_name] = [info, *others]
         except Exception as e:  # noqa: BLE001 - registry gone, metadata refused: one error
             raise RemoteTransferError(f"cannot reach KV agent {handle.agent_name!r}: {e}") from e

@@ -277,12 +277,8 @@ class KVReceiver:
         """Retry releasing stuck READs; free the blocks of those that let go."""
         freed = []
         for request_id, xfer in list(self._stuck.items()):
-            held = []  # a layer-wise pull can leave several READs behind
-            for read in xfer if isinstance(xfer, list) else [xfer]:
-                try:  # a follower rank's stuck pull releases itself (FollowerStuck)
-                    read.release() if isinstance(read, FollowerStuck) else self.agent.release(read)
-                except KVTransferError:
-                    held.append(read)
+            # a layer-wise or re-sharded pull can leave several READs behind
+            held = release_reads(self.agent, xfer if isinstance(xfer, list) else [xfer])
             if held:
                 self._stuck[request_id] = held
                 continue
@@ -384,12 +380,7 @@ def pull_from_ranks(agent, infos: list[KVAgentInfo], remote_block_ids, local_blo
         time.sleep(poll_interval_s)
     if state == "DONE" and any(r.state == "ERR" for r in reads):
         state = "ERR"
-    stuck = []
-    for read in reads:
-        try:
-            agent.release(read)
-        except KVTransferError:
-            stuck.append(read)
+    stuck = release_reads(agent, reads)
     return RankPull(
         state,
         sum(r.num_bytes for r in reads),
@@ -397,6 +388,18 @@ def pull_from_ranks(agent, infos: list[KVAgentInfo], remote_block_ids, local_blo
         posted,
         stuck,
     )
+
+
+def release_reads(agent, reads: list) -> list:
+    """Release each READ (a FollowerStuck asks its rank to); return those that would not let
+    go: their destination blocks may still be written."""
+    held = []
+    for read in reads:
+        try:
+            read.release() if isinstance(read, FollowerStuck) else agent.release(read)
+        except KVTransferError:
+            held.append(read)
+    return held
 
 
 @dataclass(slots=True)
