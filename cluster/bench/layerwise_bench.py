@@ -112,7 +112,7 @@ class DecodeSide:
         torch.set_num_threads(1)
         self.pool = torch.zeros(kv_shape)
         self.agent = NixlKVAgent("lw-decode", self.pool, layerwise=True)
-        self.num_layers = kv_shape[1]
+        self.num_layers = self.agent.layout.num_layers
 
     def info(self):
         return self.agent.info()
@@ -120,7 +120,7 @@ class DecodeSide:
     def add_remote(self, info) -> None:
         self.peer = self.agent.add_remote(info)
 
-    def receive(self, mode: str, timeout_s: float = 300.0) -> dict:
+    def receive(self, mode: str, timeout_s: float = 60.0) -> dict:
         """Answer one prefill's notifications; seconds from its start to the KV in place."""
         start, ids, handles, pending, ready_s, ended = None, None, [], [], None, False
         deadline = time.monotonic() + timeout_s
@@ -146,7 +146,7 @@ class DecodeSide:
                     pending.remove(handle)
                     handles.append(handle)
             wanted = self.num_layers if mode == "layerwise" else 1
-            if ready_s is None and len(handles) == wanted and not pending:
+            if ready_s is None and len(handles) >= wanted and not pending:
                 ready_s = time.time() - start
             if ready_s is not None and ended:  # every message of this prefill consumed
                 return {"ready_s": ready_s, "num_reads": len(handles),
