@@ -39,6 +39,7 @@ _ENGINE_KEYS = {
     "pipeline_parallel_size",
     "pipeline_microbatches",
     "pipeline_microbatch_min_tokens",
+    "dist_timeout_s",
 }
 ENGINE_OPTIONS = sorted(_CACHE_KEYS | _SCHEDULER_KEYS | _ENGINE_KEYS)
 

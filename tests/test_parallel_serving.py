@@ -7,6 +7,9 @@ instance's requests by the failure policy, not hang them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import time
 
 import pytest
@@ -166,6 +169,54 @@ def test_a_dead_rank_ends_requests_by_the_failure_policy(cluster, tiny_model_dir
 
         assert cluster.run(recovered(), timeout_s=180) == expected
     finally:
+        cluster.run(router.shutdown(), timeout_s=60)
+
+
+def test_a_hung_rank_ends_requests_after_the_dist_timeout(cluster, tiny_model_dir, expected):
+    """Stop (SIGSTOP) rank 1 of a colocated TP=2 instance while requests stream: the rank
+    neither dies nor answers, so the leader's next all-reduce waits for it; after
+    `dist_timeout_s` the collective fails, the instance exits and every request ends with
+    RequestFailed under policy `fail` (on NCCL a dead rank looks the same: its peers wait).
+    Ray restarts the instance and it serves correct output again."""
+    from cluster.engine.sampling_params import SamplingParams
+    from cluster.ranks import actor_name
+    from cluster.router.types import RequestFailed
+
+    timeout_s = 30
+    router = _start(cluster, tiny_model_dir, mode="colocated",
+                    colocated={"tensor_parallel_size": 2, "dist_timeout_s": timeout_s},
+                    router={"failure_policy": "fail"})  # fmt: skip
+    (instance,) = router.instances
+    follower = ray.get_actor(actor_name(instance.instance_id, 1), namespace="pd-cluster")
+    pid = ray.get(follower.__ray_call__.remote(lambda self: os.getpid()))
+    try:
+        long = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+
+        async def doomed():
+            tasks = [asyncio.ensure_future(_generate(router, p, long)) for p in PROMPTS]
+            await asyncio.sleep(1.5)  # streaming by now
+            os.kill(pid, signal.SIGSTOP)
+            return await asyncio.gather(*tasks, return_exceptions=True)
+
+        started = time.monotonic()
+        results = cluster.run(doomed(), timeout_s=timeout_s + 90)
+        assert all(isinstance(r, RequestFailed) for r in results), results
+        assert timeout_s - 5 < time.monotonic() - started < timeout_s + 60
+
+        async def recovered():
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    return await asyncio.gather(*(_generate(router, p) for p in PROMPTS))
+                except RequestFailed:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(2)
+
+        assert cluster.run(recovered(), timeout_s=180) == expected
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)  # Ray has killed it with its dead owner, normally
         cluster.run(router.shutdown(), timeout_s=60)
 
 

@@ -136,6 +136,8 @@ def test_tp_refuses_bad_settings(tiny_model_dir):
         EngineConfig(model=str(tiny_model_dir), tensor_parallel_size=2)
     with pytest.raises(ValueError, match="tensor_parallel_rank"):
         EngineConfig(tensor_parallel_size=2, tensor_parallel_rank=2, dist_init_method="tcp://x:1")
+    with pytest.raises(ValueError, match="dist_timeout_s must be > 0"):
+        EngineConfig(dist_timeout_s=0)
 
 
 def test_parallel_instances_need_ray(tiny_model_dir):

@@ -213,6 +213,11 @@ class EngineConfig:
     pipeline_microbatches: int = 0
     pipeline_microbatch_min_tokens: int = 128
     dist_init_method: str = ""
+    # A collective that waits longer than this for a rank fails, and with it the instance:
+    # a rank that hangs (or, under NCCL, dies: its peers wait rather than error) ends the
+    # instance's requests by their failure policy after at most this long. It also bounds
+    # how far apart the ranks may start (rendezvous, then the first collective after loading).
+    dist_timeout_s: float = 300.0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -243,6 +248,8 @@ class EngineConfig:
                 "tensor_parallel_size x pipeline_parallel_size > 1 needs dist_init_method "
                 "(tcp://host:port)"
             )
+        if not self.dist_timeout_s > 0:
+            raise ValueError(f"dist_timeout_s must be > 0 seconds, got {self.dist_timeout_s}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 

@@ -51,7 +51,7 @@ class ModelRunner:
         self.tp, self.pp = init_parallel(
             config.tensor_parallel_rank, config.tensor_parallel_size,
             config.pipeline_parallel_rank, config.pipeline_parallel_size,
-            config.dist_init_method, self.device,
+            config.dist_init_method, self.device, config.dist_timeout_s,
         )  # fmt: skip
         self.num_microbatches = config.pipeline_microbatches or self.pp.size
         self.microbatch_min_tokens = max(config.pipeline_microbatch_min_tokens, 1)

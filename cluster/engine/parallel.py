@@ -30,6 +30,7 @@ k. The last stage samples and broadcasts the tokens to every rank.
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,20 +143,22 @@ class PPStage:
 
 
 def init_parallel(
-    tp_rank: int, tp_size: int, pp_rank: int, pp_size: int, init_method: str, device
-) -> tuple[TPGroup, PPStage]:
+    tp_rank: int, tp_size: int, pp_rank: int, pp_size: int, init_method: str, device,
+    timeout_s: float = 300.0,
+) -> tuple[TPGroup, PPStage]:  # fmt: skip
     """Join the instance's process group (gloo on CPU, NCCL on CUDA) once per process, and
-    the stage's tensor-parallel subgroup when there are several stages."""
+    the stage's tensor-parallel subgroup when there are several stages. A collective that
+    waits more than `timeout_s` for a rank raises (gloo; NCCL's watchdog aborts the process)."""
     world = tp_size * pp_size
+    timeout = datetime.timedelta(seconds=timeout_s)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend, init_method=init_method, rank=pp_rank * tp_size + tp_rank, world_size=world
-        )
+        dist.init_process_group(backend, init_method=init_method, timeout=timeout,
+                                rank=pp_rank * tp_size + tp_rank, world_size=world)  # fmt: skip
     group = None
     if tp_size > 1 and pp_size > 1:  # every rank creates every subgroup, in the same order
         for stage in range(pp_size):
-            g = dist.new_group([stage * tp_size + r for r in range(tp_size)])
+            g = dist.new_group([stage * tp_size + r for r in range(tp_size)], timeout=timeout)
             if stage == pp_rank:
                 group = g
     return TPGroup(tp_rank, tp_size, group), PPStage(pp_rank, pp_size, tp_rank, tp_size)

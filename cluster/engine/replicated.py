@@ -16,9 +16,10 @@ read its own clock or draw its own seed). In the decode role, `add_remote_reques
 the same blocks on every rank, so each rank can pull its share of the prompt's KV into them
 (kv_transfer/connector.py) before `commit_remote` starts the decode everywhere.
 
-An idle leader still broadcasts now and then (`heartbeat`, no step): followers blocked in the
-broadcast would otherwise hit the process group's timeout, and a rank that died while idle is
-found then rather than on the next request.
+An idle leader still broadcasts now and then (`heartbeat`, no step, then a barrier):
+followers blocked in the broadcast would otherwise hit the process group's timeout
+(`EngineConfig.dist_timeout_s`), and a rank that died or hangs while idle is found then (the
+barrier fails, at the latest after that timeout) rather than on the next request.
 """
 
 from __future__ import annotations
@@ -101,11 +102,14 @@ class LeaderEngine(LLMEngine):
         return super().step()
 
     def heartbeat(self) -> int:
-        """Apply pending calls on every rank without a step (call between steps); returns
-        the number of messages a follower in step with us has applied."""
+        """Apply pending calls on every rank without a step (call between steps), then meet
+        every rank at a barrier: a rank that died or hangs fails it (a broadcast alone can
+        land in a socket buffer and return). Returns the number of messages a follower in
+        step with us has applied."""
         ops, self._ops = self._ops, []
         _broadcast((ops, False))
         self.num_broadcasts += 1
+        dist.barrier()
         return self.num_broadcasts
 
     def stop_followers(self) -> None:
@@ -141,3 +145,5 @@ def follow(engine: LLMEngine, progress: Progress | None = None) -> None:
                 engine.step()
             progress.applied += 1
             progress.cond.notify_all()
+        if not step:
+            dist.barrier()  # the leader's heartbeat
