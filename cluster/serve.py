@@ -109,6 +109,13 @@ def apply_plan(config: DeploymentConfig, plan: dict) -> None:
                 spec.engine[key] = size
 
 
+def _pool(config: DeploymentConfig, role: str) -> str:
+    """'2 decode' or, for parallel instances, '2 decode (TP2 x PP2)'."""
+    engine = config.engine_config(role)
+    shape = f" (TP{engine.tensor_parallel_size} x PP{engine.pipeline_parallel_size})"
+    return f"{getattr(config, role).num_instances} {role}" + (shape if engine.world_size > 1 else "")
+
+
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     return asyncio.run(serve(config))
@@ -146,7 +153,7 @@ async def serve(config: DeploymentConfig, ready: asyncio.Event | None = None) ->
     except BaseException:
         await router.shutdown()
         raise
-    pools = " + ".join(f"{getattr(config, role).num_instances} {role}" for role in config.roles())
+    pools = " + ".join(_pool(config, role) for role in config.roles())
     print(
         f"pd-cluster serving {router.model_info.name!r} ({config.mode}: {pools}): "
         f"gRPC {config.grpc['host']}:{grpc_port}, "

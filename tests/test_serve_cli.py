@@ -1,6 +1,8 @@
-"""`cluster serve` as a user runs it: a process that starts Ray, the pools and both APIs, says
-where it listens, serves `cluster generate` and the HTTP API, drains on SIGTERM (refuses new
-requests, finishes the ones in flight) and stops cleanly."""
+"""`cluster serve` as a user runs it: a process that starts Ray, the pools of a placement plan
+whose prefill and decode layouts differ (prefill TP=2, decode PP=2: the KV is re-sharded on
+every transfer) and both APIs, says where it listens, serves `cluster generate` (the output
+of a one-rank engine) and the HTTP API, drains on SIGTERM (refuses new requests, finishes the
+ones in flight) and stops cleanly."""
 
 from __future__ import annotations
 
@@ -28,9 +30,16 @@ def test_serve_generate_and_stop(tiny_model_dir, tmp_path):
         f"model: {tiny_model_dir}\nengine: {{num_blocks: 128}}\n"
         "grpc: {host: 127.0.0.1, port: 0}\nhttp: {host: 127.0.0.1, port: 0}\n"
     )
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        "mode: disaggregated\n"
+        "prefill: {num_instances: 1, tensor_parallel_size: 2, pipeline_parallel_size: 1}\n"
+        "decode: {num_instances: 1, tensor_parallel_size: 1, pipeline_parallel_size: 2}\n"
+    )
     env = {**os.environ, "RAY_ADDRESS": ""}
     server = subprocess.Popen(
-        [f"{BIN}/cluster", "serve", "--config", str(config), "--api-key", "k3y"],
+        [f"{BIN}/cluster", "serve", "--config", str(config), "--plan", str(plan),
+         "--api-key", "k3y"],  # fmt: skip
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -40,10 +49,14 @@ def test_serve_generate_and_stop(tiny_model_dir, tmp_path):
         line = server.stdout.readline()  # blocks until serving (or the process dies)
         match = re.search(r"gRPC 127\.0\.0\.1:(\d+), HTTP http://127\.0\.0\.1:(\d+)/v1", line)
         assert match, line
-        assert "disaggregated: 1 prefill + 1 decode" in line and "API key required" in line
+        assert "disaggregated: 1 prefill (TP2 x PP1) + 1 decode (TP1 x PP2)" in line
+        assert "API key required" in line
         grpc_port, http_port = match.groups()
-        args = [f"{BIN}/cluster", "generate", "Hello", "--max-tokens", "5", "--ignore-eos"]
-        args += ["--target", f"127.0.0.1:{grpc_port}", "--json"]
+        # (a prompt whose greedy continuation changes token midway: it depends on the KV)
+        prompt = "The quick brown fox jumps over the lazy dog"
+        generate = [f"{BIN}/cluster", "generate", prompt, "--max-tokens", "8"]
+        generate += ["--ignore-eos", "--temperature", "0", "--json"]
+        args = generate + ["--target", f"127.0.0.1:{grpc_port}"]
         denied = subprocess.run(args, capture_output=True, text=True, timeout=60)
         assert denied.returncode == 1 and "UNAUTHENTICATED" in denied.stderr
         done = subprocess.run(
@@ -51,7 +64,11 @@ def test_serve_generate_and_stop(tiny_model_dir, tmp_path):
         )
         assert done.returncode == 0, done.stderr
         result = json.loads(done.stdout)
-        assert len(result["token_ids"]) == 5 and result["finish_reason"] == "length"
+        assert len(result["token_ids"]) == 8 and result["finish_reason"] == "length"
+        local = subprocess.run(generate + ["--local", "--model", str(tiny_model_dir)],
+                               capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert local.returncode == 0, local.stderr
+        assert result["token_ids"] == json.loads(local.stdout)["token_ids"]
         request = urllib.request.Request(
             f"http://127.0.0.1:{http_port}/v1/models", headers={"Authorization": "Bearer k3y"}
         )
