@@ -113,7 +113,8 @@ def _pool(config: DeploymentConfig, role: str) -> str:
     """'2 decode' or, for parallel instances, '2 decode (TP2 x PP2)'."""
     engine = config.engine_config(role)
     shape = f" (TP{engine.tensor_parallel_size} x PP{engine.pipeline_parallel_size})"
-    return f"{getattr(config, role).num_instances} {role}" + (shape if engine.world_size > 1 else "")
+    count = f"{getattr(config, role).num_instances} {role}"
+    return count + shape if engine.world_size > 1 else count
 
 
 def run(args: argparse.Namespace) -> int:

@@ -88,11 +88,13 @@ def test_plan_reads_pairs_each_owner_with_the_holders():
 
     tp2 = [shard(2, 0), shard(2, 1)]
     assert plan_reads(shard(1, 0), tp2) == {
-        0: [Piece(0, (0, 4), (0, 2))], 1: [Piece(1, (0, 4), (2, 4))]
+        0: [Piece(0, (0, 4), (0, 2))],
+        1: [Piece(1, (0, 4), (2, 4))],
     }
     pp2 = [shard(1, 0, 2, 0), shard(1, 0, 2, 1)]
     assert plan_reads(shard(2, 1), pp2) == {
-        0: [Piece(0, (0, 2), (2, 4))], 1: [Piece(1, (2, 4), (2, 4))]
+        0: [Piece(0, (0, 2), (2, 4))],
+        1: [Piece(1, (2, 4), (2, 4))],
     }
     # Heads replicated over 8 source ranks: the 8 decode ranks spread over the copies.
     tp8 = [shard(8, r) for r in range(8)]

@@ -37,9 +37,9 @@ def test_serve_generate_and_stop(tiny_model_dir, tmp_path):
         "decode: {num_instances: 1, tensor_parallel_size: 1, pipeline_parallel_size: 2}\n"
     )
     env = {**os.environ, "RAY_ADDRESS": ""}
+    serve = [f"{BIN}/cluster", "serve", "--config", str(config), "--plan", str(plan)]
     server = subprocess.Popen(
-        [f"{BIN}/cluster", "serve", "--config", str(config), "--plan", str(plan),
-         "--api-key", "k3y"],  # fmt: skip
+        [*serve, "--api-key", "k3y"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

@@ -111,7 +111,8 @@ def test_microbatches_split_a_step_by_tokens():
         plan.num_scheduled_tokens[r.request_id] = n
     parts = split_microbatches(plan, 2)
     assert [[r.request_id for r in p.requests] for p in parts] == [
-        ["r0", "r1", "r2", "r3", "r4"], ["r5"]
+        ["r0", "r1", "r2", "r3", "r4"],
+        ["r5"],
     ]
     assert sum(p.total_num_tokens for p in parts) == plan.total_num_tokens
     assert len(split_microbatches(plan, 8)) <= 6  # never an empty micro-batch

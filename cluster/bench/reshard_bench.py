@@ -227,10 +227,9 @@ def format_table(result: dict) -> str:
         f"{'re-shard ms':>11} {'same ms':>8} {'ratio':>6} {'GB/s':>6}",
     ]
     for r in result["rows"]:
-        p, d = r["prefill"], r["decode"]
+        prefill, decode = (f"TP{r[side]['tp']}PP{r[side]['pp']}" for side in ("prefill", "decode"))
         lines.append(
-            f"{r['tokens']:>6} {'TP%dPP%d' % (p['tp'], p['pp']):>8} "
-            f"{'TP%dPP%d' % (d['tp'], d['pp']):>8} {r['bytes'] / 2**20:>8.1f} "
+            f"{r['tokens']:>6} {prefill:>8} {decode:>8} {r['bytes'] / 2**20:>8.1f} "
             f"{r['num_reads']:>5} {r['resharded_descs']:>7} {r['resharded_ms']:>11.2f} "
             f"{r['same_layout_ms']:>8.2f} {r['ratio']:>6.2f} {r['resharded_gbps']:>6.2f}"
         )

@@ -7,9 +7,9 @@ The flattened batch is laid out decodes first (one token each), then prefill chu
              decode_* fields      prefills[0]    prefills[1]
 
 One layer's cache view is [num_blocks, 2, num_kv_heads, block_size, head_dim] (K at 0, V at
-1; a strided view of the pool, model_runner.py); slot_block_ids/slot_offsets say where each new token's K/V goes. Keys are written before
-any query reads, so a chunk sees its own tokens and a prefix block filled earlier in the
-same step.
+1; a strided view of the pool, model_runner.py); slot_block_ids/slot_offsets say where each
+new token's K/V goes. Keys are written before any query reads, so a chunk sees its own tokens
+and a prefix block filled earlier in the same step.
 """
 
 from __future__ import annotations

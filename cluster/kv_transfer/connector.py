@@ -318,9 +318,8 @@ class KVReceiver:
             states += ray.get(refs, timeout=max(until - time.monotonic(), 0) + 5.0)
         except Exception:  # noqa: BLE001 - a lost rank of ours: the instance is failing
             states.append("ERR")
-        stuck = list(mine.stuck) + [
-            FollowerStuck(f, request_id) for f, s in zip(followers, states[1:]) if s == "STUCK"
-        ]
+        theirs = zip(followers, states[1:], strict=False)  # (states is short on ERR)
+        stuck = list(mine.stuck) + [FollowerStuck(f, request_id) for f, s in theirs if s == "STUCK"]
         if stuck:
             self.keep_stuck(request_id, stuck)
             raise RemoteTransferError(f"a READ from {handle.agent_name!r} could not be released")

@@ -8,8 +8,9 @@ The model runner keeps a rank's pool as one block-major, then head-major tensor:
 
 so block i is the contiguous byte range [i * block_bytes, (i + 1) * block_bytes) from the
 tensor's base, all of the rank's layers included; heads [h0, h1) of a block (all layers) are
-one contiguous range, and so are layers [l0, l1) of one head of a block. A rank of a tensor/pipeline-parallel instance holds
-the layers of its stage and the KV heads of its TP rank (parallel.py says which):
+one contiguous range, and so are layers [l0, l1) of one head of a block. A rank of a
+tensor/pipeline-parallel instance holds the layers of its stage and the KV heads of its TP
+rank (parallel.py says which):
 
     must match (in compat_hash)   model_layers, model_kv_heads, head_dim, block_size, dtype,
                                   memory_layout: then any rank's blocks can be re-sharded

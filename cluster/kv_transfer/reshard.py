@@ -59,7 +59,7 @@ def plan_reads(dst: KVLayout, sources: Sequence[KVLayout]) -> dict[int, list[Pie
         holders = [i for i, s in enumerate(sources) if s.layer_range == (sl0, sl1)]
         run: Piece | None = None
         for head in range(*dst.head_range):
-            have = [i for i in holders if sources[i].head_range[0] <= head < sources[i].head_range[1]]
+            have = [i for i in holders if _holds(sources[i].head_range, head)]
             if not have:
                 raise ValueError(f"no source holds KV head {head} of layers [{l0}, {l1})")
             pick = have[dst.tp_rank % len(have)]  # spread over replicated copies
@@ -74,6 +74,10 @@ def plan_reads(dst: KVLayout, sources: Sequence[KVLayout]) -> dict[int, list[Pie
     if covered != dl1 - dl0:
         raise ValueError(f"the sources do not hold every layer of [{dl0}, {dl1})")
     return plan
+
+
+def _holds(head_range: tuple[int, int], head: int) -> bool:
+    return head_range[0] <= head < head_range[1]
 
 
 def piece_descs(

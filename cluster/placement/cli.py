@@ -136,9 +136,11 @@ def run_plan(args) -> int:
     else:
         print(render_table(plan))
         spanning = [
-            p for p in plan.pools
-            if p.tensor_parallel_size * p.pipeline_parallel_size > plan.hardware[p.hardware].gpus_per_node
-        ]  # fmt: skip
+            p
+            for p in plan.pools
+            if p.tensor_parallel_size * p.pipeline_parallel_size
+            > plan.hardware[p.hardware].gpus_per_node
+        ]
         if spanning:
             print(
                 "note: this build keeps an instance's ranks on one node; the "
