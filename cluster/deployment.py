@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from cluster.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from cluster.ranks import RAY_NAMESPACE
 from cluster.worker_common import TransferSettings
 
@@ -196,6 +196,22 @@ async def start_local(config: DeploymentConfig, settings=None):
     return await _router(config, settings, clients, shutdown)
 
 
+def _check_parallel(config: DeploymentConfig) -> None:
+    """Refuse, before any actor starts, a pool whose TP/PP the model cannot take (when the
+    checkpoint is readable here; the engine checks again wherever it runs)."""
+    from cluster.engine.parallel import check_parallel
+
+    if config.model is None or not (Path(config.model) / "config.json").is_file():
+        return
+    model = ModelConfig.from_pretrained(config.model)
+    for role in config.roles():
+        engine = config.engine_config(role)
+        try:
+            check_parallel(model, engine.tensor_parallel_size, engine.pipeline_parallel_size)
+        except ValueError as e:
+            raise ValueError(f"the {role} pool: {e}") from None
+
+
 async def start_ray(config: DeploymentConfig, settings=None, ready_timeout_s: float = 600.0):
     """Every instance as a Ray actor (restarted by Ray if it dies) in the current Ray
     cluster; call ray.init() first."""
@@ -207,6 +223,7 @@ async def start_ray(config: DeploymentConfig, settings=None, ready_timeout_s: fl
 
     # The KV registry actor belongs to this process (it lives as long as the deployment),
     # not to whichever worker would create it first and take it down when it dies.
+    _check_parallel(config)
     registry = RayKVRegistry(namespace=RAY_NAMESPACE)
     deployment_id = uuid.uuid4().hex[:6]
     clients, groups = [], []

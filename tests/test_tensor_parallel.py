@@ -141,6 +141,34 @@ def test_tp_refuses_bad_settings(tiny_model_dir):
         EngineConfig(dist_timeout_s=0)
 
 
+def test_sizes_the_model_cannot_take_are_refused_with_the_ones_it_can(tiny_model_dir):
+    """Before any process group forms: the engine, and start_ray before any actor starts."""
+    import asyncio
+
+    from cluster.deployment import DeploymentConfig, PoolSpec, start_ray
+    from cluster.engine.config import EngineConfig, ModelConfig
+    from cluster.engine.llm_engine import LLMEngine
+    from cluster.engine.parallel import check_parallel
+
+    model = ModelConfig.from_pretrained(tiny_model_dir)  # 4 heads, 2 KV heads, 4 layers
+    for tp in (1, 2, 4):
+        check_parallel(model, tp, model.num_layers)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=3 .* use one of \[1, 2, 4\]"):
+        check_parallel(model, 3, 1)
+    with pytest.raises(ValueError, match="tensor_parallel_size=8"):
+        check_parallel(model, 8, 1)
+    with pytest.raises(ValueError, match="exceeds the model's 4 layers"):
+        check_parallel(model, 1, 5)
+    config = EngineConfig(model=str(tiny_model_dir), pipeline_parallel_size=5,
+                          dist_init_method="tcp://127.0.0.1:1")  # fmt: skip
+    with pytest.raises(ValueError, match="pipeline_parallel_size=5"):
+        LLMEngine(config)  # refused before it would wait for ranks at the rendezvous
+    deployment = DeploymentConfig(model=str(tiny_model_dir),
+                                  decode=PoolSpec(engine={"tensor_parallel_size": 3}))  # fmt: skip
+    with pytest.raises(ValueError, match="the decode pool: tensor_parallel_size=3"):
+        asyncio.run(start_ray(deployment))  # (no Ray needed: nothing is started)
+
+
 def test_parallel_instances_need_ray(tiny_model_dir):
     import asyncio
 

@@ -25,6 +25,7 @@ from cluster.engine.block_manager import BlockManager
 from cluster.engine.config import EngineConfig, ModelConfig
 from cluster.engine.model_runner import ModelRunner, NoopModelRunner
 from cluster.engine.outputs import RequestMetrics, RequestOutput
+from cluster.engine.parallel import check_parallel
 from cluster.engine.request import Request, RequestStatus
 from cluster.engine.sampler import skip_one_draw
 from cluster.engine.sampling_params import SamplingParams
@@ -53,6 +54,8 @@ class LLMEngine:
         self.config = config
         self.model_config = ModelConfig.from_pretrained(model_dir)
         self.max_model_len = config.resolve_max_model_len(self.model_config)
+        check_parallel(self.model_config, config.tensor_parallel_size,
+                       config.pipeline_parallel_size)  # fmt: skip
         self.tokenizer = Tokenizer.from_pretrained(model_dir)
         runner_cls = NoopModelRunner if config.model_runner == "noop" else ModelRunner
         self.runner = runner_cls(config, self.model_config, self.max_model_len)

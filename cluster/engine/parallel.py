@@ -93,6 +93,29 @@ def kv_head_range(tp_rank: int, tp_size: int, num_kv_heads: int) -> tuple[int, i
     return head, head + 1
 
 
+def check_parallel(model, tp_size: int, pp_size: int) -> None:
+    """Raise ValueError, saying which sizes would do, unless a `tp_size` x `pp_size` instance
+    can hold `model` (a ModelConfig): TP divides the attention heads and the MLP width and
+    splits or replicates the KV heads; PP has a layer per stage."""
+    fits = [
+        t
+        for t in range(1, model.num_heads + 1)
+        if model.num_heads % t == 0
+        and model.intermediate_size % t == 0
+        and (model.num_kv_heads % t == 0 or t % model.num_kv_heads == 0)
+    ]
+    if tp_size not in fits:
+        raise ValueError(
+            f"tensor_parallel_size={tp_size} does not fit the model ({model.num_heads} "
+            f"attention heads, {model.num_kv_heads} KV heads, MLP width "
+            f"{model.intermediate_size}): use one of {fits}"
+        )
+    if pp_size > model.num_layers:
+        raise ValueError(
+            f"pipeline_parallel_size={pp_size} exceeds the model's {model.num_layers} layers"
+        )
+
+
 def layer_range(pp_rank: int, pp_size: int, num_layers: int) -> tuple[int, int]:
     """[start, end) of the layers pipeline stage `pp_rank` holds (as even as they split)."""
     if pp_size > num_layers:
