@@ -75,6 +75,23 @@ def _serve_all(loop, router) -> list[list[int]]:
     return loop.run(run(), timeout_s=180)
 
 
+def _serve_once_restarted(loop, router) -> list[list[int]]:
+    """Every prompt's output once Ray has restarted a lost instance (RequestFailed until)."""
+    from cluster.router.types import RequestFailed
+
+    async def run():
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                return await asyncio.gather(*(_generate(router, p) for p in PROMPTS))
+            except RequestFailed:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(2)
+
+    return loop.run(run(), timeout_s=180)
+
+
 def _check_blocks_free(loop, router) -> None:
     for instance in router.instances:
         free, total = loop.run(instance.client.call("check_integrity", timeout=30))
@@ -157,17 +174,7 @@ def test_a_dead_rank_ends_requests_by_the_failure_policy(cluster, tiny_model_dir
         assert all(isinstance(r, RequestFailed) for r in results), results
         assert time.monotonic() - started < 90
 
-        async def recovered():
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    return await asyncio.gather(*(_generate(router, p) for p in PROMPTS))
-                except RequestFailed:
-                    if time.monotonic() > deadline:
-                        raise
-                    await asyncio.sleep(2)
-
-        assert cluster.run(recovered(), timeout_s=180) == expected
+        assert _serve_once_restarted(cluster, router) == expected
     finally:
         cluster.run(router.shutdown(), timeout_s=60)
 
@@ -203,17 +210,7 @@ def test_a_hung_rank_ends_requests_after_the_dist_timeout(cluster, tiny_model_di
         assert all(isinstance(r, RequestFailed) for r in results), results
         assert timeout_s - 5 < time.monotonic() - started < timeout_s + 60
 
-        async def recovered():
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    return await asyncio.gather(*(_generate(router, p) for p in PROMPTS))
-                except RequestFailed:
-                    if time.monotonic() > deadline:
-                        raise
-                    await asyncio.sleep(2)
-
-        assert cluster.run(recovered(), timeout_s=180) == expected
+        assert _serve_once_restarted(cluster, router) == expected
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)  # Ray has killed it with its dead owner, normally
