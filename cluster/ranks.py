@@ -16,10 +16,10 @@ the actor's own thread while its engine keeps following the leader.
 from __future__ import annotations
 
 import dataclasses
-import socket
 import threading
 
 from cluster.engine.config import EngineConfig
+from cluster.engine.parallel import free_port
 
 RAY_NAMESPACE = "pd-cluster"  # every named actor of a deployment lives here
 
@@ -108,12 +108,6 @@ class RankFollower:
             return self.llm.num_free_blocks, self.llm.block_manager.num_blocks
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("0.0.0.0", 0))
-        return s.getsockname()[1]
-
-
 def start_followers(config: EngineConfig, instance_id: str) -> tuple[EngineConfig, list]:
     """Launch ranks 1..N-1 in this actor's placement group (bundle i for rank i) or on this
     node; returns rank 0's config (its rendezvous address filled in) and the actors."""
@@ -130,7 +124,7 @@ def start_followers(config: EngineConfig, instance_id: str) -> tuple[EngineConfi
             "deployment.start_ray), not in-process"
         )
     host = ray.util.get_node_ip_address()
-    address = f"tcp://{host}:{_free_port()}"
+    address = f"tcp://{host}:{free_port('0.0.0.0')}"
     leader = dataclasses.replace(
         config, dist_init_method=address, tensor_parallel_rank=0, pipeline_parallel_rank=0
     )

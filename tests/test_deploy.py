@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import yaml
 
 from cluster.cli import main
 from cluster.deploy.kuberay import generate
+from cluster.engine.parallel import free_port
 from cluster.placement.hardware import load_catalog
 from cluster.placement.plan import Plan, PlanError
 
@@ -255,12 +255,6 @@ def test_example_manifest_validates():
 # --- the serveConfigV2, run by Ray Serve here ------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_serve_config_starts_the_application(tmp_path, tiny_model_dir):
     pytest.importorskip("ray.serve")
@@ -270,7 +264,7 @@ def test_serve_config_starts_the_application(tmp_path, tiny_model_dir):
     service = generate(plan, model_path=str(tiny_model_dir))[0]
     config = yaml.safe_load(service["spec"]["serveConfigV2"])
     ServeDeploySchema.model_validate(config)  # Serve's own schema for `serve deploy`
-    http, grpc_port = _free_port(), _free_port()
+    http, grpc_port = free_port(), free_port()
     config["http_options"].update(host="127.0.0.1", port=http)  # loopback here
     config["grpc_options"]["port"] = grpc_port
     path = tmp_path / "serve.yaml"

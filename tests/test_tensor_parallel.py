@@ -6,9 +6,6 @@ heads) and a tied-embedding Llama."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import socket
-
 import pytest
 
 from tests.test_engine_correctness import hf_greedy
@@ -17,13 +14,7 @@ PROMPTS = [[5, 6, 7], list(range(3, 40)), [11 + (i * 7) % 400 for i in range(90)
 MAX_TOKENS = 10
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, size: int, port: int, model_dir: str, queue, pp: int = 1) -> None:
+def _rank_main(rank: int, init_method: str, size: int, model_dir: str, pp: int) -> tuple:
     import torch
 
     from cluster.engine.config import CacheConfig, EngineConfig
@@ -31,44 +22,30 @@ def _rank_main(rank: int, size: int, port: int, model_dir: str, queue, pp: int =
     from cluster.engine.sampling_params import SamplingParams
 
     torch.set_num_threads(1)
-    try:
-        engine = LLMEngine(
-            EngineConfig(
-                model=model_dir,
-                tensor_parallel_size=size // pp,
-                tensor_parallel_rank=rank % (size // pp),
-                pipeline_parallel_size=pp,
-                pipeline_parallel_rank=rank // (size // pp),
-                dist_init_method=f"tcp://127.0.0.1:{port}",
-                cache=CacheConfig(num_blocks=64),
-            )
+    engine = LLMEngine(
+        EngineConfig(
+            model=model_dir,
+            tensor_parallel_size=size // pp,
+            tensor_parallel_rank=rank % (size // pp),
+            pipeline_parallel_size=pp,
+            pipeline_parallel_rank=rank // (size // pp),
+            dist_init_method=init_method,
+            cache=CacheConfig(num_blocks=64),
         )
-        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
-        out = [o.token_ids for o in engine.generate(PROMPTS, params)]
-        shape = tuple(engine.runner.kv_cache.shape)
-        engine.check_integrity()
-        queue.put((rank, out, shape, None))
-    except Exception as e:  # noqa: BLE001 - report to the test, do not hang it
-        queue.put((rank, None, None, repr(e)))
+    )
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    out = [o.token_ids for o in engine.generate(PROMPTS, params)]
+    engine.check_integrity()
+    return out, tuple(engine.runner.kv_cache.shape)
 
 
 def run_tp(model_dir: str, size: int, pp: int = 1) -> list:
     """Run PROMPTS on an instance of `size` ranks in `pp` stages, one process per rank;
-    [(rank, token ids, KV pool shape, error)] sorted by rank."""
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), _free_port()
-    procs = [
-        ctx.Process(target=_rank_main, args=(r, size, port, model_dir, queue, pp))
-        for r in range(size)
-    ]
-    for p in procs:
-        p.start()
-    results = sorted(queue.get(timeout=240) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-    errors = [e for *_, e in results if e]
-    assert not errors, errors
-    return results
+    [(rank, token ids, KV pool shape)] in rank order."""
+    from cluster.engine.parallel import run_local_ranks
+
+    results = run_local_ranks(_rank_main, size, (size, model_dir, pp), timeout_s=240)
+    return [(rank, out, shape) for rank, (out, shape) in enumerate(results)]
 
 
 @pytest.mark.parametrize("size", [2, 4])
@@ -81,7 +58,7 @@ def test_tp_equals_tp1_and_transformers(tiny_model_dir, size):
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
     assert [o.token_ids for o in single.generate(PROMPTS, params)] == expected
     results = run_tp(str(tiny_model_dir), size)
-    for rank, out, shape, _ in results:
+    for rank, out, shape in results:
         assert out == expected, f"rank {rank}"
         # Each rank caches only its KV heads: 2 KV heads split (TP=2) or one each (TP=4).
         assert shape[1] == 1
@@ -92,7 +69,7 @@ def test_pipeline_parallel_equals_tp1_and_transformers(tiny_model_dir, size, pp)
     """PP=2 (two layers a stage) and TP=2 x PP=2: every rank's replica sees the same tokens,
     each stage caches only its layers and its TP rank's heads."""
     expected = hf_greedy(str(tiny_model_dir), PROMPTS, MAX_TOKENS)
-    for rank, out, shape, _ in run_tp(str(tiny_model_dir), size, pp):
+    for rank, out, shape in run_tp(str(tiny_model_dir), size, pp):
         assert out == expected, f"rank {rank}"
         assert shape[2] == 4 // pp  # the tiny model's 4 layers, split over the stages
         assert shape[1] == 2 // (size // pp)  # 2 KV heads over the stage's TP ranks
@@ -123,10 +100,10 @@ def test_microbatches_split_a_step_by_tokens():
 def test_tp2_on_other_families(family_model_dir, family):
     model_dir = str(family_model_dir(family))
     expected = hf_greedy(model_dir, PROMPTS, MAX_TOKENS)
-    for _, out, _, _ in run_tp(model_dir, 2):
+    for _, out, _ in run_tp(model_dir, 2):
         assert out == expected
     if family == "llama-linear-rope-tied":  # the tied head on the last stage, not the first
-        for _, out, _, _ in run_tp(model_dir, 2, pp=2):
+        for _, out, _ in run_tp(model_dir, 2, pp=2):
             assert out == expected
 
 

@@ -18,13 +18,12 @@ Median over --repeats after a warm-up run; every configuration must produce PP=1
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
-import socket
 import statistics
 import tempfile
 from pathlib import Path
 
 from cluster.bench.common import report
+from cluster.engine.parallel import run_local_ranks
 
 DEFAULTS = {"num_layers": 8, "hidden_size": 1024, "batch": 8, "prompt_len": 256,
             "output_len": 32, "repeats": 3}  # fmt: skip
@@ -33,7 +32,7 @@ QUICK = {"num_layers": 2, "hidden_size": 128, "batch": 4, "prompt_len": 64, "out
 CONFIGS = [(1, 0), (2, 1), (2, 2), (2, 4)]  # (pp, micro-batches)
 
 
-def _rank(rank: int, pp: int, micro: int, port: int, model_dir: str, opt: dict, queue) -> None:
+def _rank(rank: int, init_method: str, pp: int, micro: int, model_dir: str, opt: dict) -> tuple:
     import dataclasses
     import time
 
@@ -44,62 +43,48 @@ def _rank(rank: int, pp: int, micro: int, port: int, model_dir: str, opt: dict, 
     from cluster.engine.sampling_params import SamplingParams
 
     torch.set_num_threads(1)
-    try:
-        engine = LLMEngine(EngineConfig(
-            model=model_dir, pipeline_parallel_size=pp, pipeline_parallel_rank=rank,
-            pipeline_microbatches=micro, dist_init_method=f"tcp://127.0.0.1:{port}",
-            cache=CacheConfig(num_blocks=opt["batch"] * 16, enable_prefix_caching=False),
-            scheduler=SchedulerConfig(max_num_seqs=opt["batch"], max_num_batched_tokens=8192),
-        ))  # fmt: skip
-        phases = {
-            "prefill": (opt["prompt_len"], SamplingParams(max_tokens=1)),
-            "decode": (8, SamplingParams(max_tokens=opt["output_len"], ignore_eos=True)),
-        }
-        times: dict[str, list[float]] = {name: [] for name in phases}
-        tokens = []
-        for rep in range(opt["repeats"] + 1):  # the first is warm-up
-            for name, (length, params) in phases.items():
-                prompts = [[3 + (rep * 131 + i * 17 + j) % 4000 for j in range(length)]
-                           for i in range(opt["batch"])]  # fmt: skip
-                start = time.perf_counter()
-                outs = engine.generate(prompts, dataclasses.replace(params, temperature=0.0))
-                if rep:
-                    times[name].append(time.perf_counter() - start)
-                tokens += [o.token_ids for o in outs]
-        queue.put((rank, times, tokens, None))
-    except Exception as e:  # noqa: BLE001 - report, do not hang the parent
-        queue.put((rank, None, None, repr(e)))
+    engine = LLMEngine(EngineConfig(
+        model=model_dir, pipeline_parallel_size=pp, pipeline_parallel_rank=rank,
+        pipeline_microbatches=micro, dist_init_method=init_method,
+        cache=CacheConfig(num_blocks=opt["batch"] * 16, enable_prefix_caching=False),
+        scheduler=SchedulerConfig(max_num_seqs=opt["batch"], max_num_batched_tokens=8192),
+    ))  # fmt: skip
+    phases = {
+        "prefill": (opt["prompt_len"], SamplingParams(max_tokens=1)),
+        "decode": (8, SamplingParams(max_tokens=opt["output_len"], ignore_eos=True)),
+    }
+    times: dict[str, list[float]] = {name: [] for name in phases}
+    tokens = []
+    for rep in range(opt["repeats"] + 1):  # the first is warm-up
+        for name, (length, params) in phases.items():
+            prompts = [[3 + (rep * 131 + i * 17 + j) % 4000 for j in range(length)]
+                       for i in range(opt["batch"])]  # fmt: skip
+            start = time.perf_counter()
+            outs = engine.generate(prompts, dataclasses.replace(params, temperature=0.0))
+            if rep:
+                times[name].append(time.perf_counter() - start)
+            tokens += [o.token_ids for o in outs]
+    return times, tokens
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _measure(model_dir: str, pp: int, micro: int, opt: dict) -> tuple[list[float], list]:
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), _free_port()
-    procs = [ctx.Process(target=_rank, args=(r, pp, micro, port, model_dir, opt, queue))
-             for r in range(pp)]  # fmt: skip
-    for p in procs:
-        p.start()
-    results = sorted(queue.get(timeout=1800) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-    errors = [e for *_, e in results if e]
-    if errors:
-        raise RuntimeError(f"PP={pp} run failed: {errors}")
-    return results[0][1], results[0][2]
+def _measure(model_dir: str, pp: int, micro: int, opt: dict) -> tuple[dict, list]:
+    """Rank 0's times and tokens (every rank returns the tokens the last stage sampled)."""
+    return run_local_ranks(_rank, pp, (pp, micro, model_dir, opt), timeout_s=1800)[0]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
-    for name, help_ in (("num-layers", "layers (8)"), ("hidden-size", "hidden size (1024)"),
-                        ("batch", "requests decoded together (16)"),
-                        ("prompt-len", "prompt tokens (64)"), ("output-len", "tokens out (64)"),
-                        ("repeats", "timed runs (3)")):  # fmt: skip
-        parser.add_argument(f"--{name}", type=int, help=help_)
+    helps = {
+        "num_layers": "layers",
+        "hidden_size": "hidden size",
+        "batch": "requests a step",
+        "prompt_len": "prompt tokens",
+        "output_len": "tokens out",
+        "repeats": "timed runs",
+    }
+    for key, text in helps.items():
+        flag = "--" + key.replace("_", "-")
+        parser.add_argument(flag, type=int, help=f"{text} ({DEFAULTS[key]})")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--output", help="also write the JSON here")
 

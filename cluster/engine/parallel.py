@@ -31,6 +31,8 @@ k. The last stage samples and broadcasts the tokens to every rank.
 from __future__ import annotations
 
 import datetime
+import multiprocessing as mp
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -185,6 +187,40 @@ def init_parallel(
             if stage == pp_rank:
                 group = g
     return TPGroup(tp_rank, tp_size, group), PPStage(pp_rank, pp_size, tp_rank, tp_size)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now (for a rendezvous address)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def run_local_ranks(target, world: int, args: tuple = (), timeout_s: float = 600.0) -> list:
+    """Run `target(rank, init_method, *args)` in one spawned process per rank of a local
+    instance (rendezvous on a free loopback port); its return values, in rank order. Raises
+    RuntimeError with every rank's error (each is reported rather than left to hang the rest
+    of the caller). For tests and benchmarks; served instances use Ray actors (ranks.py)."""
+    ctx = mp.get_context("spawn")
+    queue, init_method = ctx.Queue(), f"tcp://127.0.0.1:{free_port()}"
+    procs = [ctx.Process(target=_rank_entry, args=(target, r, init_method, args, queue))
+             for r in range(world)]  # fmt: skip
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=timeout_s) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    errors = [f"rank {rank}: {error}" for rank, _, error in results if error]
+    if errors:
+        raise RuntimeError(f"{world}-rank run failed: {errors}")
+    return [value for _, value, _ in results]
+
+
+def _rank_entry(target, rank: int, init_method: str, args: tuple, queue) -> None:
+    try:
+        queue.put((rank, target(rank, init_method, *args), None))
+    except Exception as e:  # noqa: BLE001 - report to the parent, do not hang it
+        queue.put((rank, None, repr(e)))
 
 
 def world_min(value: int, device) -> int:
