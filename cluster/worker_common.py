@@ -128,7 +128,9 @@ class EngineWorker:
         self.registry.register(_EngineGauges(self))
         self._closed = threading.Event()
         if self.rank_followers:
-            self._every(_HEARTBEAT_INTERVAL_S, self._heartbeat)
+            # Often enough that idle followers, waiting in a broadcast, never time out.
+            every = min(_HEARTBEAT_INTERVAL_S, engine_config.dist_timeout_s / 3)
+            self._every(every, self._heartbeat)
 
     # -- called by the router ---------------------------------------------------------------
 
