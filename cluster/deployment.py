@@ -40,6 +40,7 @@ _ENGINE_KEYS = {
     "pipeline_microbatches",
     "pipeline_microbatch_min_tokens",
     "dist_timeout_s",
+    "fault_injection",
 }
 ENGINE_OPTIONS = sorted(_CACHE_KEYS | _SCHEDULER_KEYS | _ENGINE_KEYS)
 

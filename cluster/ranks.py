@@ -16,6 +16,7 @@ the actor's own thread while its engine keeps following the leader.
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 
 from cluster.engine.config import EngineConfig
@@ -73,6 +74,10 @@ class RankFollower:
 
     def agent_info(self):
         return self.agent.info()
+
+    def pid(self) -> int:
+        """This rank's process id (`cluster bench chaos` kills ranks too)."""
+        return os.getpid()
 
     def pull(self, infos: list, remote_ids: list[int], local_ids: list[int], seconds: float,
              request_id: str) -> str:  # fmt: skip

@@ -9,7 +9,10 @@ process. Nothing here imports Ray.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,6 +34,10 @@ class TransferSettings:
     lease_s: float = 30.0  # how long prefill pins a request's blocks for its puller
     grace_s: float = 1.0  # extra time before an expired lease's blocks are reused
     deadline_s: float = 10.0  # a pull that takes longer fails (TransferTimeout)
+    # A handoff waits this long for KV room on its decode instance (at most max_kv_waiters
+    # at once), then the router answers 429 / RESOURCE_EXHAUSTED: backpressure, not an error.
+    kv_wait_s: float = 10.0
+    max_kv_waiters: int = 256
     # Pull each layer's KV as soon as the prefill has computed it (Splitwise), instead of
     # the whole request after the prefill. Both pools must enable it.
     layerwise: bool = False
@@ -99,9 +106,11 @@ class EngineWorker:
                 follower.start.remote()
         else:
             self.llm = LLMEngine(engine_config)
-        # A rank that fails takes the instance down: exit, so that the router sees this
-        # instance lost (its failure policy decides) and Ray restarts it with new ranks.
-        on_failure = _exit_instance if self.rank_followers else None
+        # An engine that cannot go on (a step failed outside any one request, a rank died)
+        # takes the instance down: exit, so that the router sees this instance lost (its
+        # failure policy decides) and Ray restarts it, with new ranks. In-process workers
+        # (tests, create_local) have no one to restart them: theirs stays failed.
+        on_failure = _exit_instance if _in_ray_actor() else None
         self.engine = AsyncLLMEngine(self.llm, on_failure=on_failure)
         self.node = socket.gethostname()
         self.registry = CollectorRegistry()
@@ -175,6 +184,18 @@ class EngineWorker:
 
     async def abort(self, request_id: str) -> bool:
         return await asyncio.to_thread(self.engine.abort, request_id)
+
+    def inject_fault(self, point: str, action: str, match: str = "", count: int = 1) -> None:
+        """Arm a fault point here (cluster/faults.py); refused unless the engine config has
+        fault_injection on. Tests and `cluster bench chaos` only."""
+        self.llm.faults.arm(point, action, match, count)
+
+    def fault_hits(self, point: str) -> int:
+        return self.llm.faults.hits(point)
+
+    def pid(self) -> int:
+        """This instance's process id (chaos: SIGKILL / SIGSTOP it from the same host)."""
+        return os.getpid()
 
     def metrics(self) -> list:
         """This instance's metric families (the router merges every instance's)."""
@@ -278,13 +299,18 @@ class EngineWorker:
         return thread
 
 
-def _exit_instance(error: BaseException) -> None:
-    """The engine of a parallel instance failed (a rank died, a collective broke): leave at
-    once, before any stream hears a generic error, so that callers see the actor die."""
-    import logging
-    import os
+def _in_ray_actor() -> bool:
+    ray = sys.modules.get("ray")  # never imported here: a Ray actor has it already
+    if ray is None or not ray.is_initialized():
+        return False
+    return ray.get_runtime_context().get_actor_id() is not None
 
-    logging.getLogger(__name__).error("instance rank failure, exiting: %s", error)
+
+def _exit_instance(error: BaseException) -> None:
+    """The engine failed (a step raised outside any one request, a rank died, a collective
+    broke): leave at once, before any stream hears a generic error, so that callers see the
+    actor die and Ray restarts it."""
+    logging.getLogger(__name__).error("engine failure, exiting for a restart: %s", error)
     os._exit(70)
 
 

@@ -17,13 +17,15 @@ import functools
 import inspect
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
-from cluster.engine.async_engine import RequestAborted
+from cluster.engine.async_engine import RequestAborted, RequestError
 from cluster.engine.config import EngineConfig
 from cluster.engine.sampling_params import SamplingParams
 from cluster.kv_transfer.connector import (
     KVHandle,
     KVReceiver,
+    NoCapacity,
     PrefillUnavailable,
     RemoteTransferError,
     TransferTimeout,
@@ -32,8 +34,22 @@ from cluster.kv_transfer.layerwise import LayerPuller
 from cluster.worker_common import Chunk, EngineWorker, TransferSettings, engine_timing
 
 _REAP_INTERVAL_S = 0.1  # READs NIXL could not cancel: retry releasing them
+_ORPHAN_INTERVAL_S = 1.0  # reservations no handoff drives (a backstop: there should be none)
+_ROOM_POLL_S = 0.005  # a handoff waiting for KV room looks again this often
 _RENEW_TIMEOUT_S = 5.0
 _LAYER_POLL_INTERVAL_S = 0.0005  # announcements of finished layers (layer-wise pulls)
+
+
+@dataclass(slots=True)
+class _Handoff:
+    """A disaggregated request here between its start and its first token."""
+
+    aborted: bool = False  # abort() came: stop at the next step
+
+
+def _check(handoff: _Handoff, request_id: str) -> None:
+    if handoff.aborted:
+        raise RequestAborted(f"request {request_id!r} was aborted")
 
 
 class ColocatedWorker(EngineWorker):
@@ -75,10 +91,11 @@ class DecodeWorker(ColocatedWorker):
         self.transfer = transfer or TransferSettings()
         metrics = self._start_kv_transfer(registry, layerwise=self.transfer.layerwise)
         self.receiver = KVReceiver(self.llm, self.agent, metrics=metrics)
-        self._reading: set[str] = set()  # requests whose READ is in flight
+        self._handoffs: dict[str, _Handoff] = {}  # requests between start and first token
+        self._num_kv_waiting = 0  # handoffs waiting for KV room (bounded: max_kv_waiters)
         self._rank_infos: dict[str, list] = {}  # prefill agent -> its ranks' agent infos
-        self._abort_after_read: set[str] = set()
         self._every(_REAP_INTERVAL_S, self._reap)
+        self._every(_ORPHAN_INTERVAL_S, self._reap_orphans)
         self.puller = None
         if self.transfer.layerwise:
             self.puller = LayerPuller(self.agent, metrics)
@@ -94,6 +111,25 @@ class DecodeWorker(ColocatedWorker):
         if self.receiver._stuck:
             self.engine.call(self.receiver.reap)
 
+    def _reap_orphans(self) -> None:
+        """WAITING_FOR_KV has a TTL: blocks reserved for a request no handoff here drives
+        (nothing should leave one; this is the backstop) are freed after it."""
+        ttl = self.transfer.lease_s + self.transfer.deadline_s + self.transfer.kv_wait_s
+
+        def reap() -> None:
+            now = time.time()
+            for request_id, request in list(self.llm.scheduler.remote.items()):
+                orphan = request_id not in self._handoffs and not self.receiver.is_stuck(request_id)
+                if orphan and now - request.times.arrival > ttl:
+                    self.llm.abort(request_id)
+
+        if self.llm.scheduler.remote:
+            self.engine.call(reap)
+
+    async def load(self) -> dict:
+        return {**await super().load(), "num_kv_waiting": self._num_kv_waiting,
+                "max_kv_waiters": self.transfer.max_kv_waiters}  # fmt: skip
+
     async def generate_disaggregated(
         self,
         request_id: str,
@@ -103,12 +139,13 @@ class DecodeWorker(ColocatedWorker):
         priority: int = 0,
         cache_salt: str | None = None,
     ) -> AsyncIterator[Chunk]:
-        """The whole handoff, driven from here: run the prompt on `prefill` (a Ray actor
-        handle, or a PrefillWorker in this process), pull its KV, stream the output.
+        """The whole handoff, driven from here: wait for KV room, run the prompt on `prefill`
+        (a Ray actor handle, or a PrefillWorker in this process), pull its KV, stream.
 
-        The prefill call doubles as the first lease renewal: its lease is granted after we
-        read our clock, so it ends no earlier than then + lease_s. PrefillUnavailable (the
-        prefill instance is gone) or another TransferError ends the stream before any chunk.
+        The lease view starts when the prefill granted it (the call reports how long after
+        it arrived), so a prompt that queued longer than lease_s still hands off.
+        PrefillUnavailable (that instance is gone), NoCapacity (no KV room within kv_wait_s)
+        or another TransferError ends the stream before any chunk, with nothing held here.
         """
         if self.puller is not None:
             stream = self._generate_layerwise(
@@ -117,25 +154,28 @@ class DecodeWorker(ColocatedWorker):
             async for chunk in stream:
                 yield chunk
             return
-        asked = time.monotonic()
-        result = await self._prefill_call(
-            prefill, request_id, prompt_token_ids, params, priority, cache_salt
-        )
+        handoff = self._begin(request_id)
+        try:
+            await self.llm.faults.ahit("decode.before_prefill", request_id)
+            await self._wait_for_room(handoff, request_id, len(prompt_token_ids) + 1)
+            asked = time.monotonic()
+            result = await self._prefill_call(
+                prefill, request_id, prompt_token_ids, params, priority, cache_salt
+            )
+        except BaseException:
+            self._handoffs.pop(request_id, None)
+            raise
         if "chunk" in result:  # the first token ended the request: nothing to pull
+            self._handoffs.pop(request_id, None)
             yield result["chunk"]
             return
         handle = result["handle"]
-        stream = self.generate_from(
-            request_id,
-            prompt_token_ids,
-            params,
-            handle,
-            prefill,
-            priority,
-            cache_salt,
-            lease=(asked, handle.lease_s),
-            timing={**result["timing"], "prefill_call_s": time.monotonic() - asked},
-        )
+        timing = {**result["timing"], "prefill_call_s": time.monotonic() - asked}
+        lease = (asked + result["granted_after_s"], handle.lease_s)
+        stream = self._pull_and_stream(
+            handoff, request_id, prompt_token_ids, params, handle, prefill, priority,
+            cache_salt, lease, timing,
+        )  # fmt: skip
         async for chunk in stream:
             yield chunk
 
@@ -148,67 +188,142 @@ class DecodeWorker(ColocatedWorker):
         prefill,
         priority: int = 0,
         cache_salt: str | None = None,
-        lease: tuple[float, float | None] | None = None,
-        timing: dict[str, float] | None = None,
     ) -> AsyncIterator[Chunk]:
-        """Pull the prompt's KV named by `handle` from `prefill` and stream the output.
-        `lease` = (monotonic time, seconds the lease was known to last from then); without
-        it the lease is renewed first. A TransferError (a subclass says why) ends the stream
-        before any chunk; every block reserved here is freed by then."""
+        """Pull the prompt's KV named by a handle someone else got from `prefill` (its lease
+        is renewed first) and stream the output. A TransferError (a subclass says why) ends
+        the stream before any chunk; every block reserved here is freed by then."""
+        handoff = self._begin(request_id)
+        stream = self._pull_and_stream(
+            handoff, request_id, prompt_token_ids, params, handle, prefill, priority,
+            cache_salt, None, {},
+        )  # fmt: skip
+        async for chunk in stream:
+            yield chunk
+
+    # -- the handoff, step by step --------------------------------------------------------
+    #
+    #   begin ─ wait for room ─ prefill call ─ connect ─ reserve ─ READ ─ commit ─ stream
+    #   an abort flags the handoff; each step checks the flag; whatever is held when the
+    #   handoff stops (reserved blocks, the prefill's lease) is given back in _abandon.
+
+    def _begin(self, request_id: str) -> _Handoff:
+        if request_id in self._handoffs:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        handoff = self._handoffs[request_id] = _Handoff()
+        return handoff
+
+    async def _pull_and_stream(self, handoff, request_id, prompt_token_ids, params, handle,
+                               prefill, priority, cache_salt, lease, timing):  # fmt: skip
         start = time.monotonic()
-        await self._connect(handle)
-        # Without a known lease, renew it while the blocks are reserved.
-        renewal = None if lease else asyncio.ensure_future(_renew(prefill, handle.request_id))
         try:
-            block_ids = await asyncio.to_thread(
-                self.engine.call,
-                lambda: self.receiver.reserve(
-                    handle,
-                    request_id,
-                    prompt_token_ids,
-                    params,
-                    priority=priority,
-                    cache_salt=cache_salt,
-                ),
+            await self.llm.faults.ahit("decode.after_handle", request_id)
+            await self._connect(handle)
+            if lease is None:
+                lease = await _renew(prefill, handle.request_id)
+            _check(handoff, request_id)
+            block_ids = await self._reserve(
+                handoff, handle, request_id, prompt_token_ids, params, priority, cache_salt
             )
-        except BaseException:
-            if renewal is not None:
-                renewal.cancel()
-            raise
-        try:
-            asked, remaining = lease if renewal is None else await renewal
-        except BaseException:  # cancelled: the reserved blocks go back now
-            self.engine.abort(request_id)
-            raise
+            await self.llm.faults.ahit("decode.before_read", request_id)
+            _check(handoff, request_id)
+            asked, remaining = lease
 
-        def renewed(_: str) -> float | None:  # the READ's lease view: from `asked` on
-            return None if remaining is None else remaining - (time.monotonic() - asked)
+            def renewed(_: str) -> float | None:  # the READ's lease view
+                return None if remaining is None else remaining - (time.monotonic() - asked)
 
-        self._reading.add(request_id)
-        try:
             await self._read(handle, request_id, block_ids, renewed)
-        finally:
-            self._reading.discard(request_id)
-        await self._raise_if_aborted(request_id)
+        except BaseException:
+            await self._abandon(handoff, request_id, handle, prefill)
+            raise
         transfer_s = time.monotonic() - start
         async for chunk in self._stream(request_id, handle, timing, transfer_s):
             yield chunk
 
-    async def _raise_if_aborted(self, request_id: str) -> None:
-        """An abort that came while the READ was in flight takes effect now."""
-        if request_id in self._abort_after_read:
-            self._abort_after_read.discard(request_id)
-            await asyncio.to_thread(self.engine.abort, request_id)
-            raise RequestAborted(f"request {request_id!r} was aborted")
+    async def _wait_for_room(self, handoff: _Handoff, request_id: str, num_tokens: int) -> None:
+        """Backpressure before any prefill runs: wait (bounded in time and in waiters) until
+        this instance has the blocks and a seat; NoCapacity if it does not in kv_wait_s."""
+        if self._has_room(num_tokens):
+            return
+        if self._num_kv_waiting >= self.transfer.max_kv_waiters:
+            self.receiver.metrics.failed(NoCapacity.reason)
+            raise NoCapacity("decode instance's KV queue is full")
+        self._num_kv_waiting += 1
+        try:
+            deadline = time.monotonic() + self.transfer.kv_wait_s
+            while not self._has_room(num_tokens):
+                if time.monotonic() > deadline:
+                    self.receiver.metrics.failed(NoCapacity.reason)
+                    raise NoCapacity(
+                        f"decode instance had no KV room for {self.transfer.kv_wait_s:.0f} s"
+                    )
+                await asyncio.sleep(_ROOM_POLL_S)
+                _check(handoff, request_id)
+        finally:
+            self._num_kv_waiting -= 1
+
+    def _has_room(self, num_tokens: int) -> bool:
+        """A lock-free look (a step may change it: reserve() decides for good)."""
+        scheduler, bm = self.llm.scheduler, self.llm.block_manager
+        seats = len(scheduler.running) + len(scheduler.remote) < scheduler.max_num_running
+        return seats and bm.num_free_blocks >= bm.num_blocks_needed(num_tokens)
+
+    async def _reserve(self, handoff, handle, request_id, prompt_token_ids, params, priority,
+                       cache_salt) -> list[int]:  # fmt: skip
+        """The local blocks the READ fills, waiting for room (within kv_wait_s) if a step took
+        it since the prefill was called. A cancel mid-reservation still leaves nothing held:
+        the thread's reservation is awaited, then _abandon frees it."""
+
+        def reserve() -> list[int]:
+            self.llm.faults.hit("decode.reserve", request_id)
+            return self.receiver.reserve(handle, request_id, prompt_token_ids, params,
+                                         priority=priority, cache_salt=cache_salt)  # fmt: skip
+
+        deadline = time.monotonic() + self.transfer.kv_wait_s
+        while True:
+            work = asyncio.ensure_future(asyncio.to_thread(self.engine.call, reserve))
+            try:
+                return await asyncio.shield(work)
+            except NoCapacity:
+                if time.monotonic() > deadline:
+                    raise
+            except asyncio.CancelledError:
+                with contextlib.suppress(BaseException):
+                    await work  # it reserves regardless: _abandon must run after it
+                raise
+            await asyncio.sleep(_ROOM_POLL_S)
+            _check(handoff, request_id)
+
+    async def _abandon(self, handoff: _Handoff, request_id: str, handle, prefill) -> None:
+        """The handoff stops before its first token: free our blocks (unless a READ that
+        would not release still writes them: reap() frees those), and let the prefill free
+        its own now if our READ never ran (we are the only puller of that lease)."""
+        self._handoffs.pop(request_id, None)
+        if not self.receiver.is_stuck(request_id):
+            with contextlib.suppress(RuntimeError):  # the engine is down: nothing to free
+                await asyncio.to_thread(self.engine.abort, request_id)
+        if handle is not None and not self.receiver.is_stuck(request_id):
+            _spawn(_call_quietly(prefill, "drop", handle.request_id))
 
     async def _stream(self, request_id, handle: KVHandle, timing, transfer_s: float):
-        """The KV is in place: commit the prefill's first token, then stream."""
+        """The KV is in place: commit the prefill's first token, then stream. An abort that
+        came while the READ was in flight takes effect here (the READ is done: its blocks
+        may be freed now)."""
 
         def commit():
-            return self.llm.commit_remote(request_id, handle.first_token_id, handle.first_logprob)
+            handoff = self._handoffs.pop(request_id, None)
+            if handoff is not None and handoff.aborted:
+                self.llm.abort(request_id)
+                raise RequestAborted(f"request {request_id!r} was aborted")
+            if request_id not in self.llm.scheduler.remote:  # reaped or aborted meanwhile
+                raise RequestAborted(f"request {request_id!r} was aborted")
+            out = self.llm.commit_remote(request_id, handle.first_token_id, handle.first_logprob)
+            out.num_cached_tokens = max(out.num_cached_tokens, timing.get("num_cached_tokens", 0))
+            return out
 
         first = True
         async for out in self.engine.follow(request_id, commit):
+            if first:
+                await self.llm.faults.ahit("decode.after_commit", request_id)
             self._count(out, first=False)
             yield Chunk.from_output(
                 out, {**(timing or {}), "transfer_s": transfer_s} if first else None
@@ -222,34 +337,44 @@ class DecodeWorker(ColocatedWorker):
     ) -> AsyncIterator[Chunk]:
         """Reserve our blocks, have the prefill announce each finished layer and read it at
         once, then finish the pull when the prefill returns its handle."""
-        asked = time.monotonic()
-        info = await self._prefill_info(prefill)
-        block_ids = await asyncio.to_thread(
-            self.engine.call,
-            lambda: self.receiver.reserve_for(
-                info.layout.compat_hash, info.agent_name, request_id, prompt_token_ids, params,
-                priority=priority, cache_salt=cache_salt,
-            ),
-        )  # fmt: skip
-        self.puller.expect(request_id, block_ids)
-        self._reading.add(request_id)
+        handoff = self._begin(request_id)
         try:
+            info = await self._prefill_info(prefill)
+            await self._wait_for_room(handoff, request_id, len(prompt_token_ids) + 1)
+            work = asyncio.ensure_future(asyncio.to_thread(
+                self.engine.call,
+                lambda: self.receiver.reserve_for(
+                    info.layout.compat_hash, info.agent_name, request_id, prompt_token_ids,
+                    params, priority=priority, cache_salt=cache_salt,
+                ),
+            ))  # fmt: skip
+            try:
+                block_ids = await asyncio.shield(work)
+            except asyncio.CancelledError:
+                with contextlib.suppress(BaseException):
+                    await work  # it reserves regardless: free it below
+                await asyncio.to_thread(self.engine.abort, request_id)
+                raise
+        except BaseException:
+            self._handoffs.pop(request_id, None)
+            raise
+        self.puller.expect(request_id, block_ids)
+        try:
+            asked = time.monotonic()
             result = await self._prefill_call(
                 prefill, request_id, prompt_token_ids, params, priority, cache_salt
             )
             if "chunk" in result:  # the first token ended it: nothing to pull
+                self._handoffs.pop(request_id, None)
                 await self._end_layerwise(request_id)
                 yield result["chunk"]
                 return
             handle, ready = result["handle"], time.monotonic()
-            await self._finish_layerwise(request_id, handle, asked)
+            await self._finish_layerwise(request_id, handle, asked + result["granted_after_s"])
         except BaseException:
-            self._abort_after_read.discard(request_id)
+            self._handoffs.pop(request_id, None)
             await self._end_layerwise(request_id)
             raise
-        finally:
-            self._reading.discard(request_id)
-        await self._raise_if_aborted(request_id)
         timing = {**result["timing"], "prefill_call_s": ready - asked}
         async for chunk in self._stream(request_id, handle, timing, time.monotonic() - ready):
             yield chunk
@@ -275,24 +400,27 @@ class DecodeWorker(ColocatedWorker):
         try:
             return await call
         except asyncio.CancelledError:
-            _spawn(_call(prefill, "abort", request_id))  # the prompt may still be running
+            # The prompt may still run, or its blocks wait for us under a lease: we are its
+            # only puller, so the prefill may free them at once.
+            _spawn(_call_quietly(prefill, "abandon", request_id))
             raise
-        except (ValueError, TypeError, RequestAborted):
-            raise
+        except (ValueError, TypeError, RequestAborted, RequestError):
+            raise  # about this request, not the instance
         except Exception as e:  # noqa: BLE001 - died, unreachable: that instance is lost
             if self.puller is not None:
                 self._prefill_infos.clear()  # it may come back with a new agent
             raise PrefillUnavailable(f"prefill call failed: {type(e).__name__}: {e}") from e
 
-    async def _finish_layerwise(self, request_id: str, handle: KVHandle, asked: float) -> None:
+    async def _finish_layerwise(self, request_id: str, handle: KVHandle, granted: float) -> None:
         """Read what was not announced yet and wait for every layer, within the lease (it
-        started after `asked`) and the deadline; then let the prefill free its blocks."""
+        was granted after `granted`) and the deadline; then let the prefill free its
+        blocks."""
         if self.receiver.needs_info(handle):  # the prefill restarted: its KV is gone
             self._prefill_infos.clear()
             raise RemoteTransferError(f"KV agent {handle.agent_name!r} restarted")
         until = time.monotonic() + self.transfer.deadline_s
         if handle.lease_s is not None:
-            until = min(until, asked + handle.lease_s)
+            until = min(until, granted + handle.lease_s)
         state = await asyncio.to_thread(
             self.puller.finish, request_id, handle.agent_name, list(handle.block_ids), until
         )
@@ -319,10 +447,11 @@ class DecodeWorker(ColocatedWorker):
             await asyncio.to_thread(self.engine.abort, request_id)
 
     async def abort(self, request_id: str) -> bool:
-        """Stop a request. One whose READ is in flight is aborted when the READ ends: its
-        blocks must not be reused while NIXL may still write them."""
-        if request_id in self._reading:
-            self._abort_after_read.add(request_id)
+        """Stop a request. One in its handoff stops at the handoff's next step, which frees
+        what it holds: blocks a READ may still write are never freed under it."""
+        handoff = self._handoffs.get(request_id)
+        if handoff is not None:
+            handoff.aborted = True
             return True
         return await super().abort(request_id)
 
@@ -355,7 +484,7 @@ class DecodeWorker(ColocatedWorker):
 
     async def _read(self, handle, request_id, block_ids, renew) -> None:
         """The READ on a thread. If our caller is cancelled meanwhile, the READ still ends
-        within its deadline; then the request is aborted, so its blocks are never leaked."""
+        within its deadline before this returns (the caller then frees the blocks)."""
         infos = self._rank_infos.get(handle.agent_name)
         if infos is not None and self._sharded(infos[0], handle):
             pull = functools.partial(
@@ -372,8 +501,6 @@ class DecodeWorker(ColocatedWorker):
         except BaseException:
             with contextlib.suppress(BaseException):
                 await read
-            if not self.receiver.is_stuck(request_id):
-                await asyncio.to_thread(self.engine.abort, request_id)
             raise
 
     async def shutdown(self) -> None:
@@ -398,6 +525,11 @@ async def _call(worker, method: str, *args):
         result = getattr(worker, method)(*args)
         return await result if inspect.isawaitable(result) else result
     return await getattr(worker, method).remote(*args)
+
+
+async def _call_quietly(worker, method: str, *args) -> None:
+    with contextlib.suppress(Exception):  # the instance is gone: so are its blocks
+        await asyncio.wait_for(_call(worker, method, *args), _RENEW_TIMEOUT_S)
 
 
 async def _renew(prefill, request_id: str) -> tuple[float, float | None]:

@@ -32,6 +32,11 @@ class RequestAborted(RuntimeError):
     """The request was aborted by someone other than its own stream."""
 
 
+class RequestError(RuntimeError):
+    """This request's own processing raised inside a step: it was stopped alone (its blocks
+    freed), the engine goes on with the others."""
+
+
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine, on_failure=None):
         """`on_failure(error)`: called on the loop thread when a step raises, before the
@@ -156,6 +161,10 @@ class AsyncLLMEngine:
                 try:
                     for out in self.engine.step():
                         self._send(out.request_id, out)
+                    for request_id, error in self.engine.take_failed():
+                        self._send(
+                            request_id, RequestError(f"request failed in the engine: {error}")
+                        )
                 except BaseException as e:  # noqa: BLE001 - every waiter must hear of it
                     if self._on_failure is not None:
                         self._on_failure(e)

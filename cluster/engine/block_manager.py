@@ -42,7 +42,9 @@ def hash_block(parent_hash: bytes, token_ids: list[int] | tuple[int, ...]) -> by
 
 
 def root_hash(cache_salt: str | None) -> bytes:
-    return hashlib.blake2b((cache_salt or "").encode(), digest_size=16).digest()
+    # surrogatepass: the engine refuses a salt that is not UTF-8, but a hash must never raise
+    salt = (cache_salt or "").encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(salt, digest_size=16).digest()
 
 
 class BlockManager:

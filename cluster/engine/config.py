@@ -218,6 +218,9 @@ class EngineConfig:
     # instance's requests by their failure policy after at most this long. It also bounds
     # how far apart the ranks may start (rendezvous, then the first collective after loading).
     dist_timeout_s: float = 300.0
+    # Lets tests and `cluster bench chaos` arm the fault points of cluster/faults.py through
+    # the worker's inject_fault(); off in any real deployment.
+    fault_injection: bool = False
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 

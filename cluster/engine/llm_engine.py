@@ -31,6 +31,7 @@ from cluster.engine.sampler import skip_one_draw
 from cluster.engine.sampling_params import SamplingParams
 from cluster.engine.scheduler import Scheduler
 from cluster.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from cluster.faults import Faults
 
 Prompt = str | Sequence[int]
 logger = logging.getLogger(__name__)
@@ -70,9 +71,11 @@ class LLMEngine:
         self._states: dict[str, _RequestState] = {}
         self._generators: dict[str, torch.Generator] = {}
         self._pinned: dict[str, Request] = {}
+        self._failed: list[tuple[str, str]] = []  # stopped by their own failure in step()
         self._ids = itertools.count()
         self.last_step_num_tokens = 0  # 0: nothing could run (e.g. all waiting for KV)
         self.running_plan = None  # the SchedulerOutput being executed, during step()
+        self.faults = Faults(config.fault_injection)
         torch.manual_seed(config.seed)
 
     def _fit_max_model_len(self, max_model_len: int) -> int:
@@ -127,7 +130,12 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         if cache_salt is not None and not isinstance(cache_salt, str):
-            raise ValueError(f"cache_salt must be a string, got {cache_salt!r}")
+            raise ValueError("cache_salt must be a string")
+        # Every string this request carries is encoded later (hashes, text, the wire): a
+        # lone surrogate must fail here, not inside a step.
+        for name, text in (("cache_salt", cache_salt or ""), *(("stop", x) for x in params.stop)):
+            if not _is_utf8(text):
+                raise ValueError(f"{name} is not valid Unicode (a lone surrogate): send UTF-8")
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ValueError(f"priority must be an integer, got {priority!r}")
         prompt_ids = self._prompt_token_ids(prompt)
@@ -144,11 +152,13 @@ class LLMEngine:
         return request
 
     def _prompt_token_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str) and not _is_utf8(prompt):
+            raise ValueError("prompt is not valid Unicode (a lone surrogate): send UTF-8")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise ValueError("prompt is empty: give at least one token")
         vocab = self.model_config.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
         needed = self.block_manager.num_blocks_needed(len(ids) + 1)
         if needed > self.block_manager.num_blocks:
@@ -188,6 +198,8 @@ class LLMEngine:
         tables = {r.request_id: self.block_manager.block_ids(r.request_id) for r in plan.requests}
         self.running_plan = plan  # for hooks inside the forward pass (layer-wise KV pulls)
         try:
+            if self.faults.enabled:
+                self.faults.hit("engine.forward", " ".join(r.request_id for r in plan.requests))
             sampled, result = self.runner.execute(plan, tables, self._generators)
         finally:
             self.running_plan = None
@@ -197,9 +209,29 @@ class LLMEngine:
         for i, request in enumerate(sampled):
             if request.times.first_token is None:
                 request.times.first_token = now
-            self._record_logprobs(request, result, i)
-            outputs.append(self._process_token(request, result.token_ids[i]))
+            try:  # one request's failure must not end the others' step
+                self.faults.hit("engine.request", request.request_id)
+                self._record_logprobs(request, result, i)
+                outputs.append(self._process_token(request, result.token_ids[i]))
+            except Exception as e:  # noqa: BLE001 - isolated: the request fails alone
+                logger.exception("request %s failed in step(); stopped", request.request_id)
+                self._fail(request, e)
         return outputs
+
+    def _fail(self, request: Request, error: Exception) -> None:
+        """Stop a request whose processing raised: free its blocks, report it once."""
+        if request.is_finished:  # it raised after finishing (e.g. pinned): free all of it
+            self.release(request.request_id)
+        else:
+            self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
+        self._states.pop(request.request_id, None)
+        self._generators.pop(request.request_id, None)
+        self._failed.append((request.request_id, f"{type(error).__name__}: {error}"))
+
+    def take_failed(self) -> list[tuple[str, str]]:
+        """(request id, error) of the requests stopped by a failure since the last call."""
+        failed, self._failed = self._failed, []
+        return failed
 
     def _record_logprobs(self, request: Request, result, i: int) -> None:
         if request.params.logprobs is None:
@@ -378,6 +410,8 @@ class LLMEngine:
             for out in self.step():
                 if out.finished:
                     final[out.request_id] = out
+            for request_id, error in self.take_failed():
+                raise RuntimeError(f"request {request_id!r} failed: {error}")
         return [final[i] for i in ids]
 
     def check_integrity(self) -> None:
@@ -387,6 +421,14 @@ class LLMEngine:
     @property
     def num_free_blocks(self) -> int:
         return self.block_manager.num_free_blocks
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _metrics(request: Request) -> RequestMetrics:

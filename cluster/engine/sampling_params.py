@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
+MAX_LOGPROBS = 20  # top alternatives per token (vLLM's default max_logprobs)
 
 
 @dataclass(slots=True)
@@ -51,16 +52,18 @@ class SamplingParams:
         for name in ("temperature", "top_p", "min_p"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ValueError(f"{name} must be a number, got {value!r}")
+                raise ValueError(f"{name} must be a number, got {_brief(value)}")
             if not math.isfinite(value):
-                raise ValueError(f"{name} must be finite, got {value!r}")
+                raise ValueError(f"{name} must be finite, got {_brief(value)}")
         stops_ok = isinstance(self.stop, list | tuple) and all(
             isinstance(x, str) for x in self.stop
         )
         if not stops_ok:
-            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
+            raise ValueError(f"stop must be a string or a list of strings, got {_brief(self.stop)}")
         if not isinstance(self.stop_token_ids, list | tuple):
-            raise ValueError(f"stop_token_ids must be a list of ints, got {self.stop_token_ids!r}")
+            raise ValueError(
+                f"stop_token_ids must be a list of ints, got {_brief(self.stop_token_ids)}"
+            )
         for token_id in self.stop_token_ids:
             _require_int("stop_token_ids", token_id)
         if self.seed is not None and not 0 <= self.seed < 2**63:
@@ -68,7 +71,7 @@ class SamplingParams:
 
     def _validate(self) -> None:
         if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+            raise ValueError(f"max_tokens must be an integer >= 1, got {_brief(self.max_tokens)}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
@@ -77,8 +80,10 @@ class SamplingParams:
             raise ValueError(f"top_k must be -1, 0 (both disable it) or >= 1, got {self.top_k}")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.logprobs is not None and self.logprobs < 0:
-            raise ValueError(f"logprobs must be >= 0 (or None), got {self.logprobs}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(
+                f"logprobs must be in [0, {MAX_LOGPROBS}] (or None), got {self.logprobs}"
+            )
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
         if any(t < 0 for t in self.stop_token_ids):
@@ -93,6 +98,12 @@ class SamplingParams:
         return self.logprobs or 0
 
 
+def _brief(value: object) -> str:
+    """repr() cut short for an error message (a bad 1 MB list is not echoed back)."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
 def _require_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise ValueError(f"{name} must be an integer, got {_brief(value)}")

@@ -160,6 +160,7 @@ class KVReceiver:
         self.agent = agent
         self.poll_interval_s = poll_interval_s
         self.metrics = metrics or KVTransferMetrics("decode")
+        self._faults = getattr(engine, "faults", None)  # cluster/faults.py, when armed
         self._epochs: dict[str, bytes] = {}
         self._stuck: dict[str, object] = {}  # request id -> READ that would not release
 
@@ -233,7 +234,7 @@ class KVReceiver:
             raise TransferError(f"{len(handle.block_ids)} remote blocks for {len(block_ids)}")
         asked = time.monotonic()
         remaining = renew(handle.request_id)
-        if remaining is None:
+        if remaining is None or remaining <= 0:  # never post a READ past the lease
             raise LeaseExpired(f"lease on {handle.request_id!r} expired before the pull")
         until = min(asked + remaining, time.monotonic() + deadline_s)
         return until, LeaseExpired if until == asked + remaining else TransferTimeout
@@ -241,14 +242,19 @@ class KVReceiver:
     def _read(self, handle, request_id, block_ids, renew, deadline_s) -> None:
         until, late = self._window(handle, block_ids, renew, deadline_s)
         start = time.monotonic()
+        notif = handle.request_id.encode()
+        if self._faults is not None and self._faults.hit("kv.notify", request_id):
+            notif = b"~dropped"  # a lost notification: the prefill frees on lease expiry
         try:
             xfer = self.agent.read_blocks(
-                handle.agent_name, list(handle.block_ids), block_ids, handle.request_id.encode()
+                handle.agent_name, list(handle.block_ids), block_ids, notif
             )
         except KVTransferError as e:  # e.g. the remote disconnected: nothing was posted
             raise RemoteTransferError(str(e)) from e
         posted = time.monotonic()
         try:
+            if self._faults is not None:
+                self._faults.hit("decode.read", request_id)  # (a sleep: a READ slow to land)
             state = self._wait(xfer, until)
         finally:
             self._release(xfer, request_id)

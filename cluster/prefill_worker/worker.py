@@ -10,6 +10,7 @@ blocks pinned under a lease until a decode instance has pulled them (or the leas
 from __future__ import annotations
 
 import asyncio
+import time
 
 from cluster.engine.config import EngineConfig
 from cluster.engine.sampling_params import SamplingParams
@@ -73,19 +74,26 @@ class PrefillWorker(EngineWorker):
         cache_salt: str | None = None,
         layerwise_to=None,
     ) -> dict:
-        """Run the prompt. Returns {"handle": KVHandle, "timing"} with the blocks leased, or
-        {"chunk": Chunk} when the first token already ends the request (nothing to pull).
-        `layerwise_to`: the decode agent's KVAgentInfo, to announce each finished layer to
-        (kv_transfer/layerwise.py); needs transfer.layerwise on this pool."""
+        """Run the prompt. Returns {"handle": KVHandle, "timing", "granted_after_s"} with the
+        blocks leased (granted that long after this call arrived: the caller's view of the
+        lease starts from there, not from before a queue), or {"chunk": Chunk} when the first
+        token already ends the request (nothing to pull). `layerwise_to`: the decode agent's
+        KVAgentInfo, to announce each finished layer to (kv_transfer/layerwise.py); needs
+        transfer.layerwise on this pool."""
+        received = time.monotonic()
+        await self.llm.faults.ahit("prefill.compute", request_id)
         self._count_prompt(len(prompt_token_ids))
         if layerwise_to is not None and self.announcer is not None:
             name = await asyncio.to_thread(self.agent.add_remote, layerwise_to)
             self.announcer.watch(request_id, name)
         try:
-            return await self._prefill(request_id, prompt_token_ids, params, priority, cache_salt)
+            result = await self._prefill(request_id, prompt_token_ids, params, priority, cache_salt)
         finally:
             if self.announcer is not None:
                 self.announcer.unwatch(request_id)
+        if "handle" in result:
+            result["granted_after_s"] = result.pop("granted") - received
+        return result
 
     async def _prefill(self, request_id, prompt_token_ids, params, priority, cache_salt) -> dict:
         stream = self.engine.generate(
@@ -94,14 +102,14 @@ class PrefillWorker(EngineWorker):
         async for out in stream:
             if not out.finished:
                 continue
-            timing = engine_timing(out)
+            timing = {**engine_timing(out), "num_cached_tokens": out.num_cached_tokens}
             self._count(out, first=True)
             if out.finish_reason != "prefilled":
                 return {"chunk": Chunk.from_output(out, timing)}
             # No await between the engine pinning the blocks and the lease: a cancelled
             # call either aborted the request above (blocks freed) or got its lease here.
             handle = self.sender.offer(out)
-            return {"handle": handle, "timing": timing}
+            return {"handle": handle, "timing": timing, "granted": time.monotonic()}
         raise RuntimeError(f"prefill of {request_id!r} ended without a final output")
 
     async def renew(self, request_id: str) -> float | None:
@@ -112,11 +120,19 @@ class PrefillWorker(EngineWorker):
         await asyncio.to_thread(self.engine.call, self.sender.drop, request_id)
 
     async def abort(self, request_id: str) -> bool:
-        """Stop a request wherever it is here: computing (its prefill() call raises
-        RequestAborted) or prefilled and leased (its blocks are freed)."""
-        leased = request_id in self.sender.leases
+        """Stop a request (the router's Abort, a client gone). Computing: its prefill() call
+        raises RequestAborted. Prefilled and leased: its blocks stay until the puller's
+        notification or the lease's end, never sooner, since a decode instance may be
+        reading them right now (it gives up its pull itself)."""
+        if request_id in self.sender.leases:
+            return True
+        return await asyncio.to_thread(self.engine.abort, request_id)
+
+    async def abandon(self, request_id: str) -> None:
+        """The decode instance that drives this request's handoff gives up on it before
+        pulling: stop it, or free its leased blocks now (nobody else reads them)."""
         await self.drop(request_id)
-        return await asyncio.to_thread(self.engine.abort, request_id) or leased
+        await asyncio.to_thread(self.engine.abort, request_id)
 
     def agent_info(self):
         return self.sender.info()

@@ -22,6 +22,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
 
 from cluster.router.types import InvalidRequest
+from cluster.router.validation import MAX_MESSAGES, brief
 
 _TOOL_KEYS = ("tool_calls", "tool_call_id", "function_call")  # tools are not supported
 
@@ -77,6 +78,8 @@ def parse_messages(messages: object) -> list[dict[str, Any]]:
     Other keys (reasoning_content, refusal...) are dropped; tool calls are refused."""
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("messages must be a non-empty list of {role, content} objects")
+    if len(messages) > MAX_MESSAGES:
+        raise InvalidRequest(f"messages has {len(messages)} entries; the limit is {MAX_MESSAGES}")
     return [_parse_message(i, m) for i, m in enumerate(messages)]
 
 
@@ -86,7 +89,7 @@ def _parse_message(index: int, message: object) -> dict[str, Any]:
         raise InvalidRequest(f"{where} must be an object with role and content")
     role = message.get("role")
     if not isinstance(role, str) or not role:
-        raise InvalidRequest(f"{where}.role must be a non-empty string, got {role!r}")
+        raise InvalidRequest(f"{where}.role must be a non-empty string, got {brief(role)}")
     parsed: dict[str, Any] = {"role": role, "content": _content_text(where, message.get("content"))}
     if isinstance(message.get("name"), str):
         parsed["name"] = message["name"]
@@ -101,7 +104,7 @@ def _content_text(where: str, content: object) -> str:
         return content
     if not isinstance(content, list):
         raise InvalidRequest(
-            f"{where}.content must be a string or a list of text parts, got {content!r}"
+            f"{where}.content must be a string or a list of text parts, got {brief(content)}"
         )
     texts = []
     for j, part in enumerate(content):
@@ -109,7 +112,7 @@ def _content_text(where: str, content: object) -> str:
         if not is_text or not isinstance(part.get("text"), str):
             raise InvalidRequest(
                 f"{where}.content[{j}] must be {{'type': 'text', 'text': str}} "
-                f"(only text parts are supported), got {part!r}"
+                f"(only text parts are supported), got {brief(part)}"
             )
         texts.append(part["text"])
     return "\n".join(texts)

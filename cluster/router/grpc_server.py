@@ -24,7 +24,13 @@ from grpc_reflection.v1alpha import reflection
 from cluster.api.pdcluster.v1 import pdcluster_pb2 as pb
 from cluster.api.pdcluster.v1 import pdcluster_pb2_grpc as pb_grpc
 from cluster.engine.sampling_params import SamplingParams
-from cluster.router.types import GenerateInput, InvalidRequest, RouterError, StreamChunk
+from cluster.router.types import (
+    GenerateInput,
+    InvalidRequest,
+    Overloaded,
+    RouterError,
+    StreamChunk,
+)
 
 if TYPE_CHECKING:
     from cluster.router.router import Router
@@ -139,6 +145,8 @@ class PDClusterServicer(pb_grpc.PDClusterServicer):
             async with aclosing(self.router.generate(to_generate_input(request))) as chunks:
                 yield chunks
         except RouterError as e:
+            if isinstance(e, Overloaded):
+                context.set_trailing_metadata((("retry-after", str(e.retry_after_s)),))
             await context.abort(grpc.StatusCode[e.grpc_code], str(e))
 
 

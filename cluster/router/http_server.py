@@ -43,14 +43,25 @@ from cluster.router.openai_protocol import (
     parse_completion_request,
     router_error_body,
 )
-from cluster.router.types import InvalidRequest, RequestFailed, RouterError, StreamChunk
+from cluster.router.types import (
+    InvalidRequest,
+    Overloaded,
+    RequestFailed,
+    RouterError,
+    StreamChunk,
+)
+from cluster.router.validation import MAX_BODY_BYTES, parse_json_body
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 REQUEST_ID_HEADER = "X-Request-Id"
+# What a 500 says: no exception text (it may carry hosts, actor ids, tracebacks); the log has it.
+INTERNAL_ERROR_MESSAGE = "internal server error: the server log has the details; retry the request"
 _CLIENT_CLOSED_STATUS = 499  # nginx's "client closed request": nobody reads it, logs do
 _SSE_DONE = b"data: [DONE]\n\n"
+_BODY_TIMEOUT_S = 30.0  # a body that trickles in slower than this is refused (408)
+_INLINE_BODY_BYTES = 16 * 1024  # smaller bodies are parsed on the event loop, larger off it
 
 
 def build_http_app(router: Any, api_key: str | None = None) -> Starlette:
@@ -79,16 +90,23 @@ class _OpenAIRoutes:
         self._served = ServedModel.from_router(router)
 
     async def completions(self, request: Request) -> Response:
-        body = await _json_body(request)
-        request_id = request.headers.get(REQUEST_ID_HEADER)
-        parsed = parse_completion_request(body, self._served, request_id)
-        return await self._generate(request, parsed)
+        return await self._generate(request, await self._parse(request, parse_completion_request))
 
     async def chat_completions(self, request: Request) -> Response:
-        body = await _json_body(request)
+        return await self._generate(request, await self._parse(request, parse_chat_request))
+
+    async def _parse(self, request: Request, parse) -> OpenAIRequest:
+        """Body → OpenAIRequest. A large body is parsed (JSON, chat template, tokenizer)
+        off the event loop, so it never stalls other streams."""
+        raw = await _read_body(request)
         request_id = request.headers.get(REQUEST_ID_HEADER)
-        parsed = parse_chat_request(body, self._served, request_id)
-        return await self._generate(request, parsed)
+
+        def work() -> OpenAIRequest:
+            return parse(parse_json_body(raw), self._served, request_id)
+
+        if len(raw) <= _INLINE_BODY_BYTES:
+            return work()
+        return await asyncio.to_thread(work)
 
     async def models(self, request: Request) -> Response:
         return JSONResponse(model_list(self._served))
@@ -165,9 +183,9 @@ async def _sse_events(
             yield _sse(formatter.usage_chunk(last.usage, last.timing))
     except RouterError as exc:
         yield _sse(router_error_body(exc))
-    except Exception as exc:
+    except Exception:
         logger.exception("request %s failed mid-stream", formatter.request.request_id)
-        yield _sse(error_body(f"internal error: {exc}", "InternalServerError", 500))
+        yield _sse(error_body(INTERNAL_ERROR_MESSAGE, "InternalServerError", 500))
     finally:
         await chunks.aclose()
     yield _SSE_DONE
@@ -236,15 +254,41 @@ async def _wait_for_disconnect(receive: Receive) -> None:
 # -- errors and auth ---------------------------------------------------------------------------
 
 
-async def _json_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+class PayloadTooLarge(InvalidRequest):
+    http_status = 413
+    error_type = "PayloadTooLargeError"
+
+
+class BodyTimeout(InvalidRequest):
+    http_status = 408
+    error_type = "RequestTimeoutError"
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, at most MAX_BODY_BYTES (413 beyond, before reading it when the length is
+    announced), within _BODY_TIMEOUT_S (408: a slow-loris client holds nothing for long)."""
+    too_large = PayloadTooLarge(
+        f"the request body is larger than {MAX_BODY_BYTES} bytes: shorten the prompt"
+    )
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise too_large
+
+    async def read() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"malformed JSON body: {exc}") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("the request body must be a JSON object")
-    return body
+        return await asyncio.wait_for(read(), _BODY_TIMEOUT_S)
+    except TimeoutError:
+        raise BodyTimeout(
+            f"the request body did not arrive within {_BODY_TIMEOUT_S:.0f} s"
+        ) from None
 
 
 def _json_error(body: dict[str, Any], status: int) -> Response:
@@ -253,7 +297,10 @@ def _json_error(body: dict[str, Any], status: int) -> Response:
 
 async def _router_error_response(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RouterError)
-    return _json_error(router_error_body(exc), exc.http_status)
+    response = _json_error(router_error_body(exc), exc.http_status)
+    if isinstance(exc, Overloaded):
+        response.headers["Retry-After"] = str(exc.retry_after_s)
+    return response
 
 
 async def _http_error_response(request: Request, exc: Exception) -> Response:
@@ -265,7 +312,7 @@ async def _http_error_response(request: Request, exc: Exception) -> Response:
 
 async def _internal_error_response(request: Request, exc: Exception) -> Response:
     logger.error("unhandled error on %s", request.url.path, exc_info=exc)
-    return _json_error(error_body(f"internal error: {exc}", "InternalServerError", 500), 500)
+    return _json_error(error_body(INTERNAL_ERROR_MESSAGE, "InternalServerError", 500), 500)
 
 
 class _RequireApiKey:
@@ -316,6 +363,10 @@ async def start_http_server(
         log_level="warning",
         lifespan="off",
         timeout_graceful_shutdown=5,  # open streams get this long to end, then are dropped
+        # Connections beyond what admission could ever take get uvicorn's 503 at once, so a
+        # flood of idle or slow connections cannot exhaust the process (probes keep room).
+        limit_concurrency=_connection_limit(router),
+        timeout_keep_alive=5,
     )
     server = _Server(config)
     task = asyncio.create_task(_serve(server), name=f"http-server-{host}:{port}")
@@ -326,6 +377,13 @@ async def start_http_server(
         await asyncio.sleep(0.01)
     bound_port = server.servers[0].sockets[0].getsockname()[1]
     return server, task, bound_port
+
+
+def _connection_limit(router: Any) -> int:
+    settings = getattr(router, "settings", None)
+    if settings is None:
+        return 2048
+    return settings.max_in_flight + settings.max_queued + 64
 
 
 async def stop_http_server(server: uvicorn.Server, task: asyncio.Task) -> None:

@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from cluster.engine.sampling_params import SamplingParams
+from cluster.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from cluster.router.chat_template import ChatTemplate, parse_messages
 from cluster.router.types import (
     GenerateInput,
@@ -28,8 +28,8 @@ from cluster.router.types import (
     Timing,
     Usage,
 )
+from cluster.router.validation import brief
 
-MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's and vLLM's default for /v1/completions
 _LOGPROB_FLOOR = -9999.0  # what OpenAI sends for -inf: JSON has no infinity
 _SAMPLING_FIELDS = {
@@ -95,7 +95,7 @@ class _Body:
             return default
         is_bool = isinstance(value, bool)
         if not isinstance(value, kind) or (is_bool and bool not in _as_tuple(kind)):
-            raise InvalidField(name, f"{name} must be {what}, got {value!r}")
+            raise InvalidField(name, f"{name} must be {what}, got {brief(value)}")
         return value
 
     def integer(self, name: str, default: int | None = None) -> int | None:
@@ -187,7 +187,7 @@ def _request(kind, b: _Body, prompt, params, model, request_id, num_logprobs) ->
 def _check_model(b: _Body, served: ServedModel) -> str:
     model = b.string("model")
     if model not in (None, "", served.name):
-        raise InvalidField("model", f"model {model!r} is not served here; use {served.name!r}")
+        raise InvalidField("model", f"model {brief(model)} is not served here; use {served.name!r}")
     return served.name
 
 
@@ -234,7 +234,7 @@ def _completion_prompt(prompt: object, vocab_size: int) -> str | list[int]:
         return prompt
     is_ids = isinstance(prompt, list) and all(_is_int(t) for t in prompt)
     if not is_ids:
-        message = f"prompt must be a string or a list of token ids, got {prompt!r}"
+        message = f"prompt must be a string or a list of token ids, got {brief(prompt)}"
         raise InvalidField("prompt", message)
     if not prompt:
         raise InvalidField("prompt", "prompt must not be empty")

@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster.engine.async_engine import RequestAborted
+from cluster.engine.async_engine import RequestAborted, RequestError
 from cluster.engine.sampling_params import SamplingParams
 from cluster.engine.tokenizer import Tokenizer
-from cluster.kv_transfer.connector import PrefillUnavailable, TransferError
+from cluster.kv_transfer.connector import NoCapacity, PrefillUnavailable, TransferError
+from cluster.router import validation
 from cluster.router.clients import InstanceLost
 from cluster.router.metrics import RouterMetrics
 from cluster.router.types import (
@@ -50,6 +51,7 @@ from cluster.router.types import (
 )
 
 logger = logging.getLogger(__name__)
+_INLINE_TOKENIZE_CHARS = 4096  # longer text prompts are tokenized on a thread
 
 
 @dataclass(slots=True)
@@ -107,7 +109,25 @@ class _Live:
 
 
 class _Recoverable(Exception):
-    """A run lost an instance or its KV; the failure policy decides what comes next."""
+    """A run lost an instance or its KV; the failure policy decides what comes next.
+    `instance_lost`: an instance died under it (counted towards the poison-request limit);
+    `no_room`: the decode instance had no KV room (backpressure, not a failure)."""
+
+    def __init__(self, message: str, instance_lost: bool = False, no_room: bool = False):
+        super().__init__(message)
+        self.instance_lost = instance_lost
+        self.no_room = no_room
+
+
+# A request in flight on this many instances that died is not run again: a request that
+# kills engines must not walk through the pool (its own instances were restarted by Ray).
+MAX_INSTANCES_LOST = 2
+OVERLOAD_RETRY_AFTER_S = 1
+
+
+def _cause(error: BaseException) -> BaseException:
+    """A worker's own exception: Ray wraps it (RayTaskError, whose str is a traceback)."""
+    return getattr(error, "cause", None) or error
 
 
 class Router:
@@ -190,7 +210,7 @@ class Router:
         arrival = time.monotonic()
         if self._draining:
             raise Unavailable("this server is draining (shutting down): send it elsewhere")
-        prompt_ids, policy = self._validate(inp)
+        prompt_ids, policy = await self._validate(inp)
         request_id = inp.request_id or uuid.uuid4().hex
         if request_id in self._live:
             raise InvalidRequest(f"request id {request_id!r} is already in flight; use a new one")
@@ -266,45 +286,18 @@ class Router:
     def _pool(self, role: str) -> list[Instance]:
         return [i for i in self.instances if i.role == role]
 
-    def _validate(self, inp: GenerateInput) -> tuple[list[int], str]:
-        if inp.model and inp.model != self.model_info.name:
-            raise InvalidRequest(
-                f"model {inp.model!r} is not served here; use {self.model_info.name!r}"
-            )
-        if not isinstance(inp.params, SamplingParams):
-            raise InvalidRequest("params must be SamplingParams")
-        policy = inp.failure_policy or self.settings.failure_policy
-        if policy not in FAILURE_POLICIES:
-            raise InvalidRequest(
-                f"failure_policy must be one of {', '.join(FAILURE_POLICIES)}, got {policy!r}"
-            )
+    async def _validate(self, inp: GenerateInput) -> tuple[list[int], str]:
+        """validation.py's checks, then the prompt's token ids (a long text prompt is
+        tokenized off the event loop, so it never stalls other streams)."""
+        policy = validation.validate(inp, self.model_info, self.settings.failure_policy)
         if isinstance(inp.prompt, str):
-            ids = self.tokenizer.encode(inp.prompt)
-        elif isinstance(inp.prompt, list | tuple):
-            ids = list(inp.prompt)
+            if len(inp.prompt) <= _INLINE_TOKENIZE_CHARS:
+                ids = self.tokenizer.encode(inp.prompt)
+            else:
+                ids = await asyncio.to_thread(self.tokenizer.encode, inp.prompt)
         else:
-            raise InvalidRequest("prompt must be a string or a list of token ids")
-        if not ids:
-            raise InvalidRequest("prompt is empty: give at least one token")
-        vocab = self.model_info.vocab_size
-        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in ids):
-            raise InvalidRequest(f"prompt token ids must be integers in [0, {vocab})")
-        limit = self.model_info.max_model_len
-        if len(ids) >= limit:
-            raise InvalidRequest(
-                f"prompt has {len(ids)} tokens but max_model_len is {limit}: shorten it so "
-                "that at least one output token fits"
-            )
-        if len(ids) + inp.params.max_tokens > limit:
-            raise InvalidRequest(
-                f"this model's maximum context length is {limit} tokens, but {len(ids)} prompt "
-                f"tokens + max_tokens={inp.params.max_tokens} ask for "
-                f"{len(ids) + inp.params.max_tokens}: lower max_tokens or shorten the prompt"
-            )
-        if inp.cache_salt is not None and not isinstance(inp.cache_salt, str):
-            raise InvalidRequest("cache_salt must be a string")
-        if isinstance(inp.priority, bool) or not isinstance(inp.priority, int):
-            raise InvalidRequest(f"priority must be an integer, got {inp.priority!r}")
+            ids = list(inp.prompt)
+        validation.check_prompt_ids(ids, inp.params, self.model_info)
         return ids, policy
 
     @contextlib.asynccontextmanager
@@ -401,8 +394,12 @@ class _Run:
     async def stream(self) -> AsyncIterator[StreamChunk]:
         router = self.router
         recompute = False
-        lost: set[str] = set()
+        lost: set[str] = set()  # instances that failed this request (or had no room)
+        num_lost = 0
         for attempt in range(router.settings.max_attempts):
+            if self.live.aborted:  # Abort() while queued or between attempts
+                yield self._final_abort()
+                return
             try:
                 if router.settings.mode == "colocated":
                     chunks = self._whole("colocated", lost)
@@ -425,22 +422,56 @@ class _Run:
                 if self.live.aborted:
                     yield self._final_abort()
                     return
-                last = attempt + 1 == router.settings.max_attempts
-                if self.policy == "fail" or last:
-                    raise RequestFailed(
-                        f"request failed ({e}); failure policy "
-                        f"{self.policy!r}, {attempt + 1} attempt(s)"
-                    ) from e
+                logger.info("request %s, attempt %d: %s", self.live.request_id, attempt + 1, e)
+                if e.no_room:
+                    self._raise_if_no_room(lost)
+                    continue  # another decode instance has room: no prefill ran yet
+                num_lost += e.instance_lost
+                self._raise_if_done(attempt, num_lost)
                 self.timing.num_recomputes += 1
                 recompute = self.policy == "recompute" or not any(
                     i.healthy for i in router._pool("prefill")
                 )
-                logger.info(
-                    "request %s: %s; %s",
-                    self.live.request_id,
-                    e,
-                    "recomputing" if recompute else "retrying",
-                )
+        raise RequestFailed(
+            f"the request could not be served in {router.settings.max_attempts} attempts; retry it"
+        )
+
+    def _raise_if_done(self, attempt: int, num_lost: int) -> None:
+        """The failure policy's verdict after a failed run (errors say what the client can
+        do, never which host or actor failed: that is in the log)."""
+        settings = self.router.settings
+        if self.policy == "fail":
+            raise RequestFailed(
+                "an instance serving this request failed and its failure policy is 'fail': "
+                "retry it, or send failure_policy 'retry'"
+            )
+        if num_lost >= MAX_INSTANCES_LOST:
+            raise RequestFailed(
+                f"{num_lost} instances failed while serving this request; it is not run "
+                "again (a request that takes instances down must not reach others)"
+            )
+        if attempt + 1 == settings.max_attempts:
+            raise RequestFailed(
+                f"the request failed {settings.max_attempts} times (failure policy "
+                f"{self.policy!r}); retry it later"
+            )
+
+    def _raise_if_no_room(self, full: set[str]) -> None:
+        """Backpressure: Overloaded unless a decode instance not yet tried has KV room."""
+        router = self.router
+        blocks = -(-(len(self.prompt_ids) + len(self.emitted) + 1) // router.model_info.block_size)
+        others = [
+            i
+            for i in router._pool("decode")
+            if i.healthy and i.instance_id not in full and i.free_blocks >= blocks
+        ]
+        if not others:
+            router.metrics.rejected()
+            raise Overloaded(
+                "the decode instances have no KV cache room for this request now: retry "
+                f"after {OVERLOAD_RETRY_AFTER_S} s",
+                retry_after_s=OVERLOAD_RETRY_AFTER_S,
+            )
 
     # -- the three ways to run ------------------------------------------------------------
 
@@ -482,11 +513,11 @@ class _Run:
                 pending = 0
                 yield chunk
         except _Recoverable as e:
-            if isinstance(e.__cause__, PrefillUnavailable):
+            # (the decode instance gave the prefill's blocks back itself, if it could)
+            if e.__cause__ is not None and isinstance(_cause(e.__cause__), PrefillUnavailable):
                 router.mark_lost(prefill, e.__cause__)
-            else:  # the KV will not be pulled now: free it rather than wait for the lease
-                self.router._spawn(prefill.client.call("drop", rid, timeout=5.0))
-            lost.add(prefill.instance_id)  # and prefer another prefill instance next time
+            if not e.no_room:
+                lost.add(prefill.instance_id)  # prefer another prefill instance next time
             raise
         finally:
             prefill.pending_prompt_tokens -= pending
@@ -514,19 +545,34 @@ class _Run:
                     router.mark_lost(instance, e)
                     lost.add(instance.instance_id)
                     raise _Recoverable(
-                        f"{instance.role} instance {instance.instance_id} lost"
+                        f"{instance.role} instance {instance.instance_id} lost",
+                        instance_lost=True,
                     ) from e
                 except TimeoutError as e:
                     raise _Recoverable(
                         f"{instance.instance_id} sent nothing for "
                         f"{router.settings.call_timeout_s:.0f} s"
                     ) from e
+                except NoCapacity as e:
+                    lost.add(instance.instance_id)
+                    raise _Recoverable(f"{instance.instance_id}: {e}", no_room=True) from e
                 except TransferError as e:
-                    raise _Recoverable(f"KV transfer failed: {type(e).__name__}: {e}") from e
+                    lost_prefill = isinstance(_cause(e), PrefillUnavailable)
+                    raise _Recoverable(
+                        f"KV transfer failed: {type(_cause(e)).__name__}: {_cause(e)}",
+                        instance_lost=lost_prefill,
+                    ) from e
+                except RequestError as e:  # its own processing failed on the engine
+                    logger.warning("request %s failed on %s: %s", rid, instance.instance_id, e)
+                    raise RequestFailed(
+                        "the engine could not process this request; it was stopped alone "
+                        "(the server log has the details)"
+                    ) from None
                 except (ValueError, TypeError) as e:
                     if got_any:
-                        raise RequestFailed(f"instance error: {e}") from e
-                    raise InvalidRequest(str(e)) from None
+                        logger.warning("request %s: %s", rid, _cause(e))
+                        raise RequestFailed("the instance refused the request mid-stream") from e
+                    raise InvalidRequest(str(_cause(e))) from None
                 if chunk is None:
                     return
                 if not got_any and "prefill_s" in chunk.timing:

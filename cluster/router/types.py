@@ -31,11 +31,16 @@ class InvalidRequest(RouterError, ValueError):
 
 
 class Overloaded(RouterError):
-    """The admission queue is full: retry later."""
+    """No room now (admission queue full, decode KV full, prefill backlog too long): retry
+    after `retry_after_s` (HTTP Retry-After; gRPC trailing metadata `retry-after`)."""
 
     grpc_code = "RESOURCE_EXHAUSTED"
     http_status = 429
     error_type = "RateLimitError"
+
+    def __init__(self, message: str, retry_after_s: int = 1):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class Unavailable(RouterError):
