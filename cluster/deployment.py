@@ -287,11 +287,28 @@ async def _instance_placement_group(engine: EngineConfig, pool: PoolSpec, num_gp
 _BUNDLE_CPU = 0.01  # a bundle needs some resource; ranks use what their engines need
 
 
+def _check_kv_compatible(infos: list[dict]) -> None:
+    """Refuse, at start-up, pools whose KV cannot move between them (dtype, block size,
+    model...): otherwise every request would fail its pull, three times."""
+    from cluster.kv_transfer.layout import LayoutMismatchError
+
+    layouts = [(info["role"], info["kv_layout"]) for info in infos if info.get("kv_layout")]
+    for role, layout in layouts[1:]:
+        try:
+            layouts[0][1].check_compatible(layout)
+        except LayoutMismatchError as e:
+            raise ValueError(
+                f"the {layouts[0][0]} and {role} pools cannot exchange KV ({e}): give both "
+                "the same model, dtype and block_size"
+            ) from None
+
+
 async def _router(config: DeploymentConfig, settings, clients, shutdown):
     from cluster.engine.tokenizer import Tokenizer
     from cluster.router.router import Instance, Router
 
     infos = await asyncio.gather(*(client.call("ready") for _, client in clients))
+    _check_kv_compatible(infos)
     instances = [
         Instance(info["instance_id"], role, client, info)
         for (role, client), info in zip(clients, infos, strict=True)

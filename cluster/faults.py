@@ -13,6 +13,7 @@ to arm one. Armed through a worker's `inject_fault(point, action, match, count)`
               drop         the point skips its effect (kv.notify: the notification is lost)
     match     only requests whose id contains this ("" matches any)
     count     how many hits fire before the fault disarms itself (0: forever)
+    skip      how many matching hits pass untouched first (e.g. die after N tokens)
 
 A fault is a stand-in only for what cannot be produced for real on demand; it says so where
 it fires (the error text names the point).
@@ -54,6 +55,7 @@ class _Fault:
     seconds: float
     match: str
     count: int  # hits left; 0: forever
+    skip: int = 0  # matching hits to let pass first
 
 
 class Faults:
@@ -66,7 +68,7 @@ class Faults:
         self._hits: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def arm(self, point: str, action: str, match: str = "", count: int = 1) -> None:
+    def arm(self, point: str, action: str, match: str = "", count: int = 1, skip: int = 0) -> None:
         if not self.enabled:
             raise ValueError("fault injection is off: start the engine with fault_injection")
         if point not in FAULT_POINTS:
@@ -76,7 +78,7 @@ class Faults:
             raise ValueError(f"unknown fault action {action!r}; known: {ACTIONS} (sleep:S)")
         seconds = float(arg) if name == "sleep" else 0.0
         with self._lock:
-            self._armed[point] = _Fault(name, seconds, match, count)
+            self._armed[point] = _Fault(name, seconds, match, count, skip)
 
     def disarm(self, point: str | None = None) -> None:
         with self._lock:
@@ -95,6 +97,9 @@ class Faults:
         with self._lock:
             fault = self._armed.get(point)
             if fault is None or fault.match not in request_id:
+                return None
+            if fault.skip:
+                fault.skip -= 1
                 return None
             if fault.count:
                 fault.count -= 1

@@ -19,7 +19,7 @@ import dataclasses
 import os
 import threading
 
-from cluster.engine.config import EngineConfig
+from cluster.engine.config import EngineConfig, model_identity
 from cluster.engine.parallel import free_port
 
 RAY_NAMESPACE = "pd-cluster"  # every named actor of a deployment lives here
@@ -44,6 +44,7 @@ def agent_kwargs(llm) -> dict:
         "pp_size": c.pipeline_parallel_size,
         "model_layers": m.num_layers,
         "model_kv_heads": m.num_kv_heads,
+        "model_id": model_identity(m.path),
     }
 
 

@@ -146,7 +146,9 @@ class EngineWorker:
     async def ready(self) -> dict:
         """Static facts, once the engine is up (the router waits on this)."""
         llm, mc = self.llm, self.llm.model_config
+        layout = getattr(getattr(self, "agent", None), "layout", None)
         return {
+            "kv_layout": layout,  # prefill/decode: what its KV pool holds (start-up checks)
             "instance_id": self.instance_id,
             "role": self.role,
             "node": self.node,
@@ -185,10 +187,12 @@ class EngineWorker:
     async def abort(self, request_id: str) -> bool:
         return await asyncio.to_thread(self.engine.abort, request_id)
 
-    def inject_fault(self, point: str, action: str, match: str = "", count: int = 1) -> None:
+    def inject_fault(
+        self, point: str, action: str, match: str = "", count: int = 1, skip: int = 0
+    ) -> None:
         """Arm a fault point here (cluster/faults.py); refused unless the engine config has
         fault_injection on. Tests and `cluster bench chaos` only."""
-        self.llm.faults.arm(point, action, match, count)
+        self.llm.faults.arm(point, action, match, count, skip)
 
     def fault_hits(self, point: str) -> int:
         return self.llm.faults.hits(point)

@@ -64,9 +64,9 @@ class Served:
     def call(self, instance, method: str, *args, timeout: float = 30.0):
         return self.loop.run(instance.client.call(method, *args, timeout=timeout), 60)
 
-    def arm(self, role: str, point: str, action: str, match: str = "", count: int = 1):
+    def arm(self, role: str, point: str, action: str, match="", count=1, skip=0):
         for instance in self.instances(role):
-            self.call(instance, "inject_fault", point, action, match, count)
+            self.call(instance, "inject_fault", point, action, match, count, skip)
 
     def hits(self, role: str, point: str) -> int:
         return sum(self.call(i, "fault_hits", point) for i in self.instances(role))
@@ -276,6 +276,32 @@ def test_an_engine_that_dies_exits_and_comes_back(served, stub, reference):
     print(f"decode instance back and serving {time.monotonic() - start:.1f} s after its death")
 
 
+def test_failover_keeps_held_back_text_and_the_seeded_stream(served, stub, tiny_model_dir):
+    """The decode instance dies mid-stream of a seeded, sampled request with a stop string:
+    the retried stream (prefill of prompt + output so far, a new decode) gives exactly the
+    text and tokens of a run that never failed."""
+    prompt = PROMPTS[5]
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir)))
+    probe = SamplingParams(max_tokens=40, temperature=1.0, seed=11, ignore_eos=True)
+    text = engine.generate(prompt, probe)[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    params = SamplingParams(max_tokens=40, temperature=1.0, seed=11, ignore_eos=True, stop=[stop])
+    expected = engine.generate(prompt, params)[0]
+    wire = pb.SamplingParams(max_tokens=40, temperature=1.0, seed=11, ignore_eos=True, stop=[stop])
+    # The decode process dies (a crash) while processing this request's 8th sampled token.
+    served.arm("decode", "engine.request", "exit", match="failover", count=1, skip=7)
+    ids, got = [], ""
+    stream = stub.Generate(request(prompt, wire, request_id="failover"), timeout=180)
+    for response in stream:
+        ids += response.token_ids
+        got += response.text
+    assert ids == expected.token_ids
+    assert got == expected.text
+    assert response.timing.num_recomputes == 1
+    served.wait_healthy()
+    served.assert_all_blocks_free()
+
+
 def test_a_request_that_kills_two_instances_is_not_run_again(served, stub, reference):
     """Every prefill instance dies on this request's forward pass; after the second the
     router stops (INTERNAL), so the request never reaches a third engine."""
@@ -373,3 +399,161 @@ def test_decode_kv_exhaustion_is_429_then_recovers(served, stub, reference):
             assert headers["Retry-After"]
     assert generate_ids(stub, PROMPTS[0]) == reference[0]
     served.assert_all_blocks_free()
+
+
+# -- without the served cluster ----------------------------------------------------------------
+
+
+def test_pools_that_cannot_exchange_kv_are_refused_at_start(tiny_model_dir):
+    import asyncio
+
+    from cluster.deployment import DeploymentConfig, PoolSpec, start_local
+
+    config = DeploymentConfig(
+        model=str(tiny_model_dir),
+        engine={"num_blocks": 32},
+        decode=PoolSpec(engine={"block_size": 32}),
+    )
+    with pytest.raises(ValueError, match="block_size"):
+        asyncio.run(start_local(config))
+
+
+def test_model_identity_tells_same_shape_weights_apart(tiny_model_dir, tmp_path):
+    import shutil
+
+    from cluster.engine.config import model_identity
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    assert model_identity(str(other)) == model_identity(str(tiny_model_dir))
+    weights = next(other.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one byte of the last tensor
+    weights.write_bytes(bytes(data))
+    model_identity.cache_clear()
+    assert model_identity(str(other)) != model_identity(str(tiny_model_dir))
+
+
+def test_abort_of_a_queued_request_stops_it_before_it_runs(tiny_model_dir):
+    """max_in_flight 1: the second request queues; Abort ends it at once, and it never ran
+    on an engine (no tokens, finish_reason abort)."""
+    import asyncio
+
+    from cluster.router.router import Router
+    from cluster.router.types import GenerateInput
+
+    async def scenario():
+        router = await Router.create_local(str(tiny_model_dir), mode="colocated", max_in_flight=1)
+        try:
+            long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+            first = router.generate(GenerateInput(PROMPTS[0], long, request_id="running"))
+            await anext(first)  # it holds the only slot
+            queued = router.generate(GenerateInput(PROMPTS[1], long, request_id="queued"))
+            pending = asyncio.ensure_future(anext(queued))
+            while "queued" not in router._live:
+                await asyncio.sleep(0.01)
+            assert await router.abort("queued")
+            await first.aclose()  # frees the slot: the queued one is admitted, then stops
+            chunk = await asyncio.wait_for(pending, 30)
+            assert chunk.finished and chunk.finish_reason == "abort" and not chunk.token_ids
+            assert chunk.timing.prefill_instance == ""  # it never reached an instance
+        finally:
+            await router.shutdown()
+
+    asyncio.run(scenario())
+
+
+def _stream_text(engine, request_id, prompt, params, resume=None) -> tuple[list[int], str]:
+    engine.add_request(request_id, prompt, params, resume=resume)
+    ids, text = [], ""
+    while engine.has_unfinished():
+        for out in engine.step():
+            ids += out.new_token_ids
+            text += out.delta_text
+    return ids, text
+
+
+@pytest.mark.parametrize("seed", [None, 7])
+def test_a_resumed_request_continues_text_and_random_stream(tiny_model_dir, seed):
+    """A run cut after k tokens and resumed on another engine (the router's retry) gives
+    the same tokens and text as one that never failed: text held back for a stop string
+    or a partial character is sent, a seeded stream goes on where it was."""
+    from cluster.engine.llm_engine import Resume
+
+    temperature = 0.0 if seed is None else 1.0
+    prompt = PROMPTS[0]
+    whole_engine = LLMEngine(EngineConfig(model=str(tiny_model_dir)))
+    probe = SamplingParams(max_tokens=24, temperature=temperature, seed=seed, ignore_eos=True)
+    ids, text = _stream_text(whole_engine, "probe", prompt, probe)
+    stop = text[10:14] if len(text) > 14 else text[-2:]  # a stop string late in the text
+    params = SamplingParams(
+        max_tokens=24, temperature=temperature, seed=seed, ignore_eos=True, stop=[stop]
+    )
+    whole_ids, whole_text = _stream_text(whole_engine, "whole", prompt, params)
+    for cut in range(1, len(whole_ids)):
+        first = LLMEngine(EngineConfig(model=str(tiny_model_dir)))
+        first.add_request("a", prompt, params)
+        got_ids, got_text = [], ""
+        while len(got_ids) < cut and first.has_unfinished():
+            for out in first.step():
+                got_ids += out.new_token_ids
+                got_text += out.delta_text
+        if not first.has_unfinished():
+            continue
+        resumed = LLMEngine(EngineConfig(model=str(tiny_model_dir)))
+        rest_ids, rest_text = _stream_text(
+            resumed, "b", prompt, params, Resume(tuple(got_ids), len(got_text))
+        )
+        assert got_ids + rest_ids == whole_ids, cut
+        assert got_text + rest_text == whole_text, cut
+        resumed.check_integrity()
+
+
+def test_a_prefill_backlog_over_the_limit_is_shed_with_429(tiny_model_dir):
+    import asyncio
+
+    from cluster.deployment import DeploymentConfig, start_local
+    from cluster.router.router import RouterSettings
+    from cluster.router.types import GenerateInput, Overloaded
+
+    async def scenario():
+        config = DeploymentConfig(
+            model=str(tiny_model_dir), engine={"num_blocks": 64, "fault_injection": True}
+        )
+        settings = RouterSettings(max_pending_prefill_tokens=len(PROMPTS[0]) - 1)
+        router = await start_local(config, settings)
+        try:
+            prefill = next(i for i in router.instances if i.role == "prefill")
+            prefill.client.worker.inject_fault("prefill.compute", "sleep:1.0")
+            params = SamplingParams(max_tokens=4, temperature=0.0)
+            slow = asyncio.ensure_future(
+                anext(router.generate(GenerateInput(PROMPTS[0], params, request_id="slow")))
+            )
+            while prefill.pending_prompt_tokens == 0:
+                await asyncio.sleep(0.01)
+            with pytest.raises(Overloaded) as e:
+                await anext(router.generate(GenerateInput(PROMPTS[1], params)))
+            assert e.value.retry_after_s >= 1 and "prompt tokens queued" in str(e.value)
+            assert (await slow).token_ids  # the one admitted is served
+        finally:
+            await router.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_grpc_bytes_that_are_not_a_valid_message_are_invalid_argument(served, stub, reference):
+    """Protobuf strings must be UTF-8: a message whose cache_salt (field 7) or text (field 2)
+    holds a lone-surrogate encoding or stray bytes cannot be parsed; that is the client's
+    error (INVALID_ARGUMENT), and the cluster serves on."""
+    with grpc.insecure_channel(served.grpc_target) as channel:
+        call = channel.unary_unary("/pdcluster.v1.PDCluster/Complete")  # raw bytes both ways
+        for field, payload in ((7, b"\xed\xa0\x80"), (2, b"\xff\xfe"), (1, b"\x80")):
+            good = request(PROMPTS[0]).SerializeToString()
+            raw = good + bytes([field << 3 | 2, len(payload)]) + payload
+            with pytest.raises(grpc.RpcError) as e:
+                call(raw, timeout=30)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            call(b"\x0a\xff\xff\xff\xff\x0f", timeout=30)  # a length past the end
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert generate_ids(stub, PROMPTS[0]) == reference[0]

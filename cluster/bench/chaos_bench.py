@@ -40,13 +40,14 @@ from pathlib import Path
 
 from cluster.bench.common import report, resolve
 
-DEFAULTS = {"duration": 600.0, "rate": 2.0, "fault_interval": 5.0}
-QUICK = {"duration": 40.0, "rate": 2.0, "fault_interval": 5.0}
+DEFAULTS = {"duration": 600.0, "rate": 2.0, "fault_interval": 5.0, "request_timeout": 120.0}
+QUICK = {"duration": 40.0, "rate": 2.0, "fault_interval": 5.0, "request_timeout": 60.0}
 FAULT_KINDS = ("kill_prefill", "kill_decode", "kill_rank", "stop_instance", "drop_notification")
 _NUM_BLOCKS = 256  # per instance: the tiny model's blocks are small, the load is light
 _HEALTHY_WAIT_S = 180.0  # after the load: every instance back (a restart takes seconds)
 _LEAK_WAIT_S = 30.0  # then every block free (leases end after lease_s + grace_s)
 _CALL_TIMEOUT_S = 10.0  # the injector's Ray calls (pid, inject_fault)
+_MAX_WRONG_SHOWN = 10  # wrong requests listed in full in the result
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--faults", default=",".join(FAULT_KINDS),
         help="fault kinds to draw from, comma-separated (default: all that apply)")  # fmt: skip
     add("--stop-s", type=float, default=8.0, help="how long stop_instance keeps it stopped")
-    add("--request-timeout", type=float, default=120.0, help="a request not done by then hung")
+    add("--request-timeout", type=float, help="seconds; a request not done by then hung (120)")
     add("--output-len", type=int, default=16, help="tokens per request (greedy, ignore_eos)")
     add("--min-prompt-len", type=int, default=8)
     add("--max-prompt-len", type=int, default=96)
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def _options(args: argparse.Namespace) -> dict:
     opt = {k: resolve(args, k, DEFAULTS, QUICK) for k in DEFAULTS}
-    for name in ("stop_s", "request_timeout", "output_len", "min_prompt_len", "max_prompt_len",
+    for name in ("stop_s", "output_len", "min_prompt_len", "max_prompt_len",
                  "num_prefill", "num_decode", "tp_decode", "policy", "model", "seed"):  # fmt: skip
         opt[name] = getattr(args, name)
     kinds = tuple(k.strip() for k in args.faults.split(",") if k.strip())
@@ -130,6 +131,8 @@ class _Outcome:
     e2e_s: float = 0.0
     error: str = ""
     num_recomputes: int = 0
+    instances: str = ""  # the last run's prefill -> decode instances
+    finish_reason: str = ""
 
 
 def _plans(opt: dict) -> list[_Plan]:
@@ -187,7 +190,10 @@ async def _request(stub, request_id: str, plan: _Plan, opt: dict) -> _Outcome:
     try:
         async for response in stub.Generate(request, timeout=opt["request_timeout"]):
             out.token_ids += response.token_ids
-            out.num_recomputes = max(out.num_recomputes, response.timing.num_recomputes)
+            if response.finish_reason:  # the last response carries the timing
+                timing, out.finish_reason = response.timing, response.finish_reason
+                out.num_recomputes = timing.num_recomputes
+                out.instances = f"{timing.prefill_instance} -> {timing.decode_instance}"
     except grpc.aio.AioRpcError as e:
         hung = e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         out.status, out.error = ("hung" if hung else "failed"), f"{e.code().name}: {e.details()}"
@@ -502,13 +508,18 @@ def _summarise(opt, plans, reference, outcomes, faults, blocks, recovered_s) -> 
     completed = [(o, ref) for o, ref in zip(outcomes, reference, strict=True)
                  if o.status == "completed"]  # fmt: skip
     e2e = sorted(o.e2e_s for o, _ in completed)
+    wrong = [
+        _wrong(i, plan, o, ref)
+        for i, (plan, o, ref) in enumerate(zip(plans, outcomes, reference, strict=True))
+        if o.status == "completed" and o.token_ids != ref
+    ]
     num_faults = sum(v for k, v in faults["faults"].items() if k != "skipped")
     return {
         "requests": len(plans),
         "completed": by_status["completed"],
         "failed": by_status["failed"],
         "hung": by_status["hung"],
-        "wrong": sum(o.token_ids != ref for o, ref in completed),
+        "wrong": len(wrong),
         "leaked_blocks": blocks["leaked_blocks"],
         "faults": faults["faults"],
         "completed_ratio": by_status["completed"] / len(plans) if plans else 0.0,
@@ -518,9 +529,24 @@ def _summarise(opt, plans, reference, outcomes, faults, blocks, recovered_s) -> 
         "e2e_p50_s": statistics.median(e2e) if e2e else None,
         "e2e_p99_s": e2e[min(len(e2e) - 1, int(0.99 * len(e2e)))] if e2e else None,
         "recovered_s": recovered_s,
+        "wrong_requests": wrong[:_MAX_WRONG_SHOWN],
         **{k: v for k, v in blocks.items() if k != "leaked_blocks"},
         **{k: v for k, v in faults.items() if k != "faults"},
         "options": {k: v for k, v in opt.items()},
+    }
+
+
+def _wrong(index: int, plan: _Plan, out: _Outcome, expected: list[int]) -> dict:
+    """What a bug report needs about one completed request whose tokens were wrong."""
+    return {
+        "request_id": f"chaos-{index}",
+        "arrival_s": round(plan.arrival_s, 2),
+        "prompt_len": len(plan.prompt_ids),
+        "instances": out.instances,
+        "num_recomputes": out.num_recomputes,
+        "finish_reason": out.finish_reason,
+        "expected": expected,
+        "got": out.token_ids,
     }
 
 

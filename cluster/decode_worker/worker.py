@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from cluster.engine.async_engine import RequestAborted, RequestError
 from cluster.engine.config import EngineConfig
+from cluster.engine.llm_engine import Resume
 from cluster.engine.sampling_params import SamplingParams
 from cluster.kv_transfer.connector import (
     KVHandle,
@@ -47,6 +48,11 @@ class _Handoff:
     aborted: bool = False  # abort() came: stop at the next step
 
 
+def _num_tokens(prompt_token_ids: list[int], resume: Resume | None) -> int:
+    """KV slots a handoff needs: prompt, resumed output, the first new token."""
+    return len(prompt_token_ids) + (len(resume.output_ids) if resume else 0) + 1
+
+
 def _check(handoff: _Handoff, request_id: str) -> None:
     if handoff.aborted:
         raise RequestAborted(f"request {request_id!r} was aborted")
@@ -64,13 +70,16 @@ class ColocatedWorker(EngineWorker):
         params: SamplingParams,
         priority: int = 0,
         cache_salt: str | None = None,
+        resume: Resume | None = None,
     ) -> AsyncIterator[Chunk]:
-        """Run the prompt here and stream the output; the first chunk carries timing."""
+        """Run the prompt here and stream the output; the first chunk carries timing.
+        `resume`: continue a run that failed elsewhere (llm_engine.Resume)."""
         self._count_prompt(len(prompt_token_ids))
         first = True
         stream = self.engine.generate(
-            prompt_token_ids, params, request_id, priority=priority, cache_salt=cache_salt
-        )
+            prompt_token_ids, params, request_id, priority=priority, cache_salt=cache_salt,
+            resume=resume,
+        )  # fmt: skip
         async for out in stream:
             self._count(out, first)
             yield Chunk.from_output(out, engine_timing(out) if first else None)
@@ -138,6 +147,7 @@ class DecodeWorker(ColocatedWorker):
         prefill,
         priority: int = 0,
         cache_salt: str | None = None,
+        resume: Resume | None = None,
     ) -> AsyncIterator[Chunk]:
         """The whole handoff, driven from here: wait for KV room, run the prompt on `prefill`
         (a Ray actor handle, or a PrefillWorker in this process), pull its KV, stream.
@@ -149,7 +159,7 @@ class DecodeWorker(ColocatedWorker):
         """
         if self.puller is not None:
             stream = self._generate_layerwise(
-                request_id, prompt_token_ids, params, prefill, priority, cache_salt
+                request_id, prompt_token_ids, params, prefill, priority, cache_salt, resume
             )
             async for chunk in stream:
                 yield chunk
@@ -157,10 +167,10 @@ class DecodeWorker(ColocatedWorker):
         handoff = self._begin(request_id)
         try:
             await self.llm.faults.ahit("decode.before_prefill", request_id)
-            await self._wait_for_room(handoff, request_id, len(prompt_token_ids) + 1)
+            await self._wait_for_room(handoff, request_id, _num_tokens(prompt_token_ids, resume))
             asked = time.monotonic()
             result = await self._prefill_call(
-                prefill, request_id, prompt_token_ids, params, priority, cache_salt
+                prefill, request_id, prompt_token_ids, params, priority, cache_salt, resume
             )
         except BaseException:
             self._handoffs.pop(request_id, None)
@@ -174,7 +184,7 @@ class DecodeWorker(ColocatedWorker):
         lease = (asked + result["granted_after_s"], handle.lease_s)
         stream = self._pull_and_stream(
             handoff, request_id, prompt_token_ids, params, handle, prefill, priority,
-            cache_salt, lease, timing,
+            cache_salt, lease, timing, resume,
         )  # fmt: skip
         async for chunk in stream:
             yield chunk
@@ -213,7 +223,8 @@ class DecodeWorker(ColocatedWorker):
         return handoff
 
     async def _pull_and_stream(self, handoff, request_id, prompt_token_ids, params, handle,
-                               prefill, priority, cache_salt, lease, timing):  # fmt: skip
+                               prefill, priority, cache_salt, lease, timing,
+                               resume=None):  # fmt: skip
         start = time.monotonic()
         try:
             await self.llm.faults.ahit("decode.after_handle", request_id)
@@ -222,8 +233,9 @@ class DecodeWorker(ColocatedWorker):
                 lease = await _renew(prefill, handle.request_id)
             _check(handoff, request_id)
             block_ids = await self._reserve(
-                handoff, handle, request_id, prompt_token_ids, params, priority, cache_salt
-            )
+                handoff, handle, request_id, prompt_token_ids, params, priority, cache_salt,
+                resume,
+            )  # fmt: skip
             await self.llm.faults.ahit("decode.before_read", request_id)
             _check(handoff, request_id)
             asked, remaining = lease
@@ -268,7 +280,7 @@ class DecodeWorker(ColocatedWorker):
         return seats and bm.num_free_blocks >= bm.num_blocks_needed(num_tokens)
 
     async def _reserve(self, handoff, handle, request_id, prompt_token_ids, params, priority,
-                       cache_salt) -> list[int]:  # fmt: skip
+                       cache_salt, resume) -> list[int]:  # fmt: skip
         """The local blocks the READ fills, waiting for room (within kv_wait_s) if a step took
         it since the prefill was called. A cancel mid-reservation still leaves nothing held:
         the thread's reservation is awaited, then _abandon frees it."""
@@ -276,7 +288,8 @@ class DecodeWorker(ColocatedWorker):
         def reserve() -> list[int]:
             self.llm.faults.hit("decode.reserve", request_id)
             return self.receiver.reserve(handle, request_id, prompt_token_ids, params,
-                                         priority=priority, cache_salt=cache_salt)  # fmt: skip
+                                         priority=priority, cache_salt=cache_salt,
+                                         resume=resume)  # fmt: skip
 
         deadline = time.monotonic() + self.transfer.kv_wait_s
         while True:
@@ -333,19 +346,19 @@ class DecodeWorker(ColocatedWorker):
     # -- layer-wise pulls (transfer.layerwise; kv_transfer/layerwise.py) ---------------------
 
     async def _generate_layerwise(
-        self, request_id, prompt_token_ids, params, prefill, priority, cache_salt
+        self, request_id, prompt_token_ids, params, prefill, priority, cache_salt, resume
     ) -> AsyncIterator[Chunk]:
         """Reserve our blocks, have the prefill announce each finished layer and read it at
         once, then finish the pull when the prefill returns its handle."""
         handoff = self._begin(request_id)
         try:
             info = await self._prefill_info(prefill)
-            await self._wait_for_room(handoff, request_id, len(prompt_token_ids) + 1)
+            await self._wait_for_room(handoff, request_id, _num_tokens(prompt_token_ids, resume))
             work = asyncio.ensure_future(asyncio.to_thread(
                 self.engine.call,
                 lambda: self.receiver.reserve_for(
                     info.layout.compat_hash, info.agent_name, request_id, prompt_token_ids,
-                    params, priority=priority, cache_salt=cache_salt,
+                    params, priority=priority, cache_salt=cache_salt, resume=resume,
                 ),
             ))  # fmt: skip
             try:
@@ -362,7 +375,7 @@ class DecodeWorker(ColocatedWorker):
         try:
             asked = time.monotonic()
             result = await self._prefill_call(
-                prefill, request_id, prompt_token_ids, params, priority, cache_salt
+                prefill, request_id, prompt_token_ids, params, priority, cache_salt, resume
             )
             if "chunk" in result:  # the first token ended it: nothing to pull
                 self._handoffs.pop(request_id, None)
@@ -392,11 +405,14 @@ class DecodeWorker(ColocatedWorker):
             self._prefill_infos[key] = info
         return info
 
-    async def _prefill_call(self, prefill, request_id, prompt, params, priority, cache_salt):
+    async def _prefill_call(self, prefill, request_id, prompt, params, priority, cache_salt,
+                            resume=None):  # fmt: skip
         """Run the prompt on `prefill` (announcing layers to us when pulling layer-wise).
         PrefillUnavailable when that instance is lost; a cancelled call aborts it there."""
         to = self.agent.info() if self.puller is not None else None
-        call = _call(prefill, "prefill", request_id, prompt, params, priority, cache_salt, to)
+        call = _call(
+            prefill, "prefill", request_id, prompt, params, priority, cache_salt, to, resume
+        )
         try:
             return await call
         except asyncio.CancelledError:

@@ -31,6 +31,8 @@ from cluster.router.grpc_server import (
 )
 from cluster.router.types import RouterError
 
+SERVE_MAX_QUEUED = 64  # requests Serve may hold before the replica takes them
+
 
 class _Denied(Exception):
     pass
@@ -63,7 +65,8 @@ class PDClusterIngress:
         if not key:
             return
         metadata = dict(grpc_context.invocation_metadata()) if grpc_context else {}
-        if not hmac.compare_digest(metadata.get("authorization", ""), f"Bearer {key}"):
+        given = metadata.get("authorization", "").encode("utf-8", "surrogatepass")
+        if not hmac.compare_digest(given, f"Bearer {key}".encode()):
             _fail(grpc_context, "UNAUTHENTICATED", "missing or wrong API key")
             raise _Denied
 
@@ -115,8 +118,12 @@ def build(args: dict[str, Any]) -> serve.Application:
         name="PDClusterIngress",
         num_replicas=1,
         ray_actor_options={"num_cpus": 1},
+        # The router admits max_in_flight and queues max_queued itself (429 beyond); Serve in
+        # front of it holds at most SERVE_MAX_QUEUED more (503 beyond), never an unbounded
+        # queue at the proxy or the handle.
         max_ongoing_requests=config.router_settings().max_in_flight
         + config.router_settings().max_queued,
+        max_queued_requests=SERVE_MAX_QUEUED,
         graceful_shutdown_timeout_s=config.drain_timeout_s + 5,
         health_check_period_s=5,
     )

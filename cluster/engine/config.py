@@ -7,6 +7,8 @@ config.json is read as plain JSON rather than through `transformers` so that bot
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,29 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 Role = Literal["colocated", "prefill", "decode"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@functools.cache
+def model_identity(path: str) -> str:
+    """A short fingerprint of a checkpoint: its config.json, and each weight file's name,
+    size and first and last MiB (different weights of the same shapes differ there; the
+    whole files would take minutes to hash). Part of the KV layout's compatibility hash."""
+    digest = hashlib.blake2b(digest_size=8)
+    folder = Path(path)
+    config = folder / "config.json"
+    if config.is_file():
+        digest.update(config.read_bytes())
+    for weights in sorted(folder.glob("*.safetensors")):
+        size = weights.stat().st_size
+        digest.update(f"{weights.name}:{size}".encode())
+        with weights.open("rb") as f:
+            digest.update(f.read(_IDENTITY_SAMPLE_BYTES))
+            f.seek(max(0, size - _IDENTITY_SAMPLE_BYTES))
+            digest.update(f.read(_IDENTITY_SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+_IDENTITY_SAMPLE_BYTES = 1 << 20
 
 
 @dataclass(slots=True, frozen=True)

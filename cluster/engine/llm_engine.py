@@ -37,6 +37,16 @@ Prompt = str | Sequence[int]
 logger = logging.getLogger(__name__)
 
 
+@dataclass(slots=True, frozen=True)
+class Resume:
+    """A request continued after its instance failed (the router's retry/recompute): the
+    output tokens the client already has, and how many characters of their text it got
+    (text held back for a possible stop string or a partial UTF-8 character is not)."""
+
+    output_ids: tuple[int, ...]
+    num_sent_chars: int
+
+
 @dataclass(slots=True)
 class _RequestState:
     """Per-request bookkeeping that is not scheduling data: text and randomness."""
@@ -115,14 +125,19 @@ class LLMEngine:
         arrival_time: float | None = None,
         priority: int = 0,
         cache_salt: str | None = None,
+        resume: Resume | None = None,
     ) -> str:
-        """Queue a request; raises ValueError (and changes nothing) if it is invalid."""
-        request = self._new_request(request_id, prompt, params, arrival_time, priority, cache_salt)
-        self._track(request)
+        """Queue a request; raises ValueError (and changes nothing) if it is invalid.
+        `resume`: the request continues a run that failed elsewhere (see Resume)."""
+        request = self._new_request(
+            request_id, prompt, params, arrival_time, priority, cache_salt, resume
+        )
+        self._track(request, resume)
         self.scheduler.add_request(request)
         return request.request_id
 
-    def _new_request(self, request_id, prompt, params, arrival_time, priority, cache_salt):
+    def _new_request(self, request_id, prompt, params, arrival_time, priority, cache_salt,
+                     resume=None):  # fmt: skip
         request_id = f"auto-{next(self._ids)}" if request_id is None else str(request_id)
         if request_id in self._states or request_id in self._pinned:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -149,7 +164,22 @@ class LLMEngine:
         )
         if arrival_time is not None:
             request.times.arrival = arrival_time
+        if resume is not None:
+            self._resume(request, resume)
         return request
+
+    def _resume(self, request: Request, resume: Resume) -> None:
+        """The tokens already streamed become output again (they count to max_tokens, stop
+        strings see their text), to be computed as context before the next one is sampled."""
+        ids = list(resume.output_ids)
+        vocab = self.model_config.vocab_size
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise ValueError(f"resumed output ids must be integers in [0, {vocab})")
+        if len(ids) >= request.params.max_tokens:
+            raise ValueError("nothing left to resume: the output already has max_tokens")
+        if request.num_prompt_tokens + len(ids) >= self.max_model_len:
+            raise ValueError("prompt + resumed output leave no room below max_model_len")
+        request.all_token_ids.extend(ids)
 
     def _prompt_token_ids(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str) and not _is_utf8(prompt):
@@ -173,14 +203,27 @@ class LLMEngine:
             )
         return ids
 
-    def _track(self, request: Request) -> None:
+    def _track(self, request: Request, resume: Resume | None = None) -> None:
         """Per-request state; built fully before anything is recorded, so a failure here
-        leaves the engine as it was."""
+        leaves the engine as it was. A resumed request's text and random stream pick up where
+        the failed run's left off: the client has seen `num_sent_chars` of that text."""
         detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids)
+        state = _RequestState(request, detok)
+        params = request.params
+        if resume is not None:
+            for token_id in request.output_token_ids:  # one by one, as the failed run did
+                state.text += detok.append([token_id])
+            state.num_emitted_chars = min(resume.num_sent_chars, len(state.text))
+            state.num_emitted_tokens = request.num_output_tokens
+            if params.logprobs is not None:  # placeholders: those were reported already
+                request.output_logprobs.extend([0.0] * request.num_output_tokens)
+                request.output_top_logprobs.extend([[]] * request.num_output_tokens)
         gen = None
-        if request.params.seed is not None:
-            gen = torch.Generator(device=self.runner.device).manual_seed(request.params.seed)
-        self._states[request.request_id] = _RequestState(request, detok)
+        if params.seed is not None:
+            gen = torch.Generator(device=self.runner.device).manual_seed(params.seed)
+            for _ in range(request.num_output_tokens):  # the draws the failed run made
+                skip_one_draw(gen, self.model_config.vocab_size, params)
+        self._states[request.request_id] = state
         if gen is not None:
             self._generators[request.request_id] = gen
 
@@ -356,16 +399,19 @@ class LLMEngine:
         arrival_time: float | None = None,
         priority: int = 0,
         cache_salt: str | None = None,
+        resume: Resume | None = None,
     ) -> list[int] | None:
         """Decode role: reserve blocks for a prompt computed elsewhere and return their ids
         (write the prompt's KV into them, then call commit_remote). None if the pool has no
         room now; nothing is kept in that case."""
-        request = self._new_request(request_id, prompt, params, arrival_time, priority, cache_salt)
+        request = self._new_request(
+            request_id, prompt, params, arrival_time, priority, cache_salt, resume
+        )
         block_ids = self.scheduler.reserve_remote(request)
         if block_ids is None:
             return None
         try:
-            self._track(request)
+            self._track(request, resume)
         except BaseException:
             self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
             raise

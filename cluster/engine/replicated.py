@@ -63,17 +63,19 @@ class LeaderEngine(LLMEngine):
         return params, time.time() if arrival_time is None else arrival_time
 
     def add_request(self, request_id, prompt, params=None, *, arrival_time=None, priority=0,
-                    cache_salt=None) -> str:  # fmt: skip
+                    cache_salt=None, resume=None) -> str:  # fmt: skip
         params, arrival_time = self._fix(params, arrival_time)
-        kwargs = {"arrival_time": arrival_time, "priority": priority, "cache_salt": cache_salt}
+        kwargs = {"arrival_time": arrival_time, "priority": priority, "cache_salt": cache_salt,
+                  "resume": resume}  # fmt: skip
         request_id = super().add_request(request_id, prompt, params, **kwargs)
         self._ops.append(("add_request", (request_id, prompt, params), kwargs))
         return request_id
 
     def add_remote_request(self, request_id, prompt, params=None, *, arrival_time=None,
-                           priority=0, cache_salt=None):  # fmt: skip
+                           priority=0, cache_salt=None, resume=None):  # fmt: skip
         params, arrival_time = self._fix(params, arrival_time)
-        kwargs = {"arrival_time": arrival_time, "priority": priority, "cache_salt": cache_salt}
+        kwargs = {"arrival_time": arrival_time, "priority": priority, "cache_salt": cache_salt,
+                  "resume": resume}  # fmt: skip
         block_ids = super().add_remote_request(request_id, prompt, params, **kwargs)
         if block_ids is not None:
             self._ops.append(("add_remote_request", (request_id, prompt, params), kwargs))

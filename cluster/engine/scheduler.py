@@ -209,7 +209,7 @@ class Scheduler:
         elsewhere)."""
         if len(self.running) + len(self.remote) >= self.max_num_running:
             return None  # admit_remote bypasses _admit_waiting's max_num_seqs check
-        if not self.block_manager.allocate_slots(request, request.num_prompt_tokens):
+        if not self.block_manager.allocate_slots(request, request.num_tokens):
             return None
         request.status = RequestStatus.WAITING_FOR_KV
         self.remote[request.request_id] = request
@@ -219,7 +219,7 @@ class Scheduler:
         """The prompt's KV is in place: run the request from here (the caller appends the
         first token, sampled elsewhere)."""
         request = self.remote.pop(request_id)
-        request.num_computed_tokens = request.num_prompt_tokens
+        request.num_computed_tokens = request.num_tokens  # the prompt (and any resumed output)
         request.status = RequestStatus.RUNNING
         request.times.first_scheduled = request.times.first_scheduled or time.time()
         self.block_manager.cache_full_blocks(request, request.num_computed_tokens)

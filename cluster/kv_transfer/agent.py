@@ -126,10 +126,11 @@ class NixlKVAgent:
         pp_size: int = 1,
         model_layers: int = 0,
         model_kv_heads: int = 0,
+        model_id: str = "",
     ) -> None:
         self.name = name
         self.layout = KVLayout.from_tensor(
-            kv_cache, tp_rank, tp_size, pp_rank, pp_size, model_layers, model_kv_heads
+            kv_cache, tp_rank, tp_size, pp_rank, pp_size, model_layers, model_kv_heads, model_id
         )
         self.num_blocks = kv_cache.shape[0]
         self.base_addr = kv_cache.data_ptr()

@@ -109,8 +109,8 @@ class KVSender:
             agent_epoch=self._epoch,
             block_ids=tuple(out.kv_block_ids),
             layout_hash=self._info.layout.compat_hash,
-            first_token_id=out.token_ids[0],
-            first_logprob=out.logprobs[0] if out.logprobs else None,
+            first_token_id=out.token_ids[-1],  # the one sampled here (a resumed request's
+            first_logprob=out.logprobs[-1] if out.logprobs else None,  # output precedes it)
             lease_s=self.lease_s,
             rank_agents=tuple(i.agent_name for i in self.rank_infos)
             if len(self.rank_infos) > 1

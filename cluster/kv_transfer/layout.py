@@ -40,6 +40,7 @@ _HASHED_FIELDS = (
     "block_size",
     "dtype",
     "memory_layout",
+    "model_id",
 )
 _SHARD_FIELDS = ("tp_size", "tp_rank", "pp_size", "pp_rank")
 
@@ -63,6 +64,9 @@ class KVLayout:
     pp_size: int = 1
     model_layers: int = 0  # the model's; 0: num_layers (one stage)
     model_kv_heads: int = 0  # the model's; 0: num_kv_heads * tp_size (no replication)
+    # Which weights filled the KV (engine.config.model_identity): same shapes of different
+    # models must never exchange KV. "": unknown (tools, tests of the layout alone).
+    model_id: str = ""
 
     def __post_init__(self) -> None:
         if not self.model_layers:
@@ -103,6 +107,7 @@ class KVLayout:
         pp_size: int = 1,
         model_layers: int = 0,
         model_kv_heads: int = 0,
+        model_id: str = "",
     ) -> KVLayout:
         """The layout of an engine rank's KV pool (see the module docstring for the shape)."""
         if kv_cache.dim() != 6 or kv_cache.shape[3] != 2:
@@ -126,6 +131,7 @@ class KVLayout:
             pp_size=pp_size,
             model_layers=model_layers,
             model_kv_heads=model_kv_heads,
+            model_id=model_id,
         )
 
     @property

@@ -13,6 +13,7 @@ import asyncio
 import time
 
 from cluster.engine.config import EngineConfig
+from cluster.engine.llm_engine import Resume
 from cluster.engine.sampling_params import SamplingParams
 from cluster.kv_transfer.connector import KVSender
 from cluster.kv_transfer.layerwise import LayerAnnouncer
@@ -73,6 +74,7 @@ class PrefillWorker(EngineWorker):
         priority: int = 0,
         cache_salt: str | None = None,
         layerwise_to=None,
+        resume: Resume | None = None,
     ) -> dict:
         """Run the prompt. Returns {"handle": KVHandle, "timing", "granted_after_s"} with the
         blocks leased (granted that long after this call arrived: the caller's view of the
@@ -87,7 +89,9 @@ class PrefillWorker(EngineWorker):
             name = await asyncio.to_thread(self.agent.add_remote, layerwise_to)
             self.announcer.watch(request_id, name)
         try:
-            result = await self._prefill(request_id, prompt_token_ids, params, priority, cache_salt)
+            result = await self._prefill(
+                request_id, prompt_token_ids, params, priority, cache_salt, resume
+            )
         finally:
             if self.announcer is not None:
                 self.announcer.unwatch(request_id)
@@ -95,10 +99,12 @@ class PrefillWorker(EngineWorker):
             result["granted_after_s"] = result.pop("granted") - received
         return result
 
-    async def _prefill(self, request_id, prompt_token_ids, params, priority, cache_salt) -> dict:
+    async def _prefill(self, request_id, prompt_token_ids, params, priority, cache_salt,
+                       resume) -> dict:  # fmt: skip
         stream = self.engine.generate(
-            prompt_token_ids, params, request_id, priority=priority, cache_salt=cache_salt
-        )
+            prompt_token_ids, params, request_id, priority=priority, cache_salt=cache_salt,
+            resume=resume,
+        )  # fmt: skip
         async for out in stream:
             if not out.finished:
                 continue

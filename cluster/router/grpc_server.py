@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -150,6 +151,65 @@ class PDClusterServicer(pb_grpc.PDClusterServicer):
             await context.abort(grpc.StatusCode[e.grpc_code], str(e))
 
 
+# -- malformed messages ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass(slots=True)
+class _Malformed:
+    """Bytes protobuf could not parse (a string field that is not UTF-8, a truncated field):
+    the client's error, answered INVALID_ARGUMENT (grpc itself would say INTERNAL)."""
+
+    error: str
+
+
+class _Capture:
+    """Stands in for a server to take the generated method handlers."""
+
+    handlers: dict
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.handlers = handlers
+
+
+def _add_servicer(servicer: PDClusterServicer, server: grpc.aio.Server) -> None:
+    """The generated registration, with every request parsed leniently (_Malformed)."""
+    capture = _Capture()
+    pb_grpc.add_PDClusterServicer_to_server(servicer, capture)
+    handlers = {name: _lenient(handler) for name, handler in capture.handlers.items()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+def _lenient(handler):
+    parse = handler.request_deserializer
+
+    def deserialize(raw: bytes):
+        try:
+            return parse(raw)
+        except DecodeError as e:
+            return _Malformed(str(e))
+
+    def guard(method):
+        async def guarded(request, context):
+            if isinstance(request, _Malformed):
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"the request is not a valid protobuf message ({request.error}): every "
+                    "string field must be UTF-8",
+                )
+            return await method(request, context)
+
+        return guarded
+
+    kind = "unary_stream" if handler.response_streaming else "unary_unary"
+    return handler._replace(
+        request_deserializer=deserialize, **{kind: guard(getattr(handler, kind))}
+    )
+
+
 # -- authentication -------------------------------------------------------------------------
 
 
@@ -209,7 +269,7 @@ async def start_grpc_server(
     """Serve `router` on host:port (0 picks a free port); returns the started server and the
     bound port. Stop it with `await server.stop(grace_s)`."""
     server = grpc.aio.server(interceptors=[ApiKeyInterceptor(api_key)] if api_key else [])
-    pb_grpc.add_PDClusterServicer_to_server(PDClusterServicer(router), server)
+    _add_servicer(PDClusterServicer(router), server)
     health_servicer = health.aio.HealthServicer()
     await _set_health(health_servicer, router.is_ready())
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

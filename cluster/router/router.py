@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 import logging
 import random
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.engine.async_engine import RequestAborted, RequestError
-from cluster.engine.sampling_params import SamplingParams
+from cluster.engine.llm_engine import Resume
 from cluster.engine.tokenizer import Tokenizer
 from cluster.kv_transfer.connector import NoCapacity, PrefillUnavailable, TransferError
 from cluster.router import validation
@@ -65,6 +64,9 @@ class RouterSettings:
     instance_wait_s: float = 30.0  # how long to wait for a healthy instance of a role
     call_timeout_s: float = 600.0  # one prefill call; one gap between streamed chunks
     load_poll_interval_s: float = 0.5
+    # Shed load (429) when every prefill instance has more prompt tokens queued than this
+    # (0: never); a request would only wait past any TTFT target.
+    max_pending_prefill_tokens: int = 131072
 
     def __post_init__(self) -> None:
         if self.mode not in ("disaggregated", "colocated"):
@@ -79,6 +81,10 @@ class RouterSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queued < 0:
             raise ValueError(f"max_queued must be >= 0, got {self.max_queued}")
+        if self.max_pending_prefill_tokens < 0:
+            raise ValueError(
+                f"max_pending_prefill_tokens must be >= 0, got {self.max_pending_prefill_tokens}"
+            )
 
 
 @dataclass(slots=True)
@@ -211,6 +217,7 @@ class Router:
         if self._draining:
             raise Unavailable("this server is draining (shutting down): send it elsewhere")
         prompt_ids, policy = await self._validate(inp)
+        self._shed()
         request_id = inp.request_id or uuid.uuid4().hex
         if request_id in self._live:
             raise InvalidRequest(f"request id {request_id!r} is already in flight; use a new one")
@@ -300,6 +307,29 @@ class Router:
         validation.check_prompt_ids(ids, inp.params, self.model_info)
         return ids, policy
 
+    def _shed(self) -> None:
+        """Overloaded (429) when the cluster cannot start this request soon: every decode
+        instance's KV queue full, or every prefill instance's prompt backlog over the limit."""
+        if self.settings.mode != "disaggregated":
+            return
+        decode = [i for i in self._pool("decode") if i.healthy]
+        if decode and all(
+            i.load.get("num_kv_waiting", 0) >= i.load.get("max_kv_waiters", 1 << 62) for i in decode
+        ):
+            self.metrics.rejected()
+            raise Overloaded(
+                "every decode instance's KV cache is full and its queue too: retry later",
+                retry_after_s=OVERLOAD_RETRY_AFTER_S,
+            )
+        limit = self.settings.max_pending_prefill_tokens
+        prefill = [i for i in self._pool("prefill") if i.healthy]
+        if limit and prefill and all(i.pending_prompt_tokens > limit for i in prefill):
+            self.metrics.rejected()
+            raise Overloaded(
+                f"every prefill instance has over {limit} prompt tokens queued: retry later",
+                retry_after_s=OVERLOAD_RETRY_AFTER_S,
+            )
+
     @contextlib.asynccontextmanager
     async def _admission(self):
         if self._slots.locked():
@@ -388,6 +418,7 @@ class _Run:
         self.arrival = arrival
         self.timing = Timing(queue_s=queued_s)
         self.emitted: list[int] = []  # output tokens already streamed to the client
+        self.num_sent_chars = 0  # characters of their text streamed
         self.num_cached_tokens = 0
         self.last_token_time: float | None = None
 
@@ -475,19 +506,19 @@ class _Run:
 
     # -- the three ways to run ------------------------------------------------------------
 
-    def _continuation(self) -> tuple[list[int], SamplingParams]:
-        """The prompt and params that continue after the tokens already streamed."""
-        params = self.inp.params
-        if self.emitted:
-            params = dataclasses.replace(params, max_tokens=params.max_tokens - len(self.emitted))
-        return self.prompt_ids + self.emitted, params
+    def _continuation(self) -> Resume | None:
+        """What continues after the tokens already streamed: they are output again on the
+        next instance, so text held back for a stop string or a partial character, and a
+        seeded request's random stream, carry on as if nothing had failed."""
+        if not self.emitted:
+            return None
+        return Resume(tuple(self.emitted), self.num_sent_chars)
 
     async def _whole(self, role: str, lost: set[str]) -> AsyncIterator[StreamChunk]:
         """Prompt and output on one instance of `role` (colocated, or a decode instance
         recomputing what was lost)."""
         instance = await self.router.pick(role, lost)
-        prompt, params = self._continuation()
-        async for chunk in self._follow(instance, "generate", prompt, params, lost):
+        async for chunk in self._follow(instance, "generate", lost):
             yield chunk
 
     async def _disaggregated(self, lost: set[str]) -> AsyncIterator[StreamChunk]:
@@ -495,18 +526,18 @@ class _Run:
         instance, pulls the KV, streams): one router → decode stream, one decode → prefill
         call, and the prefill call is also the lease's first renewal."""
         router = self.router
-        prompt, params = self._continuation()
+        num_tokens = len(self.prompt_ids) + len(self.emitted)
         prefill = await router.pick("prefill", lost)
-        blocks = -(-(len(prompt) + 1) // router.model_info.block_size)
+        blocks = -(-(num_tokens + 1) // router.model_info.block_size)
         decode = await router.pick("decode", lost, need_blocks=blocks)
         rid = router.attempt_id(self.live.request_id)
         self.live.instances.append((prefill, rid))
         self.timing.prefill_instance = prefill.instance_id
-        pending = len(prompt)
+        pending = num_tokens
         prefill.pending_prompt_tokens += pending
         try:
             stream = self._follow(
-                decode, "generate_disaggregated", prompt, params, lost, rid, prefill.client.handle
+                decode, "generate_disaggregated", lost, rid, prefill.client.handle
             )
             async for chunk in stream:
                 prefill.pending_prompt_tokens -= pending
@@ -522,7 +553,7 @@ class _Run:
         finally:
             prefill.pending_prompt_tokens -= pending
 
-    async def _follow(self, instance, method, prompt, params, lost, rid=None, *extra):
+    async def _follow(self, instance, method, lost, rid=None, *extra):
         """Stream one instance's chunks for this request; instance loss → _Recoverable."""
         router = self.router
         rid = rid or router.attempt_id(self.live.request_id)
@@ -531,8 +562,8 @@ class _Run:
         if method == "generate":  # the prompt runs here too
             self.timing.prefill_instance = instance.instance_id
         self.timing.decode_instance = instance.instance_id
-        args = (rid, prompt, params, *extra) if extra else (rid, prompt, params)
-        args += (self.inp.priority, self.inp.cache_salt)
+        args = (rid, self.prompt_ids, self.inp.params, *extra)
+        args += (self.inp.priority, self.inp.cache_salt, self._continuation())
         stream = instance.client.stream(method, *args)
         got_any = False
         try:
@@ -601,6 +632,7 @@ class _Run:
         if chunk.token_ids:
             self.last_token_time = now
         self.emitted += chunk.token_ids
+        self.num_sent_chars += len(chunk.text)
         self.num_cached_tokens = max(self.num_cached_tokens, chunk.num_cached_tokens)
         out = StreamChunk(
             request_id=self.live.request_id,
