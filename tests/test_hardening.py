@@ -247,6 +247,20 @@ def test_hostile_grpc_fields_are_invalid_argument(stub, fields):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
 
 
+def test_cached_tokens_are_reported_in_disaggregated_mode(served, stub):
+    """The prefill instance's prefix-cache hit reaches usage.cached_tokens (it was always 0:
+    the decode side never looks its prompt up). Two prefill instances: of three runs, two
+    land on one of them, so some run hits the cache."""
+    prompt = list(range(40, 140))  # 100 tokens: 6 full blocks of 16
+    params = pb.SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    runs = [stub.Complete(request(prompt, params, cache_salt="grpc"), timeout=60) for _ in "abc"]
+    assert runs[0].usage.cached_tokens == 0
+    assert max(r.usage.cached_tokens for r in runs) == 96  # every full block
+    body = completion(prompt=prompt, max_tokens=2, cache_salt="http")
+    cached = [post(served, "/v1/completions", body)[1]["usage"] for _ in "abc"]
+    assert max(u["prompt_tokens_details"]["cached_tokens"] for u in cached) == 96
+
+
 # -- engine exceptions -------------------------------------------------------------------------
 
 
