@@ -38,6 +38,10 @@ _SAMPLING_FIELDS = {
 }  # fmt: skip
 
 
+_GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                  "structured_outputs")  # fmt: skip
+
+
 class InvalidField(InvalidRequest):
     """A 400 about one request field; `param` names it in the error body."""
 
@@ -206,6 +210,14 @@ def _refuse_unsupported(b: _Body) -> None:
         raise InvalidField("logit_bias", "logit_bias is not supported")
     if b.integer("min_tokens", 0) != 0:
         raise InvalidField("min_tokens", "min_tokens is not supported (must be 0)")
+    response_format = _Body(b.mapping("response_format") or {}).string("type", "text")
+    if response_format != "text":
+        raise InvalidField("response_format", "only response_format type 'text' is supported")
+    for name in _GUIDED_FIELDS:  # vLLM's structured-output extensions: refused, not ignored
+        if b.raw.get(name) is not None:
+            raise InvalidField(name, f"{name} is not supported (no structured outputs yet)")
+    if b.raw.get("prompt_logprobs") is not None:
+        raise InvalidField("prompt_logprobs", "prompt_logprobs is not supported")
 
 
 def _refuse_unsupported_chat(b: _Body) -> None:
@@ -214,9 +226,6 @@ def _refuse_unsupported_chat(b: _Body) -> None:
             raise InvalidField(name, f"{name} are not supported (no tool calling)")
     if b.raw.get("tool_choice") not in (None, "none", "auto"):
         raise InvalidField("tool_choice", "tool_choice is not supported (no tool calling)")
-    response_format = _Body(b.mapping("response_format") or {}).string("type", "text")
-    if response_format != "text":
-        raise InvalidField("response_format", "only response_format type 'text' is supported")
     if b.flag("continue_final_message"):
         raise InvalidField("continue_final_message", "continue_final_message is not supported")
 
