@@ -372,6 +372,37 @@ def test_cancel_at_every_handoff_step_leaks_nothing(served, stub, reference, rol
     assert generate_ids(stub, PROMPTS[7]) == reference[7]
 
 
+def test_a_stopped_prefill_does_not_hold_the_request(served, stub, reference):
+    """The prefill instance a request waits on is SIGSTOPped (hung, not dead): once the router
+    marks it lost (its load poll goes unanswered), the request is retried elsewhere instead
+    of waiting for it; after SIGCONT that instance frees what it held."""
+    import os
+    import signal
+
+    prefills = served.instances("prefill")
+    before = [served.call(i, "fault_hits", "prefill.compute") for i in prefills]
+    served.arm("prefill", "prefill.compute", "sleep:2.0", match="hung-prefill", count=1)
+    call = stub.Generate(request(PROMPTS[4], request_id="hung-prefill"), timeout=120)
+    with ThreadPoolExecutor(1) as pool:
+        seen = pool.submit(lambda: [t for r in call for t in r.token_ids])
+        deadline = time.monotonic() + 60
+        while True:
+            now = [served.call(i, "fault_hits", "prefill.compute") for i in prefills]
+            holders = [i for i, a, b in zip(prefills, before, now, strict=True) if b > a]
+            if holders:
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        pid = served.call(holders[0], "pid")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            assert seen.result(timeout=90) == reference[4]
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    served.wait_healthy()
+    served.assert_all_blocks_free(timeout_s=LEASE_S + 15)
+
+
 # -- leases and overload -----------------------------------------------------------------------
 
 

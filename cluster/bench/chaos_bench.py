@@ -29,10 +29,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import os
 import random
 import signal
 import statistics
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -78,7 +80,9 @@ def run(args: argparse.Namespace) -> dict:
     opt = _options(args)
     plans = _plans(opt)
     reference = _reference(opt, plans)
-    with _Deployment(opt) as cluster:
+    # Ray's driver prints worker deaths (here: every kill) on stdout, which --json keeps
+    # for the result alone.
+    with contextlib.redirect_stdout(sys.stderr), _Deployment(opt) as cluster:
         injector = _Injector(cluster, opt)
         injector.start()
         try:
@@ -243,8 +247,9 @@ class _Deployment:
 
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
-            ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
-                     log_to_driver=False)  # fmt: skip
+            # address="local": a cluster of our own, never one another process runs here
+            ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2),
+                     include_dashboard=False, log_to_driver=False)  # fmt: skip
         self.loop = _LoopThread()
         self.router = self.server = None
         try:
@@ -276,13 +281,15 @@ class _Deployment:
     def __exit__(self, *exc) -> None:
         import ray
 
-        if self.server is not None:
-            self.loop.run(self.server.stop(None), timeout_s=30)
-        if self.router is not None:
-            self.loop.run(self.router.shutdown(), timeout_s=60)
-        self.loop.close()
-        if self._owns_ray:
-            ray.shutdown()
+        try:
+            if self.server is not None:
+                self.loop.run(self.server.stop(None), timeout_s=30)
+            if self.router is not None:
+                self.loop.run(self.router.shutdown(), timeout_s=60)
+            self.loop.close()
+        finally:
+            if self._owns_ray:
+                ray.shutdown()
 
     def wait_healthy(self, timeout_s: float) -> float | None:
         """Seconds until the router sees every instance healthy again; None if it never did."""
@@ -321,7 +328,7 @@ class _Deployment:
         try:
             free, total = self.loop.run(instance.client.call("check_integrity", timeout=60), 90)
             return int(free), int(total)
-        except BaseException as e:  # noqa: BLE001 - the caller sorts lost from broken
+        except Exception as e:  # noqa: BLE001 - the caller sorts lost from broken
             return e
 
 
@@ -524,7 +531,7 @@ def _summarise(opt, plans, reference, outcomes, faults, blocks, recovered_s) -> 
         "faults": faults["faults"],
         "completed_ratio": by_status["completed"] / len(plans) if plans else 0.0,
         "faults_per_10s": 10 * num_faults / opt["duration"],
-        "failed_errors": dict(collections.Counter(o.error for o in outcomes if o.error)),
+        "errors": dict(collections.Counter(o.error for o in outcomes if o.error)),
         "retried_requests": sum(o.num_recomputes > 0 for o, _ in completed),
         "e2e_p50_s": statistics.median(e2e) if e2e else None,
         "e2e_p99_s": e2e[min(len(e2e) - 1, int(0.99 * len(e2e)))] if e2e else None,
@@ -564,7 +571,7 @@ def format_table(result: dict) -> str:
         f"{_seconds(result['e2e_p99_s']):>8}",
         "faults: " + ", ".join(f"{k} {v}" for k, v in result["faults"].items()),
     ]
-    for title, key in (("error", "failed_errors"), ("injector error", "fault_errors"),
+    for title, key in (("error", "errors"), ("injector error", "fault_errors"),
                        ("leaked", "leaked_by_instance"), ("integrity error", "integrity_errors"),
                        ("not checked", "unchecked_instances")):  # fmt: skip
         lines += [f"{title}: {what}: {n}" for what, n in result[key].items()]

@@ -448,6 +448,8 @@ class DecodeWorker(ColocatedWorker):
         if state != "DONE":
             raise RemoteTransferError(f"layer READs from {handle.agent_name!r} failed")
         # The prefill frees its blocks on this, as after a whole pull's notification.
+        if self.llm.faults.hit("kv.notify", request_id):
+            return  # a lost notification: the prefill frees on lease expiry
         with contextlib.suppress(Exception):
             await asyncio.to_thread(
                 self.agent.send_notification, handle.agent_name, handle.request_id.encode()

@@ -335,6 +335,8 @@ class KVReceiver:
             raise late(f"re-sharded READs from {handle.agent_name!r} not done in time")
         self.metrics.transfer(mine.num_bytes, mine.num_descs, mine.posted_s,
                               time.monotonic() - start)  # fmt: skip
+        if self._faults is not None and self._faults.hit("kv.notify", request_id):
+            return  # a lost notification: the prefill frees on lease expiry
         try:  # one message frees the prefill's blocks, as a whole-block READ's does
             self.agent.add_remote(infos[0])
             self.agent.send_notification(handle.agent_name, handle.request_id.encode())

@@ -99,6 +99,17 @@ class Instance:
     load: dict = field(default_factory=dict)
     pending_prompt_tokens: int = 0  # prefill: prompt tokens sent, not yet answered
     num_streams: int = 0  # decode/colocated: streams open through the router
+    _lost: asyncio.Future | None = None
+
+    @property
+    def lost(self) -> asyncio.Future:
+        """Done once this instance is marked lost (streams waiting on it give up); a new one
+        while it is healthy again."""
+        if self._lost is None or (self._lost.done() and self.healthy):
+            self._lost = asyncio.get_running_loop().create_future()
+        if not self.healthy and not self._lost.done():
+            self._lost.set_result(None)
+        return self._lost
 
     @property
     def free_blocks(self) -> int:
@@ -377,6 +388,7 @@ class Router:
         if instance.healthy:
             logger.warning("instance %s lost: %s", instance.instance_id, error)
         instance.healthy = False
+        _ = instance.lost  # resolved now: streams waiting on this instance stop waiting
 
     async def _poll_loads(self) -> None:
         while True:
@@ -537,8 +549,9 @@ class _Run:
         prefill.pending_prompt_tokens += pending
         try:
             stream = self._follow(
-                decode, "generate_disaggregated", lost, rid, prefill.client.handle
-            )
+                decode, "generate_disaggregated", lost, rid, prefill.client.handle,
+                before_first=prefill,
+            )  # fmt: skip
             async for chunk in stream:
                 prefill.pending_prompt_tokens -= pending
                 pending = 0
@@ -553,8 +566,11 @@ class _Run:
         finally:
             prefill.pending_prompt_tokens -= pending
 
-    async def _follow(self, instance, method, lost, rid=None, *extra):
-        """Stream one instance's chunks for this request; instance loss → _Recoverable."""
+    async def _follow(self, instance, method, lost, rid=None, *extra, before_first=None):
+        """Stream one instance's chunks for this request; instance loss → _Recoverable. An
+        instance marked lost while we wait on it (it stopped answering the load poll: hung,
+        stopped, partitioned) ends the wait at once: nothing waits on it to come back.
+        `before_first`: another instance the first chunk depends on (the prefill)."""
         router = self.router
         rid = rid or router.attempt_id(self.live.request_id)
         self.live.instances.append((instance, rid))
@@ -568,10 +584,10 @@ class _Run:
         got_any = False
         try:
             while True:
+                watched = (instance,) if got_any or before_first is None else (
+                    instance, before_first)  # fmt: skip
                 try:
-                    chunk = await asyncio.wait_for(
-                        anext(stream, None), router.settings.call_timeout_s
-                    )
+                    chunk = await self._next(stream, watched, lost)
                 except InstanceLost as e:
                     router.mark_lost(instance, e)
                     lost.add(instance.instance_id)
@@ -579,7 +595,7 @@ class _Run:
                         f"{instance.role} instance {instance.instance_id} lost",
                         instance_lost=True,
                     ) from e
-                except TimeoutError as e:
+                except TimeoutError as e:  # (raised by _next)
                     raise _Recoverable(
                         f"{instance.instance_id} sent nothing for "
                         f"{router.settings.call_timeout_s:.0f} s"
@@ -616,6 +632,28 @@ class _Run:
         finally:
             instance.num_streams -= 1
             await stream.aclose()
+
+    async def _next(self, stream, watched: tuple[Instance, ...], lost: set[str]):
+        """The stream's next chunk, unless call_timeout_s passes (TimeoutError) or a watched
+        instance is marked lost first (_Recoverable)."""
+        router = self.router
+        nxt = asyncio.ensure_future(anext(stream, None))
+        signals = [i.lost for i in watched]
+        done, _ = await asyncio.wait(
+            (nxt, *signals), timeout=router.settings.call_timeout_s,
+            return_when=asyncio.FIRST_COMPLETED,
+        )  # fmt: skip
+        if nxt in done:
+            return nxt.result()
+        nxt.cancel()
+        with contextlib.suppress(BaseException):
+            await nxt
+        gone = [i for i in watched if not i.healthy]
+        if not gone:
+            raise TimeoutError
+        for i in gone:
+            lost.add(i.instance_id)
+        raise _Recoverable(f"{gone[0].instance_id} stopped answering", instance_lost=True)
 
     # -- chunks -----------------------------------------------------------------------------
 
