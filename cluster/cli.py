@@ -2,6 +2,7 @@
 
 cluster serve [--model DIR] [...]    serve the cluster: gRPC :50051, OpenAI HTTP :8000
 cluster generate "prompt" [...]      stream from a running `cluster serve` (--local: no server)
+cluster status [--watch] [--json]    pools, instances, load and KV usage of a running cluster
 cluster model init-tiny DIR          write the deterministic tiny default model
 cluster bench engine [--json]        engine throughput against transformers
 cluster bench transfer [--json]      NIXL KV pull bandwidth against memcpy
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_arguments(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     gen.set_defaults(func=_generate)
+
+    status = sub.add_parser("status", help="pools, instances and load of a running cluster")
+    _add_status(status)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(metavar="BENCHMARK")
     for name, help_ in _MODULE_BENCHES:
@@ -215,6 +219,13 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
 
     serve.add_arguments(parser)
     parser.set_defaults(func=serve.run)
+
+
+def _add_status(parser: argparse.ArgumentParser) -> None:
+    from cluster import status
+
+    status.add_arguments(parser)
+    parser.set_defaults(func=status.run)
 
 
 def _add_kuberay(parser: argparse.ArgumentParser) -> None:

@@ -79,6 +79,9 @@ class DeploymentConfig:
     api_key: str | None = None
     ray_address: str | None = None
     drain_timeout_s: float = 30.0  # on SIGTERM/SIGINT: finish in-flight requests this long
+    log_format: str = "auto"  # json | text | auto (cluster/logs.py)
+    # OTLP/gRPC endpoint (host:port) for OpenTelemetry traces; None: no tracing.
+    otlp_traces_endpoint: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.drain_timeout_s, int | float) or self.drain_timeout_s < 0:
@@ -243,6 +246,7 @@ async def start_ray(config: DeploymentConfig, settings=None, ready_timeout_s: fl
                 groups.append(pg)
                 placement = {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, 0)}
             actor = actor_cls.options(
+                runtime_env=_runtime_env(config),
                 name=f"pd-cluster-{instance_id}",
                 namespace=RAY_NAMESPACE,
                 num_cpus=pool.num_cpus,
@@ -266,6 +270,15 @@ async def start_ray(config: DeploymentConfig, settings=None, ready_timeout_s: fl
     except BaseException:
         await shutdown()
         raise
+
+
+def _runtime_env(config: DeploymentConfig) -> dict | None:
+    """What a worker process needs from its environment: the trace endpoint (tracing.py)."""
+    from cluster.tracing import ENDPOINT_ENV
+
+    if not config.otlp_traces_endpoint:
+        return None
+    return {"env_vars": {ENDPOINT_ENV: config.otlp_traces_endpoint}}
 
 
 async def _instance_placement_group(engine: EngineConfig, pool: PoolSpec, num_gpus: float):
@@ -304,9 +317,11 @@ def _check_kv_compatible(infos: list[dict]) -> None:
 
 
 async def _router(config: DeploymentConfig, settings, clients, shutdown):
+    from cluster import tracing
     from cluster.engine.tokenizer import Tokenizer
     from cluster.router.router import Instance, Router
 
+    tracing.init(config.otlp_traces_endpoint, "pd-cluster-router")
     infos = await asyncio.gather(*(client.call("ready") for _, client in clients))
     _check_kv_compatible(infos)
     instances = [

@@ -16,7 +16,9 @@ import signal
 import sys
 from pathlib import Path
 
+from cluster import logs, tracing
 from cluster.deployment import DeploymentConfig
+from cluster.logs import FORMATS
 
 API_KEY_ENV = "PD_CLUSTER_API_KEY"
 
@@ -44,6 +46,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--drain-timeout", type=float, help="on SIGTERM: seconds to finish in-flight requests"
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        help="logs on stderr: JSON lines (one access line per request) or text (default: auto, "
+        "text on a terminal)",
+    )
+    parser.add_argument(
+        "--otlp-traces-endpoint",
+        help="export OpenTelemetry traces over OTLP/gRPC to this endpoint (host:port)",
     )
 
 
@@ -75,6 +87,10 @@ def config_from_args(args: argparse.Namespace) -> DeploymentConfig:
         config.router["failure_policy"] = args.failure_policy
     if args.drain_timeout is not None:
         config.drain_timeout_s = args.drain_timeout
+    if args.log_format:
+        config.log_format = args.log_format
+    if args.otlp_traces_endpoint:
+        config.otlp_traces_endpoint = args.otlp_traces_endpoint
     config.__post_init__()  # re-check after the overrides
     return config
 
@@ -119,6 +135,7 @@ def _pool(config: DeploymentConfig, role: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    logs.configure(config.log_format)
     return asyncio.run(serve(config))
 
 
@@ -175,4 +192,5 @@ async def serve(config: DeploymentConfig, ready: asyncio.Event | None = None) ->
         await grpc_server.stop(grace=2.0)
         await stop_http_server(http_server, http_task)
         await router.shutdown()
+        tracing.shutdown()
     return 0

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
+from cluster import tracing
 from cluster.engine.async_engine import AsyncLLMEngine
 from cluster.engine.config import EngineConfig
 from cluster.engine.llm_engine import LLMEngine
@@ -95,6 +96,7 @@ class EngineWorker:
         if engine_config.role != self.role:
             raise ValueError(f"{type(self).__name__} needs role {self.role!r}")
         self.instance_id = instance_id
+        tracing.init_from_env(f"pd-cluster-{self.role}")  # (Ray actors: set by start_ray)
         self.rank_followers: list = []
         if engine_config.world_size > 1:  # rank 0 here, ranks 1.. as actors (ranks.py)
             from cluster.engine.replicated import LeaderEngine

@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from cluster import tracing
 from cluster.engine.async_engine import RequestAborted, RequestError
 from cluster.engine.config import EngineConfig
 from cluster.engine.llm_engine import Resume
@@ -28,6 +29,7 @@ from cluster.kv_transfer.connector import (
     KVReceiver,
     NoCapacity,
     PrefillUnavailable,
+    PullStats,
     RemoteTransferError,
     TransferTimeout,
 )
@@ -46,6 +48,7 @@ class _Handoff:
     """A disaggregated request here between its start and its first token."""
 
     aborted: bool = False  # abort() came: stop at the next step
+    span: tracing.Span = tracing.NOOP  # the handoff's trace span (tracing.py)
 
 
 def _num_tokens(prompt_token_ids: list[int], resume: Resume | None) -> int:
@@ -71,19 +74,30 @@ class ColocatedWorker(EngineWorker):
         priority: int = 0,
         cache_salt: str | None = None,
         resume: Resume | None = None,
+        trace: dict[str, str] | None = None,
     ) -> AsyncIterator[Chunk]:
         """Run the prompt here and stream the output; the first chunk carries timing.
-        `resume`: continue a run that failed elsewhere (llm_engine.Resume)."""
+        `resume`: continue a run that failed elsewhere (llm_engine.Resume); `trace`: the
+        caller's span (tracing.py)."""
         self._count_prompt(len(prompt_token_ids))
         first = True
+        span = tracing.start("generate", trace, instance=self.instance_id, role=self.role)
         stream = self.engine.generate(
             prompt_token_ids, params, request_id, priority=priority, cache_salt=cache_salt,
             resume=resume,
         )  # fmt: skip
-        async for out in stream:
-            self._count(out, first)
-            yield Chunk.from_output(out, engine_timing(out) if first else None)
-            first = False
+        try:
+            async for out in stream:
+                self._count(out, first)
+                if out.finished:
+                    span.set(output_tokens=len(out.token_ids), finish_reason=out.finish_reason)
+                yield Chunk.from_output(out, engine_timing(out) if first else None)
+                first = False
+        except BaseException as e:
+            span.fail(e)
+            raise
+        finally:
+            span.end()
 
 
 class DecodeWorker(ColocatedWorker):
@@ -148,6 +162,7 @@ class DecodeWorker(ColocatedWorker):
         priority: int = 0,
         cache_salt: str | None = None,
         resume: Resume | None = None,
+        trace: dict[str, str] | None = None,
     ) -> AsyncIterator[Chunk]:
         """The whole handoff, driven from here: wait for KV room, run the prompt on `prefill`
         (a Ray actor handle, or a PrefillWorker in this process), pull its KV, stream.
@@ -165,18 +180,27 @@ class DecodeWorker(ColocatedWorker):
                 yield chunk
             return
         handoff = self._begin(request_id)
+        handoff.span = tracing.start("handoff", trace, instance=self.instance_id)
         try:
             await self.llm.faults.ahit("decode.before_prefill", request_id)
+            waiting = handoff.span.child("wait_for_room")
             await self._wait_for_room(handoff, request_id, _num_tokens(prompt_token_ids, resume))
+            waiting.end()
             asked = time.monotonic()
+            call = handoff.span.child("prefill_call")
             result = await self._prefill_call(
-                prefill, request_id, prompt_token_ids, params, priority, cache_salt, resume
-            )
-        except BaseException:
+                prefill, request_id, prompt_token_ids, params, priority, cache_salt, resume,
+                call.carrier(),
+            )  # fmt: skip
+            call.end()
+        except BaseException as e:
             self._handoffs.pop(request_id, None)
+            handoff.span.fail(e)
+            handoff.span.end()
             raise
         if "chunk" in result:  # the first token ended the request: nothing to pull
             self._handoffs.pop(request_id, None)
+            handoff.span.end()
             yield result["chunk"]
             return
         handle = result["handle"]
@@ -232,10 +256,12 @@ class DecodeWorker(ColocatedWorker):
             if lease is None:
                 lease = await _renew(prefill, handle.request_id)
             _check(handoff, request_id)
+            reserving = handoff.span.child("reserve", num_blocks=len(handle.block_ids))
             block_ids = await self._reserve(
                 handoff, handle, request_id, prompt_token_ids, params, priority, cache_salt,
                 resume,
             )  # fmt: skip
+            reserving.end()
             await self.llm.faults.ahit("decode.before_read", request_id)
             _check(handoff, request_id)
             asked, remaining = lease
@@ -243,11 +269,17 @@ class DecodeWorker(ColocatedWorker):
             def renewed(_: str) -> float | None:  # the READ's lease view
                 return None if remaining is None else remaining - (time.monotonic() - asked)
 
-            await self._read(handle, request_id, block_ids, renewed)
-        except BaseException:
+            reading = handoff.span.child("read", remote_agent=handle.agent_name, link="nixl")
+            stats = await self._read(handle, request_id, block_ids, renewed)
+            reading.set(**stats.timing())
+            reading.end()
+        except BaseException as e:
+            handoff.span.fail(e)
+            handoff.span.end()
             await self._abandon(handoff, request_id, handle, prefill)
             raise
         transfer_s = time.monotonic() - start
+        timing = {**timing, **stats.timing()}
         async for chunk in self._stream(request_id, handle, timing, transfer_s):
             yield chunk
 
@@ -334,14 +366,26 @@ class DecodeWorker(ColocatedWorker):
             return out
 
         first = True
-        async for out in self.engine.follow(request_id, commit):
-            if first:
-                await self.llm.faults.ahit("decode.after_commit", request_id)
-            self._count(out, first=False)
-            yield Chunk.from_output(
-                out, {**(timing or {}), "transfer_s": transfer_s} if first else None
-            )
-            first = False
+        handoff = self._handoffs.get(request_id)
+        parent = handoff.span if handoff is not None else tracing.NOOP
+        span = parent.child("decode")
+        try:
+            async for out in self.engine.follow(request_id, commit):
+                if first:
+                    await self.llm.faults.ahit("decode.after_commit", request_id)
+                self._count(out, first=False)
+                if out.finished:
+                    span.set(output_tokens=len(out.token_ids), finish_reason=out.finish_reason)
+                yield Chunk.from_output(
+                    out, {**(timing or {}), "transfer_s": transfer_s} if first else None
+                )
+                first = False
+        except BaseException as e:
+            span.fail(e)
+            raise
+        finally:
+            span.end()
+            parent.end()
 
     # -- layer-wise pulls (transfer.layerwise; kv_transfer/layerwise.py) ---------------------
 
@@ -406,13 +450,14 @@ class DecodeWorker(ColocatedWorker):
         return info
 
     async def _prefill_call(self, prefill, request_id, prompt, params, priority, cache_salt,
-                            resume=None):  # fmt: skip
+                            resume=None, trace=None):  # fmt: skip
         """Run the prompt on `prefill` (announcing layers to us when pulling layer-wise).
         PrefillUnavailable when that instance is lost; a cancelled call aborts it there."""
         to = self.agent.info() if self.puller is not None else None
         call = _call(
-            prefill, "prefill", request_id, prompt, params, priority, cache_salt, to, resume
-        )
+            prefill, "prefill", request_id, prompt, params, priority, cache_salt, to, resume,
+            trace,
+        )  # fmt: skip
         try:
             return await call
         except asyncio.CancelledError:
@@ -500,7 +545,7 @@ class DecodeWorker(ColocatedWorker):
             info.layout
         )
 
-    async def _read(self, handle, request_id, block_ids, renew) -> None:
+    async def _read(self, handle, request_id, block_ids, renew) -> PullStats:
         """The READ on a thread. If our caller is cancelled meanwhile, the READ still ends
         within its deadline before this returns (the caller then frees the blocks)."""
         infos = self._rank_infos.get(handle.agent_name)
@@ -515,7 +560,7 @@ class DecodeWorker(ColocatedWorker):
             )
         read = asyncio.ensure_future(asyncio.to_thread(pull))
         try:
-            await asyncio.shield(read)
+            return await asyncio.shield(read)
         except BaseException:
             with contextlib.suppress(BaseException):
                 await read

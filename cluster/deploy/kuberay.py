@@ -13,8 +13,11 @@ under KubeRay, with no hand editing.
                         the custom resource pdc-<type> = GPUs per node
       serveService      the API Service (http 8000, grpc 9000); KubeRay points it at the
                         pods whose Serve proxy is healthy
-    PodMonitor  <name>  Prometheus Operator: Ray's metrics (:8080) and the router's vLLM-named
-                        metrics (/metrics through the Serve proxy, :8000)
+    PodMonitor  <name>  Prometheus Operator: Ray's metrics (:8080) of every pod and the router's
+                        vLLM-named metrics (/metrics through the head's Serve proxy, :8000)
+    ConfigMap   <name>-grafana-dashboard
+                        the Grafana dashboard deploy/grafana/pd-cluster.json, labelled
+                        grafana_dashboard: "1" for kube-prometheus-stack's dashboard sidecar
 
 A tensor-parallel group never spans nodes: an instance's rank 0 is its pool's actor and the
 other ranks are started on the same node (the plan file already refuses TP above a node's
@@ -41,6 +44,7 @@ HTTP_PORT, GRPC_PORT, METRICS_PORT = 8000, 9000, 8080
 DEFAULT_IMAGE = "ghcr.io/pd-cluster/pd-cluster:0.1.0"
 DEFAULT_CPU_IMAGE = "ghcr.io/pd-cluster/pd-cluster:0.1.0-cpu"
 MODEL_MOUNT = "/models"
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "pd-cluster.json"
 
 
 def _resource_name(hardware: str) -> str:
@@ -225,7 +229,7 @@ def generate(
     autoscale: bool = False,
     ray_version: str | None = None,
 ) -> list[dict]:
-    """The RayService and the PodMonitor for `plan`."""
+    """The RayService, the PodMonitor and the Grafana dashboard's ConfigMap for `plan`."""
     import ray
 
     check_plan(plan)
@@ -260,7 +264,8 @@ def generate(
             },
         },
     }
-    return [service, pod_monitor(name, namespace, labels)]
+    dashboard = dashboard_config_map(name, namespace, labels, DASHBOARD.read_text())
+    return [service, pod_monitor(name, namespace, labels), dashboard]
 
 
 def _serve_service(name: str, namespace: str, labels: dict) -> dict:
@@ -282,6 +287,15 @@ def _serve_service(name: str, namespace: str, labels: dict) -> dict:
 
 
 def pod_monitor(name: str, namespace: str, labels: dict) -> dict:
+    """Ray's metrics from every pod; the router's from the head's Serve proxy only. Every
+    node's proxy answers /metrics with the same router's exposition, so scraping each would
+    count every request once per pod. honorLabels keeps the exposition's `instance` label (the
+    pd-cluster instance id) instead of renaming it to `exported_instance`."""
+    head_only = {
+        "sourceLabels": ["__meta_kubernetes_pod_label_ray_io_node_type"],
+        "regex": "head",
+        "action": "keep",
+    }
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PodMonitor",
@@ -290,9 +304,30 @@ def pod_monitor(name: str, namespace: str, labels: dict) -> dict:
             "selector": {"matchLabels": dict(labels)},
             "podMetricsEndpoints": [
                 {"port": "metrics", "path": "/metrics", "interval": "15s"},
-                {"port": "serve", "path": "/metrics", "interval": "15s"},
+                {
+                    "port": "serve",
+                    "path": "/metrics",
+                    "interval": "15s",
+                    "honorLabels": True,
+                    "relabelings": [head_only],
+                },
             ],
         },
+    }
+
+
+def dashboard_config_map(name: str, namespace: str, labels: dict, dashboard_json: str) -> dict:
+    """kube-prometheus-stack's Grafana sidecar loads every ConfigMap labelled
+    grafana_dashboard=1 in the namespaces it watches (its searchNamespace)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": f"{name}-grafana-dashboard",
+            "namespace": namespace,
+            "labels": {**labels, "grafana_dashboard": "1"},
+        },
+        "data": {DASHBOARD.name: dashboard_json},
     }
 
 

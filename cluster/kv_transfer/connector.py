@@ -213,11 +213,11 @@ class KVReceiver:
             raise NoCapacity("decode instance has no free KV blocks for this prompt now")
         return block_ids
 
-    def read(self, handle, request_id: str, block_ids, renew, deadline_s: float) -> None:
+    def read(self, handle, request_id: str, block_ids, renew, deadline_s: float) -> PullStats:
         """Second phase: the READ, no engine involved (run it off the engine's thread). On a
         TransferError the caller aborts the request in the engine unless is_stuck()."""
         try:
-            self._read(handle, request_id, block_ids, renew, deadline_s)
+            return self._read(handle, request_id, block_ids, renew, deadline_s)
         except TransferError as e:
             self.metrics.failed(e.reason)
             raise
@@ -239,7 +239,7 @@ class KVReceiver:
         until = min(asked + remaining, time.monotonic() + deadline_s)
         return until, LeaseExpired if until == asked + remaining else TransferTimeout
 
-    def _read(self, handle, request_id, block_ids, renew, deadline_s) -> None:
+    def _read(self, handle, request_id, block_ids, renew, deadline_s) -> PullStats:
         until, late = self._window(handle, block_ids, renew, deadline_s)
         start = time.monotonic()
         notif = handle.request_id.encode()
@@ -262,9 +262,9 @@ class KVReceiver:
             raise RemoteTransferError(f"READ from {handle.agent_name!r} failed")
         if state != "DONE":
             raise late(f"READ from {handle.agent_name!r} not done in time")
-        self.metrics.transfer(
-            xfer.num_bytes, xfer.num_descs, posted - start, time.monotonic() - start
-        )
+        stats = PullStats(xfer.num_bytes, 1, xfer.num_descs, time.monotonic() - start)
+        self.metrics.transfer(xfer.num_bytes, xfer.num_descs, posted - start, stats.read_s)
+        return stats
 
     def _release(self, xfer, request_id: str) -> None:
         """Release the NIXL request. If NIXL cannot cancel a READ in flight, the destination
@@ -294,15 +294,15 @@ class KVReceiver:
         return freed
 
     def read_sharded(self, handle: KVHandle, infos: list[KVAgentInfo], request_id: str,
-                     block_ids, renew, deadline_s: float, followers=()) -> None:  # fmt: skip
+                     block_ids, renew, deadline_s: float, followers=()) -> PullStats:  # fmt: skip
         """read() between instances of different (or parallel) TP/PP layouts: this rank and
         every follower rank of ours READ their own heads and layers from the prefill ranks
         holding them (`infos`, rank 0 first), all within the lease view and the deadline;
         then the prefill's rank 0 hears that it may free the blocks. Raises TransferError;
         on STUCK the blocks stay taken until reap() (keep_stuck)."""
         try:
-            self._read_sharded(handle, infos, request_id, block_ids, renew, deadline_s,
-                               followers)  # fmt: skip
+            return self._read_sharded(handle, infos, request_id, block_ids, renew, deadline_s,
+                                      followers)  # fmt: skip
         except TransferError as e:
             self.metrics.failed(e.reason)
             raise
@@ -333,15 +333,17 @@ class KVReceiver:
             raise RemoteTransferError(f"re-sharded READs from {handle.agent_name!r} failed")
         if "TIMEOUT" in states or time.monotonic() > until:
             raise late(f"re-sharded READs from {handle.agent_name!r} not done in time")
-        self.metrics.transfer(mine.num_bytes, mine.num_descs, mine.posted_s,
-                              time.monotonic() - start)  # fmt: skip
+        stats = PullStats(mine.num_bytes, mine.num_reads, mine.num_descs,
+                          time.monotonic() - start)  # fmt: skip
+        self.metrics.transfer(mine.num_bytes, mine.num_descs, mine.posted_s, stats.read_s)
         if self._faults is not None and self._faults.hit("kv.notify", request_id):
-            return  # a lost notification: the prefill frees on lease expiry
+            return stats  # a lost notification: the prefill frees on lease expiry
         try:  # one message frees the prefill's blocks, as a whole-block READ's does
             self.agent.add_remote(infos[0])
             self.agent.send_notification(handle.agent_name, handle.request_id.encode())
         except (KVTransferError, ValueError):
             pass  # the prefill's lease frees them instead
+        return stats
 
     def _wait(self, xfer, until: float) -> str:
         while (state := self.agent.poll(xfer)) == "PROC":
@@ -349,6 +351,20 @@ class KVReceiver:
                 return "TIMEOUT"
             time.sleep(self.poll_interval_s)
         return state if time.monotonic() <= until else "TIMEOUT"
+
+
+@dataclass(slots=True, frozen=True)
+class PullStats:
+    """One request's KV pull as this rank saw it (the server timing reports it)."""
+
+    num_bytes: int
+    num_reads: int  # NIXL READs posted
+    num_descs: int
+    read_s: float  # posted to landed (to released)
+
+    def timing(self) -> dict[str, float]:
+        return {"kv_bytes": self.num_bytes, "kv_reads": self.num_reads,
+                "kv_descriptors": self.num_descs, "kv_read_s": self.read_s}  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -360,6 +376,7 @@ class RankPull:
     num_descs: int = 0
     posted_s: float = 0.0
     stuck: list = field(default_factory=list)  # READs NIXL would not release
+    num_reads: int = 0
 
 
 def pull_from_ranks(agent, infos: list[KVAgentInfo], remote_block_ids, local_block_ids,
@@ -394,6 +411,7 @@ def pull_from_ranks(agent, infos: list[KVAgentInfo], remote_block_ids, local_blo
         sum(r.num_descs for r in reads),
         posted,
         stuck,
+        len(reads),
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from cluster import tracing
 from cluster.engine.config import EngineConfig
 from cluster.engine.llm_engine import Resume
 from cluster.engine.sampling_params import SamplingParams
@@ -75,6 +76,7 @@ class PrefillWorker(EngineWorker):
         cache_salt: str | None = None,
         layerwise_to=None,
         resume: Resume | None = None,
+        trace: dict[str, str] | None = None,
     ) -> dict:
         """Run the prompt. Returns {"handle": KVHandle, "timing", "granted_after_s"} with the
         blocks leased (granted that long after this call arrived: the caller's view of the
@@ -83,6 +85,21 @@ class PrefillWorker(EngineWorker):
         KVAgentInfo, to announce each finished layer to (kv_transfer/layerwise.py); needs
         transfer.layerwise on this pool."""
         received = time.monotonic()
+        span = tracing.start("prefill", trace, instance=self.instance_id,
+                             prompt_tokens=len(prompt_token_ids))  # fmt: skip
+        try:
+            result = await self._run(request_id, prompt_token_ids, params, priority,
+                                     cache_salt, layerwise_to, resume, received)  # fmt: skip
+            span.set(**result.get("timing", {}))
+            return result
+        except BaseException as e:
+            span.fail(e)
+            raise
+        finally:
+            span.end()
+
+    async def _run(self, request_id, prompt_token_ids, params, priority, cache_salt,
+                   layerwise_to, resume, received) -> dict:  # fmt: skip
         await self.llm.faults.ahit("prefill.compute", request_id)
         self._count_prompt(len(prompt_token_ids))
         if layerwise_to is not None and self.announcer is not None:

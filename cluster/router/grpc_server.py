@@ -143,12 +143,20 @@ class PDClusterServicer(pb_grpc.PDClusterServicer):
         """The router's chunks for `request`; a RouterError ends the call with its status and
         leaving the block, however, closes the router's stream."""
         try:
-            async with aclosing(self.router.generate(to_generate_input(request))) as chunks:
+            inp = to_generate_input(request)
+            inp.trace_context = _trace_context(context.invocation_metadata())
+            async with aclosing(self.router.generate(inp)) as chunks:
                 yield chunks
         except RouterError as e:
             if isinstance(e, Overloaded):
                 context.set_trailing_metadata((("retry-after", str(e.retry_after_s)),))
             await context.abort(grpc.StatusCode[e.grpc_code], str(e))
+
+
+def _trace_context(metadata) -> dict[str, str] | None:
+    """A client's W3C trace context from gRPC metadata (traceparent, tracestate)."""
+    found = {k: v[:512] for k, v in (metadata or ()) if k in ("traceparent", "tracestate")}
+    return found if "traceparent" in found else None
 
 
 # -- malformed messages ---------------------------------------------------------------------

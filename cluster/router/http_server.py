@@ -118,6 +118,7 @@ class _OpenAIRoutes:
         return Response(await self._router.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
     async def _generate(self, request: Request, parsed: OpenAIRequest) -> Response:
+        parsed.input.trace_context = _trace_context(request.headers)
         formatter = ResponseFormatter.for_request(parsed, self._served)
         headers = {REQUEST_ID_HEADER: parsed.request_id}
         chunks = self._router.generate(parsed.input)
@@ -132,6 +133,13 @@ class _OpenAIRoutes:
             return Response(status_code=_CLIENT_CLOSED_STATUS)
         events = _sse_events(formatter, _prepend(first, chunks))
         return _EventStreamResponse(events, headers=headers)
+
+
+def _trace_context(headers) -> dict[str, str] | None:
+    """A client's W3C trace context (traceparent, tracestate), for the request's trace."""
+    if "traceparent" not in headers:
+        return None
+    return {k: headers[k][:512] for k in ("traceparent", "tracestate") if k in headers}
 
 
 # -- the router's stream -----------------------------------------------------------------------

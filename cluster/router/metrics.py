@@ -131,6 +131,13 @@ class RouterMetrics:
             ["role"],
             registry=r,
         ).labels(_ROLE)
+        self._failed = Counter(
+            "pdcluster:requests_failed",
+            "Requests that ended in an error after admission, by reason (policy, poison, "
+            "attempts, engine, aborted, refused, unavailable).",
+            ["role", "reason"],
+            registry=r,
+        )
         self._recomputes = Counter(
             "pdcluster:request_recomputes",
             "Times the failure policy re-ran part of a request.",
@@ -159,6 +166,9 @@ class RouterMetrics:
 
     def rejected(self) -> None:
         self._rejected.inc()
+
+    def failed(self, reason: str) -> None:
+        self._failed.labels(_ROLE, reason).inc()
 
     def render(self, num_in_flight: int, num_queued: int, per_instance: list[list]) -> bytes:
         """One exposition: families with one name from several sources are merged (the

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cluster import logs, tracing
 from cluster.engine.async_engine import RequestAborted, RequestError
 from cluster.engine.llm_engine import Resume
 from cluster.engine.tokenizer import Tokenizer
@@ -233,13 +234,24 @@ class Router:
         if request_id in self._live:
             raise InvalidRequest(f"request id {request_id!r} is already in flight; use a new one")
         live = self._live[request_id] = _Live(request_id)
+        span = tracing.start(
+            "request", inp.trace_context, request_id=request_id, mode=self.settings.mode,
+            prompt_tokens=len(prompt_ids), failure_policy=policy,
+        )  # fmt: skip
+        admission = span.child("admission")
         try:
             async with self._admission():
+                admission.end()
                 queued_s = time.monotonic() - arrival
-                run = _Run(self, inp, live, prompt_ids, policy, arrival, queued_s)
+                run = _Run(self, inp, live, prompt_ids, policy, arrival, queued_s, span)
                 async for chunk in run.stream():
                     yield chunk
+        except BaseException as e:
+            span.fail(e)
+            raise
         finally:
+            admission.end()
+            span.end()
             del self._live[request_id]
             if live.instances:  # stopped early (client gone, error): free it everywhere
                 self._spawn(self._abort_everywhere(live))
@@ -421,8 +433,10 @@ class Router:
 class _Run:
     """One request through the router, across however many attempts the policy allows."""
 
-    def __init__(self, router, inp, live, prompt_ids, policy, arrival, queued_s):
+    def __init__(self, router, inp, live, prompt_ids, policy, arrival, queued_s, span=None):
         self.router: Router = router
+        self.span: tracing.Span = span or tracing.NOOP  # the request's
+        self.attempt_span: tracing.Span = tracing.NOOP
         self.inp: GenerateInput = inp
         self.live: _Live = live
         self.prompt_ids: list[int] = prompt_ids
@@ -435,6 +449,25 @@ class _Run:
         self.last_token_time: float | None = None
 
     async def stream(self) -> AsyncIterator[StreamChunk]:
+        """The attempts' chunks; an error that ends the request is counted and logged."""
+        try:
+            async for chunk in self._attempts():
+                yield chunk
+        except (RequestFailed, Unavailable) as e:
+            self.attempt_span.fail(e)
+            reason = getattr(e, "reason", "unavailable")
+            self.router.metrics.failed(reason)
+            logs.event(
+                "request_failed", logging.WARNING, request_id=self.live.request_id,
+                tenant=None, status="error", reason=reason, error=str(e),
+                num_failovers=self.timing.num_recomputes,
+                completion_tokens=len(self.emitted),
+            )  # fmt: skip
+            raise
+        finally:
+            self.attempt_span.end()
+
+    async def _attempts(self) -> AsyncIterator[StreamChunk]:
         router = self.router
         recompute = False
         lost: set[str] = set()  # instances that failed this request (or had no room)
@@ -443,6 +476,8 @@ class _Run:
             if self.live.aborted:  # Abort() while queued or between attempts
                 yield self._final_abort()
                 return
+            self.attempt_span.end()
+            self.attempt_span = self.span.child(f"attempt {attempt + 1}", attempt=attempt + 1)
             try:
                 if router.settings.mode == "colocated":
                     chunks = self._whole("colocated", lost)
@@ -460,12 +495,16 @@ class _Run:
                 if self.live.aborted:  # Abort(): end the stream cleanly, vLLM-style
                     yield self._final_abort()
                     return
-                raise RequestFailed("the request was aborted on an instance") from None
+                raise RequestFailed("the request was aborted on an instance", "aborted") from None
             except _Recoverable as e:
+                self.attempt_span.fail(e)
                 if self.live.aborted:
                     yield self._final_abort()
                     return
-                logger.info("request %s, attempt %d: %s", self.live.request_id, attempt + 1, e)
+                logs.event(
+                    "failover", request_id=self.live.request_id, attempt=attempt + 1,
+                    reason=str(e), action="wait for room" if e.no_room else self.policy,
+                )  # fmt: skip
                 if e.no_room:
                     self._raise_if_no_room(lost)
                     continue  # another decode instance has room: no prefill ran yet
@@ -476,7 +515,9 @@ class _Run:
                     i.healthy for i in router._pool("prefill")
                 )
         raise RequestFailed(
-            f"the request could not be served in {router.settings.max_attempts} attempts; retry it"
+            f"the request could not be served in {router.settings.max_attempts} attempts; "
+            "retry it",
+            "attempts",
         )
 
     def _raise_if_done(self, attempt: int, num_lost: int) -> None:
@@ -486,17 +527,20 @@ class _Run:
         if self.policy == "fail":
             raise RequestFailed(
                 "an instance serving this request failed and its failure policy is 'fail': "
-                "retry it, or send failure_policy 'retry'"
+                "retry it, or send failure_policy 'retry'",
+                "policy",
             )
         if num_lost >= MAX_INSTANCES_LOST:
             raise RequestFailed(
                 f"{num_lost} instances failed while serving this request; it is not run "
-                "again (a request that takes instances down must not reach others)"
+                "again (a request that takes instances down must not reach others)",
+                "poison",
             )
         if attempt + 1 == settings.max_attempts:
             raise RequestFailed(
                 f"the request failed {settings.max_attempts} times (failure policy "
-                f"{self.policy!r}); retry it later"
+                f"{self.policy!r}); retry it later",
+                "attempts",
             )
 
     def _raise_if_no_room(self, full: set[str]) -> None:
@@ -578,8 +622,12 @@ class _Run:
         if method == "generate":  # the prompt runs here too
             self.timing.prefill_instance = instance.instance_id
         self.timing.decode_instance = instance.instance_id
+        self.attempt_span.set(
+            instance=instance.instance_id, role=instance.role, instance_request_id=rid
+        )
         args = (rid, self.prompt_ids, self.inp.params, *extra)
         args += (self.inp.priority, self.inp.cache_salt, self._continuation())
+        args += (self.attempt_span.carrier(),)
         stream = instance.client.stream(method, *args)
         got_any = False
         try:
@@ -613,12 +661,15 @@ class _Run:
                     logger.warning("request %s failed on %s: %s", rid, instance.instance_id, e)
                     raise RequestFailed(
                         "the engine could not process this request; it was stopped alone "
-                        "(the server log has the details)"
+                        "(the server log has the details)",
+                        "engine",
                     ) from None
                 except (ValueError, TypeError) as e:
                     if got_any:
                         logger.warning("request %s: %s", rid, _cause(e))
-                        raise RequestFailed("the instance refused the request mid-stream") from e
+                        raise RequestFailed(
+                            "the instance refused the request mid-stream", "refused"
+                        ) from e
                     raise InvalidRequest(str(_cause(e))) from None
                 if chunk is None:
                     return
@@ -627,6 +678,8 @@ class _Run:
                     self.timing.prefill_s = chunk.timing["prefill_s"]
                 if not got_any and chunk.timing.get("transfer_s") is not None:
                     self.timing.transfer_s = chunk.timing["transfer_s"]
+                    for key in ("kv_bytes", "kv_reads", "kv_descriptors", "kv_read_s"):
+                        setattr(self.timing, key, chunk.timing.get(key, 0))
                 got_any = True
                 yield self._chunk(chunk, first_decode=True)
         finally:
@@ -692,6 +745,18 @@ class _Run:
         out.timing = self.timing
         self.live.instances.clear()  # nothing left to abort anywhere
         self.router.metrics.finished(out.finish_reason or "stop", self.timing, out.usage)
+        t, ms = self.timing, 1000.0
+        logs.event(
+            "request", request_id=self.live.request_id, tenant=None, status="ok",
+            finish_reason=out.finish_reason, prompt_tokens=out.usage.prompt_tokens,
+            completion_tokens=out.usage.completion_tokens,
+            cached_tokens=out.usage.cached_tokens, queue_ms=t.queue_s * ms,
+            prefill_ms=t.prefill_s * ms, transfer_ms=t.transfer_s * ms,
+            first_decode_ms=t.first_decode_s * ms, ttft_ms=t.ttft_s * ms, e2e_ms=t.e2e_s * ms,
+            kv_bytes=t.kv_bytes, kv_reads=t.kv_reads, kv_descriptors=t.kv_descriptors,
+            kv_read_ms=t.kv_read_s * ms, prefill_instance=t.prefill_instance,
+            decode_instance=t.decode_instance, num_failovers=t.num_recomputes,
+        )  # fmt: skip
 
     def _final_abort(self) -> StreamChunk:
         out = StreamChunk(self.live.request_id, [], "", finished=True, finish_reason="abort")

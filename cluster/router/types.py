@@ -52,11 +52,18 @@ class Unavailable(RouterError):
 
 
 class RequestFailed(RouterError):
-    """An instance failed and the request's failure policy could not save it."""
+    """An instance failed and the request's failure policy could not save it. `reason` is
+    its class in metrics and logs: policy (policy 'fail'), poison (it took two instances
+    down), attempts (max_attempts used up), engine (its own processing raised), aborted
+    (aborted on an instance by someone else), refused (an instance refused it mid-stream)."""
 
     grpc_code = "INTERNAL"
     http_status = 500
     error_type = "InternalServerError"
+
+    def __init__(self, message: str, reason: str = "error"):
+        super().__init__(message)
+        self.reason = reason
 
 
 class RequestAbortedError(RouterError):
@@ -76,6 +83,7 @@ class GenerateInput:
     priority: int = 0
     cache_salt: str | None = None
     failure_policy: str | None = None  # None: the router's default
+    trace_context: dict[str, str] | None = None  # W3C traceparent/tracestate from the client
 
 
 @dataclass(slots=True)
@@ -98,6 +106,10 @@ class Timing:
     prefill_instance: str = ""
     decode_instance: str = ""
     num_recomputes: int = 0
+    kv_bytes: int = 0  # the KV pull that served the stream (see proto Timing)
+    kv_reads: int = 0
+    kv_descriptors: int = 0
+    kv_read_s: float = 0.0
 
 
 @dataclass(slots=True)

@@ -85,7 +85,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class Timing(_message.Message):
-    __slots__ = ("queue_s", "prefill_s", "transfer_s", "first_decode_s", "ttft_s", "e2e_s", "prefill_instance", "decode_instance", "num_recomputes")
+    __slots__ = ("queue_s", "prefill_s", "transfer_s", "first_decode_s", "ttft_s", "e2e_s", "prefill_instance", "decode_instance", "num_recomputes", "kv_bytes", "kv_reads", "kv_descriptors", "kv_read_s")
     QUEUE_S_FIELD_NUMBER: _ClassVar[int]
     PREFILL_S_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_S_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,10 @@ class Timing(_message.Message):
     PREFILL_INSTANCE_FIELD_NUMBER: _ClassVar[int]
     DECODE_INSTANCE_FIELD_NUMBER: _ClassVar[int]
     NUM_RECOMPUTES_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_READS_FIELD_NUMBER: _ClassVar[int]
+    KV_DESCRIPTORS_FIELD_NUMBER: _ClassVar[int]
+    KV_READ_S_FIELD_NUMBER: _ClassVar[int]
     queue_s: float
     prefill_s: float
     transfer_s: float
@@ -104,7 +108,11 @@ class Timing(_message.Message):
     prefill_instance: str
     decode_instance: str
     num_recomputes: int
-    def __init__(self, queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., first_decode_s: _Optional[float] = ..., ttft_s: _Optional[float] = ..., e2e_s: _Optional[float] = ..., prefill_instance: _Optional[str] = ..., decode_instance: _Optional[str] = ..., num_recomputes: _Optional[int] = ...) -> None: ...
+    kv_bytes: int
+    kv_reads: int
+    kv_descriptors: int
+    kv_read_s: float
+    def __init__(self, queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., first_decode_s: _Optional[float] = ..., ttft_s: _Optional[float] = ..., e2e_s: _Optional[float] = ..., prefill_instance: _Optional[str] = ..., decode_instance: _Optional[str] = ..., num_recomputes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., kv_reads: _Optional[int] = ..., kv_descriptors: _Optional[int] = ..., kv_read_s: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "token_ids", "text", "logprobs", "finish_reason", "stop_reason", "usage", "timing")
