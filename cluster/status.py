@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     metadata = [("authorization", f"Bearer {args.api_key}")] if args.api_key else []
     with grpc.insecure_channel(args.target) as channel:
         stub = pb_grpc.PDClusterStub(channel)
-        fetch = lambda: stub.GetClusterStatus(  # noqa: E731
+        fetch = lambda: stub.GetClusterStatus(
             pb.GetClusterStatusRequest(), metadata=metadata, timeout=args.timeout
         )
         try:
@@ -144,5 +144,5 @@ def _row(i: pb.InstanceStatus) -> tuple[str, ...]:
 
 def _table(rows: list[tuple[str, ...]]) -> list[str]:
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
-    pad = lambda row: "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True))  # noqa: E731
+    pad = lambda row: "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True))
     return [pad(row).rstrip() for row in rows]

@@ -2,8 +2,8 @@
 against the Kubernetes schemas (kubernetes-validate), the KubeRay CRDs in ../shared (their
 openAPIV3Schema, with jsonschema) and, for the PodMonitor, the Prometheus Operator's schema
 (the @kubernetes-models npm package, run with node); heterogeneous, CPU-only and oversized-TP
-plans; and the embedded serveConfigV2, given to Ray Serve here, serves the same output as the
-engine."""
+plans; the Grafana dashboard's ConfigMap beside the PodMonitor; and the embedded
+serveConfigV2, given to Ray Serve here, serves the same output as the engine."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CRDS = ROOT.parent / "shared" / "kuberay-crds"
 NPM = ROOT / "build" / "npm"
 EXAMPLE = ROOT / "deploy" / "examples" / "rayservice-default.yaml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "pd-cluster.json"
 K8S_VERSION = "1.33.0"
 CATALOG = load_catalog()
 
@@ -249,7 +250,32 @@ def test_planner_output_round_trips_into_a_valid_manifest(tmp_path, capsys):
 
 
 def test_example_manifest_validates():
-    validate_objects(list(yaml.safe_load_all(EXAMPLE.read_text())))
+    objects = list(yaml.safe_load_all(EXAMPLE.read_text()))
+    validate_objects(objects)
+    (config_map,) = [o for o in objects if o["kind"] == "ConfigMap"]
+    # Regenerate the example when the dashboard changes.
+    assert json.loads(config_map["data"]["pd-cluster.json"]) == json.loads(DASHBOARD.read_text())
+
+
+def test_dashboard_config_map_beside_the_pod_monitor(tmp_path):
+    plan = _plan(tmp_path, {"prefill": ("L40S", 1, 1), "decode": ("L40S", 1, 1)}, ["L40S"])
+    objects = generate(plan, name="llama", namespace="serving")
+    validate_objects(objects)  # the ConfigMap against the core schema, strictly
+    kinds = {o["kind"]: o for o in objects}
+    monitor, config_map = kinds["PodMonitor"], kinds["ConfigMap"]
+    meta = config_map["metadata"]
+    assert meta["name"] == "llama-grafana-dashboard"
+    assert meta["namespace"] == monitor["metadata"]["namespace"] == "serving"
+    assert meta["labels"]["grafana_dashboard"] == "1"  # kube-prometheus-stack's sidecar label
+    assert meta["labels"]["app.kubernetes.io/instance"] == "llama"
+    (text,) = config_map["data"].values()
+    assert json.loads(text) == json.loads(DASHBOARD.read_text())
+    # The router's metrics once (the head's proxy), its `instance` label kept.
+    serve = next(e for e in monitor["spec"]["podMetricsEndpoints"] if e["port"] == "serve")
+    assert serve["honorLabels"] is True
+    (keep,) = serve["relabelings"]
+    assert keep["action"] == "keep" and keep["regex"] == "head"
+    assert keep["sourceLabels"] == ["__meta_kubernetes_pod_label_ray_io_node_type"]
 
 
 # --- the serveConfigV2, run by Ray Serve here ------------------------------------------------
