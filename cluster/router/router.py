@@ -515,8 +515,7 @@ class _Run:
                     i.healthy for i in router._pool("prefill")
                 )
         raise RequestFailed(
-            f"the request could not be served in {router.settings.max_attempts} attempts; "
-            "retry it",
+            f"the request failed in all {router.settings.max_attempts} attempts; retry it",
             "attempts",
         )
 
