@@ -3,12 +3,15 @@ family, written by `transformers` itself so our loader reads real Hugging Face f
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+
+from cluster.loop_thread import LoopThread  # noqa: F401 - the tests import it from here
 
 # Keep the embedded default out of ~/.cache and never let transformers reach for a hub.
 os.environ.setdefault("PD_CLUSTER_CACHE", tempfile.mkdtemp(prefix="pd-cluster-test-cache-"))
@@ -101,32 +104,27 @@ def family_model_dir(tmp_path_factory, tiny_model_dir):
     return make
 
 
-class LoopThread:
-    """An event loop in a daemon thread, for async servers driven from sync tests."""
+@contextlib.contextmanager
+def served_on_ray(config, num_cpus: int = 2):
+    """A deployment config served for a test module: Ray started here, its pools as Ray
+    actors, the router's gRPC and HTTP servers on free loopback ports. Yields (loop thread,
+    router, gRPC host:port, HTTP base URL); stops everything after."""
+    import ray
 
-    def __init__(self):
-        import asyncio
-        import threading
+    from cluster.deployment import start_ray
+    from cluster.router.grpc_server import start_grpc_server
+    from cluster.router.http_server import start_http_server, stop_http_server
 
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def run(self, coro, timeout_s: float = 120):
-        import asyncio
-
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
-
-    def close(self) -> None:
-        import asyncio
-
-        async def cancel_the_rest() -> None:  # background tasks (e.g. health tracking)
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        self.run(cancel_the_rest(), timeout_s=30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=10)
-        self.loop.close()
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    loop = LoopThread()
+    router = loop.run(start_ray(config), timeout_s=300)
+    grpc_server, grpc_port = loop.run(start_grpc_server(router, port=0))
+    http_server, http_task, http_port = loop.run(start_http_server(router, port=0))
+    try:
+        yield loop, router, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}"
+    finally:
+        loop.run(grpc_server.stop(None))
+        loop.run(stop_http_server(http_server, http_task))
+        loop.run(router.shutdown())
+        loop.close()
+        ray.shutdown()

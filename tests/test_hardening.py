@@ -35,7 +35,7 @@ from cluster.api.pdcluster.v1 import pdcluster_pb2_grpc as pb_grpc  # noqa: E402
 from cluster.engine.config import CacheConfig, EngineConfig  # noqa: E402
 from cluster.engine.llm_engine import LLMEngine  # noqa: E402
 from cluster.engine.sampling_params import SamplingParams  # noqa: E402
-from tests.conftest import LoopThread  # noqa: E402
+from tests.conftest import served_on_ray  # noqa: E402
 from tests.test_cluster import prompts  # noqa: E402
 
 MAX_TOKENS = 10
@@ -53,10 +53,9 @@ def reference(tiny_model_dir) -> list[list[int]]:
 
 
 class Served:
-    def __init__(self, loop, router, grpc_port: int, http_port: int):
+    def __init__(self, loop, router, grpc_target: str, http_url: str):
         self.loop, self.router = loop, router
-        self.grpc_target = f"127.0.0.1:{grpc_port}"
-        self.http = f"http://127.0.0.1:{http_port}"
+        self.grpc_target, self.http = grpc_target, http_url
 
     def instances(self, role: str) -> list:
         return [i for i in self.router.instances if i.role == role]
@@ -96,13 +95,9 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tiny_model_dir):
-    from cluster.deployment import DeploymentConfig, PoolSpec, start_ray
-    from cluster.router.grpc_server import start_grpc_server
-    from cluster.router.http_server import start_http_server, stop_http_server
+    from cluster.deployment import DeploymentConfig, PoolSpec
     from cluster.worker_common import TransferSettings
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    loop = LoopThread()
     config = DeploymentConfig(
         model=str(tiny_model_dir),
         prefill=PoolSpec(num_instances=2),
@@ -111,15 +106,8 @@ def served(tiny_model_dir):
         transfer=TransferSettings(lease_s=LEASE_S, kv_wait_s=1.0),
         router={"instance_wait_s": 120.0},
     )
-    router = loop.run(start_ray(config), timeout_s=300)
-    grpc_server, grpc_port = loop.run(start_grpc_server(router, port=0))
-    http_server, http_task, http_port = loop.run(start_http_server(router, port=0))
-    yield Served(loop, router, grpc_port, http_port)
-    loop.run(grpc_server.stop(None))
-    loop.run(stop_http_server(http_server, http_task))
-    loop.run(router.shutdown())
-    loop.close()
-    ray.shutdown()
+    with served_on_ray(config) as (loop, router, grpc_target, http_url):
+        yield Served(loop, router, grpc_target, http_url)
 
 
 @pytest.fixture(scope="module")

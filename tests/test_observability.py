@@ -26,7 +26,7 @@ from opentelemetry.proto.collector.trace.v1 import (  # noqa: E402
 from cluster import logs, tracing  # noqa: E402
 from cluster.api.pdcluster.v1 import pdcluster_pb2 as pb  # noqa: E402
 from cluster.api.pdcluster.v1 import pdcluster_pb2_grpc as pb_grpc  # noqa: E402
-from tests.conftest import LoopThread  # noqa: E402
+from tests.conftest import served_on_ray  # noqa: E402
 
 CLIENT_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN_ID = "00f067aa0ba902b7"
@@ -92,28 +92,19 @@ def receiver():
 
 @pytest.fixture(scope="module")
 def served(tiny_model_dir, receiver):
-    from cluster.deployment import DeploymentConfig, start_ray
-    from cluster.router.grpc_server import start_grpc_server
-    from cluster.router.http_server import start_http_server, stop_http_server
+    from cluster.deployment import DeploymentConfig
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    loop = LoopThread()
     config = DeploymentConfig(
         model=str(tiny_model_dir),
         engine={"num_blocks": 128, "fault_injection": True},
         router={"instance_wait_s": 120.0},
         otlp_traces_endpoint=receiver.endpoint,
     )
-    router = loop.run(start_ray(config), timeout_s=300)
-    grpc_server, grpc_port = loop.run(start_grpc_server(router, port=0))
-    http_server, http_task, http_port = loop.run(start_http_server(router, port=0))
-    yield loop, router, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}"
-    loop.run(grpc_server.stop(None))
-    loop.run(stop_http_server(http_server, http_task))
-    loop.run(router.shutdown())
-    loop.close()
-    tracing.shutdown()
-    ray.shutdown()
+    try:
+        with served_on_ray(config) as served:
+            yield served
+    finally:
+        tracing.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -268,3 +259,22 @@ def test_log_formats(capsys):
             logging.getLogger().removeHandler(h)
     with pytest.raises(ValueError):
         logs.configure("xml")
+
+
+def test_an_http_client_trace_continues(served, receiver):
+    import urllib.request
+
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    req = urllib.request.Request(
+        served[3] + "/v1/completions",
+        data=json.dumps({"prompt": PROMPT, "max_tokens": 2}).encode(),
+        headers={
+            "Content-Type": "application/json",
+            "traceparent": f"00-{trace_id}-b7ad6b7169203331-01",
+        },
+    )
+    with urllib.request.urlopen(req, timeout=60) as response:
+        assert response.status == 200
+    spans = receiver.trace(trace_id, {"request", "handoff", "prefill"})
+    request = next(s for s in spans if s["name"] == "request")
+    assert request["parent"] == "b7ad6b7169203331"

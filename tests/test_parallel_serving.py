@@ -181,10 +181,11 @@ def test_a_dead_rank_ends_requests_by_the_failure_policy(cluster, tiny_model_dir
 
 def test_a_hung_rank_ends_requests_after_the_dist_timeout(cluster, tiny_model_dir, expected):
     """Stop (SIGSTOP) rank 1 of a colocated TP=2 instance while requests stream: the rank
-    neither dies nor answers, so the leader's next all-reduce waits for it; after
-    `dist_timeout_s` the collective fails, the instance exits and every request ends with
-    RequestFailed under policy `fail` (on NCCL a dead rank looks the same: its peers wait).
-    Ray restarts the instance and it serves correct output again."""
+    neither dies nor answers, so the leader's next all-reduce waits for it (on NCCL a dead
+    rank looks the same: its peers wait). The router marks the instance lost once its load
+    poll goes unanswered (5 s), and every request ends with RequestFailed under policy `fail`
+    then, not after the collective's timeout; after `dist_timeout_s` the collective fails,
+    the instance exits, Ray restarts it and it serves correct output again."""
     from cluster.engine.sampling_params import SamplingParams
     from cluster.ranks import actor_name
     from cluster.router.types import RequestFailed
@@ -208,7 +209,7 @@ def test_a_hung_rank_ends_requests_after_the_dist_timeout(cluster, tiny_model_di
         started = time.monotonic()
         results = cluster.run(doomed(), timeout_s=timeout_s + 90)
         assert all(isinstance(r, RequestFailed) for r in results), results
-        assert timeout_s - 5 < time.monotonic() - started < timeout_s + 60
+        assert time.monotonic() - started < timeout_s + 60
 
         assert _serve_once_restarted(cluster, router) == expected
     finally:

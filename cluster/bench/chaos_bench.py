@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster.bench.common import report, resolve
+from cluster.loop_thread import LoopThread
 
 DEFAULTS = {"duration": 600.0, "rate": 2.0, "fault_interval": 5.0, "request_timeout": 120.0}
 QUICK = {"duration": 40.0, "rate": 2.0, "fault_interval": 5.0, "request_timeout": 60.0}
@@ -208,30 +209,6 @@ async def _request(stub, request_id: str, plan: _Plan, opt: dict) -> _Outcome:
 # -- the deployment -------------------------------------------------------------------------
 
 
-class _LoopThread:
-    """An event loop on a daemon thread: the router, its gRPC server and the load run in it."""
-
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def run(self, coro, timeout_s: float):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
-
-    def close(self) -> None:
-        async def cancel_the_rest() -> None:  # background tasks (health tracking, polls)
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        self.run(cancel_the_rest(), timeout_s=30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=10)
-        self.loop.close()
-
-
 class _Deployment:
     """Ray (started here unless it already runs), the pools as Ray actors with fault
     injection on, and the router's gRPC server on a free loopback port."""
@@ -250,7 +227,7 @@ class _Deployment:
             # address="local": a cluster of our own, never one another process runs here
             ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2),
                      include_dashboard=False, log_to_driver=False)  # fmt: skip
-        self.loop = _LoopThread()
+        self.loop = LoopThread()
         self.router = self.server = None
         try:
             self.router = self.loop.run(start_ray(self._config()), timeout_s=600)

@@ -325,18 +325,25 @@ class DecodeWorker(ColocatedWorker):
 
         deadline = time.monotonic() + self.transfer.kv_wait_s
         while True:
-            work = asyncio.ensure_future(asyncio.to_thread(self.engine.call, reserve))
             try:
-                return await asyncio.shield(work)
+                return await self._reserve_once(reserve)
             except NoCapacity:
                 if time.monotonic() > deadline:
                     raise
-            except asyncio.CancelledError:
-                with contextlib.suppress(BaseException):
-                    await work  # it reserves regardless: _abandon must run after it
-                raise
             await asyncio.sleep(_ROOM_POLL_S)
             _check(handoff, request_id)
+
+    async def _reserve_once(self, reserve) -> list[int]:
+        """reserve() under the engine lock, on a thread. A caller cancelled meanwhile still
+        waits for the thread (it reserves regardless), so whoever frees the request's blocks
+        next runs after it."""
+        work = asyncio.ensure_future(asyncio.to_thread(self.engine.call, reserve))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            with contextlib.suppress(BaseException):
+                await work
+            raise
 
     async def _abandon(self, handoff: _Handoff, request_id: str, handle, prefill) -> None:
         """The handoff stops before its first token: free our blocks (unless a READ that
@@ -398,18 +405,12 @@ class DecodeWorker(ColocatedWorker):
         try:
             info = await self._prefill_info(prefill)
             await self._wait_for_room(handoff, request_id, _num_tokens(prompt_token_ids, resume))
-            work = asyncio.ensure_future(asyncio.to_thread(
-                self.engine.call,
-                lambda: self.receiver.reserve_for(
+            try:
+                block_ids = await self._reserve_once(lambda: self.receiver.reserve_for(
                     info.layout.compat_hash, info.agent_name, request_id, prompt_token_ids,
                     params, priority=priority, cache_salt=cache_salt, resume=resume,
-                ),
-            ))  # fmt: skip
-            try:
-                block_ids = await asyncio.shield(work)
+                ))  # fmt: skip
             except asyncio.CancelledError:
-                with contextlib.suppress(BaseException):
-                    await work  # it reserves regardless: free it below
                 await asyncio.to_thread(self.engine.abort, request_id)
                 raise
         except BaseException:
