@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
 import grpc
@@ -67,22 +69,26 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _watch(fetch, status: pb.ClusterStatus, target: str, interval_s: float) -> None:
-    """Redraw until Ctrl-C. A failed poll is drawn in place of the table: the router may be
-    restarting, and the next poll may find it again."""
+    """Redraw until Ctrl-C (or SIGTERM). A failed poll is drawn in place of the table: the
+    router may be restarting, and the next poll may find it again. The signal only sets a
+    flag: a KeyboardInterrupt inside a blocking gRPC call can leave the channel unable to
+    close, so the loop ends between polls instead (within one --timeout at worst)."""
     clear = _CLEAR if sys.stdout.isatty() else "\n"
     error = None
-    try:
-        while True:
-            frame = render(status, target) if error is None else _error_line(target, error)
-            stamp = time.strftime("%H:%M:%S")
-            print(f"{clear}{frame}\n\n{stamp}, every {interval_s:g} s; Ctrl-C to stop", flush=True)
-            time.sleep(interval_s)
-            try:
-                status, error = fetch(), None
-            except grpc.RpcError as e:
-                status, error = None, e
-    except KeyboardInterrupt:
-        print()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.is_set():
+        frame = render(status, target) if error is None else _error_line(target, error)
+        stamp = time.strftime("%H:%M:%S")
+        print(f"{clear}{frame}\n\n{stamp}, every {interval_s:g} s; Ctrl-C to stop", flush=True)
+        if stop.wait(interval_s):
+            break
+        try:
+            status, error = fetch(), None
+        except grpc.RpcError as e:
+            status, error = None, e
+    print()
 
 
 def _error_line(target: str, error: grpc.RpcError) -> str:

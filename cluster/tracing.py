@@ -9,10 +9,13 @@ then every process exports its spans over OTLP/gRPC to it.
         └── handoff (decode instance)     or `generate` on a colocated / recomputing instance
             ├── wait_for_room
             ├── prefill_call
-            │   └── prefill (prefill instance: queue + compute)
+            │   └── prefill (prefill instance)
+            │       ├── queue             in the prefill engine, before its first step
+            │       └── compute           first step to the first token
             ├── reserve
             ├── read                      bytes, READs, descriptors, remote agent, link
             └── decode                    commit of the first token to the last token
+                └── commit                the first token committed and streamed
 
 Spans are started and ended explicitly with their parent passed along (never "the current
 span"): the request path is async generators across threads and processes, where implicit
@@ -80,6 +83,19 @@ class Span:
 
         context = trace.set_span_in_context(self._span)
         return Span(_tracer.start_span(name, context=context, attributes=_clean(attributes)))
+
+    def child_at(self, name: str, start_s: float, end_s: float, **attributes: Any) -> None:
+        """A finished child span between two wall-clock times (time.time()) measured
+        elsewhere, e.g. an engine's queue and compute of a request."""
+        if self._span is None:
+            return
+        from opentelemetry import trace
+
+        context = trace.set_span_in_context(self._span)
+        span = _tracer.start_span(
+            name, context=context, attributes=_clean(attributes), start_time=int(start_s * 1e9)
+        )
+        span.end(end_time=int(end_s * 1e9))
 
     def set(self, **attributes: Any) -> None:
         if self._span is not None:

@@ -33,6 +33,7 @@ CLIENT_SPAN_ID = "00f067aa0ba902b7"
 PROMPT = list(range(20, 70))
 GREEDY = pb.SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 HANDOFF_SPANS = {"handoff", "wait_for_room", "prefill_call", "reserve", "read", "decode"}
+PREFILL_SPANS = {"prefill", "queue", "compute"}
 
 
 class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
@@ -123,13 +124,13 @@ def generate(stub, request_id: str, metadata=()) -> pb.GenerateResponse:
 def test_one_trace_across_router_decode_and_prefill(served, stub, receiver):
     traceparent = f"00-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-01"
     generate(stub, "traced", metadata=(("traceparent", traceparent),))
-    names = {"request", "admission", "attempt 1", "prefill"} | HANDOFF_SPANS
+    names = {"request", "admission", "attempt 1", "commit"} | HANDOFF_SPANS | PREFILL_SPANS
     spans = receiver.trace(CLIENT_TRACE_ID, names)
     by_name = {s["name"]: s for s in spans}
     services = {s["name"]: s["service"] for s in spans}
     assert services["request"] == services["attempt 1"] == "pd-cluster-router"
     assert {services[n] for n in HANDOFF_SPANS} == {"pd-cluster-decode"}
-    assert services["prefill"] == "pd-cluster-prefill"
+    assert {services[n] for n in PREFILL_SPANS} == {"pd-cluster-prefill"}
     # the tree: client -> request -> attempt -> handoff -> (steps); prefill_call -> prefill
     parent = {s["name"]: s["parent"] for s in spans}
     span_id = {s["name"]: s["span_id"] for s in spans}
@@ -139,6 +140,9 @@ def test_one_trace_across_router_decode_and_prefill(served, stub, receiver):
     for step in HANDOFF_SPANS - {"handoff"}:
         assert parent[step] == span_id["handoff"], step
     assert parent["prefill"] == span_id["prefill_call"]
+    assert parent["queue"] == parent["compute"] == span_id["prefill"]
+    assert by_name["queue"]["end"] <= by_name["compute"]["start"]
+    assert parent["commit"] == span_id["decode"]
     # in order, within one process's clock
     order = ["wait_for_room", "prefill_call", "reserve", "read", "decode"]
     for before, after in zip(order, order[1:], strict=False):

@@ -376,10 +376,12 @@ class DecodeWorker(ColocatedWorker):
         handoff = self._handoffs.get(request_id)
         parent = handoff.span if handoff is not None else tracing.NOOP
         span = parent.child("decode")
+        committing = span.child("commit")
         try:
             async for out in self.engine.follow(request_id, commit):
                 if first:
                     await self.llm.faults.ahit("decode.after_commit", request_id)
+                    committing.end()
                 self._count(out, first=False)
                 if out.finished:
                     span.set(output_tokens=len(out.token_ids), finish_reason=out.finish_reason)
@@ -391,6 +393,7 @@ class DecodeWorker(ColocatedWorker):
             span.fail(e)
             raise
         finally:
+            committing.end()
             span.end()
             parent.end()
 

@@ -90,6 +90,11 @@ class PrefillWorker(EngineWorker):
         try:
             result = await self._run(request_id, prompt_token_ids, params, priority,
                                      cache_salt, layerwise_to, resume, received)  # fmt: skip
+            times = result.pop("engine_times", None)
+            if times is not None:
+                arrival, scheduled, first_token = times
+                span.child_at("queue", arrival, scheduled)
+                span.child_at("compute", scheduled, first_token)
             span.set(**result.get("timing", {}))
             return result
         except BaseException as e:
@@ -132,7 +137,10 @@ class PrefillWorker(EngineWorker):
             # No await between the engine pinning the blocks and the lease: a cancelled
             # call either aborted the request above (blocks freed) or got its lease here.
             handle = self.sender.offer(out)
-            return {"handle": handle, "timing": timing, "granted": time.monotonic()}
+            m = out.metrics
+            times = (m.arrival_time, m.first_scheduled_time, m.first_token_time)
+            return {"handle": handle, "timing": timing, "granted": time.monotonic(),
+                    "engine_times": times}  # fmt: skip
         raise RuntimeError(f"prefill of {request_id!r} ended without a final output")
 
     async def renew(self, request_id: str) -> float | None:
