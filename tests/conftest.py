@@ -128,3 +128,27 @@ def served_on_ray(config, num_cpus: int = 2):
         loop.run(router.shutdown())
         loop.close()
         ray.shutdown()
+
+
+def assert_all_blocks_free(loop, instances, timeout_s: float = 10.0) -> None:
+    """Every healthy instance's block manager checks itself and holds no block (leases end
+    on notifications or expiry, so poll up to timeout_s). An instance restarting after a kill
+    is asked again."""
+    import time
+
+    from cluster.router.clients import InstanceLost
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            counts = [
+                loop.run(i.client.call("check_integrity", timeout=30), 60)
+                for i in instances
+                if i.healthy
+            ]
+        except InstanceLost:
+            counts = [(0, 1)]
+        if all(free == total for free, total in counts) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert all(free == total for free, total in counts), counts

@@ -25,7 +25,7 @@ from cluster.api.pdcluster.v1 import pdcluster_pb2_grpc as pb_grpc  # noqa: E402
 from cluster.engine.config import CacheConfig, EngineConfig  # noqa: E402
 from cluster.engine.llm_engine import LLMEngine  # noqa: E402
 from cluster.engine.sampling_params import SamplingParams  # noqa: E402
-from tests.conftest import LoopThread  # noqa: E402
+from tests.conftest import LoopThread, assert_all_blocks_free  # noqa: E402
 from tests.test_engine_correctness import hf_greedy  # noqa: E402
 
 MAX_TOKENS = 12
@@ -61,24 +61,7 @@ class Served:
         return [i.client.actor for i in self.router.instances if i.role == role]
 
     def assert_all_blocks_free(self, timeout_s: float = 10.0) -> None:
-        """Every instance's block manager is consistent and holds nothing (leases end on
-        notifications, so poll a little)."""
-        from cluster.router.clients import InstanceLost
-
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                counts = [
-                    self.loop.run(i.client.call("check_integrity", timeout=30))
-                    for i in self.router.instances
-                    if i.healthy
-                ]
-            except InstanceLost:  # restarting after a kill: ask again
-                counts = [(0, 1)]
-            if all(free == total for free, total in counts) or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        assert all(free == total for free, total in counts), counts
+        assert_all_blocks_free(self.loop, self.router.instances, timeout_s)
 
 
 @pytest.fixture(scope="module")

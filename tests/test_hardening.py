@@ -35,7 +35,7 @@ from cluster.api.pdcluster.v1 import pdcluster_pb2_grpc as pb_grpc  # noqa: E402
 from cluster.engine.config import CacheConfig, EngineConfig  # noqa: E402
 from cluster.engine.llm_engine import LLMEngine  # noqa: E402
 from cluster.engine.sampling_params import SamplingParams  # noqa: E402
-from tests.conftest import served_on_ray  # noqa: E402
+from tests.conftest import assert_all_blocks_free, served_on_ray  # noqa: E402
 from tests.test_cluster import prompts  # noqa: E402
 
 MAX_TOKENS = 10
@@ -77,20 +77,8 @@ class Served:
             time.sleep(0.2)
 
     def assert_all_blocks_free(self, timeout_s: float = 30.0) -> None:
-        """Every instance's block manager checks itself and holds nothing (a dropped or
-        late notification frees on lease expiry, so poll up to a lease and a bit)."""
-        from cluster.router.clients import InstanceLost
-
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                counts = [self.call(i, "check_integrity") for i in self.router.instances]
-            except InstanceLost:
-                counts = [(0, 1)]
-            if all(free == total for free, total in counts) or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        assert all(free == total for free, total in counts), counts
+        """(A dropped or late notification frees on lease expiry: up to a lease and a bit.)"""
+        assert_all_blocks_free(self.loop, self.router.instances, timeout_s)
 
 
 @pytest.fixture(scope="module")

@@ -366,11 +366,13 @@ class DecodeWorker(ColocatedWorker):
             if handoff is not None and handoff.aborted:
                 self.llm.abort(request_id)
                 raise RequestAborted(f"request {request_id!r} was aborted")
-            if request_id not in self.llm.scheduler.remote:  # reaped or aborted meanwhile
+            request = self.llm.scheduler.remote.get(request_id)
+            if request is None:  # reaped or aborted meanwhile
                 raise RequestAborted(f"request {request_id!r} was aborted")
-            out = self.llm.commit_remote(request_id, handle.first_token_id, handle.first_logprob)
-            out.num_cached_tokens = max(out.num_cached_tokens, timing.get("num_cached_tokens", 0))
-            return out
+            # The prefill's prefix-cache hit is this request's (every later output carries
+            # it: a slow reader may get the first output merged into a later one).
+            request.num_cached_tokens = int(timing.get("num_cached_tokens", 0))
+            return self.llm.commit_remote(request_id, handle.first_token_id, handle.first_logprob)
 
         first = True
         handoff = self._handoffs.get(request_id)
