@@ -545,7 +545,7 @@ class _Run:
     def _raise_if_no_room(self, full: set[str]) -> None:
         """Backpressure: Overloaded unless a decode instance not yet tried has KV room."""
         router = self.router
-        blocks = -(-(len(self.prompt_ids) + len(self.emitted) + 1) // router.model_info.block_size)
+        blocks = self._blocks_needed()
         others = [
             i
             for i in router._pool("decode")
@@ -560,6 +560,12 @@ class _Run:
             )
 
     # -- the three ways to run ------------------------------------------------------------
+
+    def _blocks_needed(self) -> int:
+        """KV blocks a decode instance reserves for this request now: prompt, output so far,
+        the next token."""
+        num_tokens = len(self.prompt_ids) + len(self.emitted) + 1
+        return -(-num_tokens // self.router.model_info.block_size)
 
     def _continuation(self) -> Resume | None:
         """What continues after the tokens already streamed: they are output again on the
@@ -583,7 +589,7 @@ class _Run:
         router = self.router
         num_tokens = len(self.prompt_ids) + len(self.emitted)
         prefill = await router.pick("prefill", lost)
-        blocks = -(-(num_tokens + 1) // router.model_info.block_size)
+        blocks = self._blocks_needed()
         decode = await router.pick("decode", lost, need_blocks=blocks)
         rid = router.attempt_id(self.live.request_id)
         self.live.instances.append((prefill, rid))
@@ -744,6 +750,8 @@ class _Run:
         out.timing = self.timing
         self.live.instances.clear()  # nothing left to abort anywhere
         self.router.metrics.finished(out.finish_reason or "stop", self.timing, out.usage)
+        if not logs.ACCESS.isEnabledFor(logging.INFO):
+            return  # no access log: build nothing on the hot path
         t, ms = self.timing, 1000.0
         logs.event(
             "request", request_id=self.live.request_id, tenant=None, status="ok",

@@ -115,11 +115,6 @@ def validate(inp: GenerateInput, model: ModelInfo, default_policy: str) -> str:
         check_prompt_chars(inp.prompt, model)
     elif not isinstance(inp.prompt, list | tuple):
         raise InvalidRequest("prompt must be a string or a list of token ids")
-    elif len(inp.prompt) >= model.max_model_len:
-        raise InvalidRequest(
-            f"prompt has {len(inp.prompt)} tokens but max_model_len is {model.max_model_len}: "
-            "shorten it so that at least one output token fits"
-        )
     return policy
 
 
