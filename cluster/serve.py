@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from cluster import logs, tracing
-from cluster.deployment import DeploymentConfig
+from cluster.launch import DeploymentConfig
 from cluster.logs import FORMATS
 
 API_KEY_ENV = "PD_CLUSTER_API_KEY"
@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
 async def serve(config: DeploymentConfig, ready: asyncio.Event | None = None) -> int:
     import ray
 
-    from cluster.deployment import start_ray
+    from cluster.launch import start_ray
     from cluster.router.grpc_server import start_grpc_server
     from cluster.router.http_server import start_http_server, stop_http_server
 

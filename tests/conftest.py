@@ -111,7 +111,7 @@ def served_on_ray(config, num_cpus: int = 2):
     router, gRPC host:port, HTTP base URL); stops everything after."""
     import ray
 
-    from cluster.deployment import start_ray
+    from cluster.launch import start_ray
     from cluster.router.grpc_server import start_grpc_server
     from cluster.router.http_server import start_http_server, stop_http_server
 
@@ -136,7 +136,7 @@ def assert_all_blocks_free(loop, instances, timeout_s: float = 10.0) -> None:
     is asked again."""
     import time
 
-    from cluster.router.clients import InstanceLost
+    from cluster.workers.clients import InstanceLost
 
     deadline = time.monotonic() + timeout_s
     while True:

@@ -57,8 +57,11 @@ class Served:
         self.grpc_target = f"127.0.0.1:{grpc_port}"
         self.http_url = f"http://127.0.0.1:{http_port}/v1"
 
+    def instances(self, role: str) -> list:
+        return [i for i in self.router.instances if i.role == role]
+
     def actors(self, role: str) -> list:
-        return [i.client.actor for i in self.router.instances if i.role == role]
+        return [i.client.actor for i in self.instances(role)]
 
     def assert_all_blocks_free(self, timeout_s: float = 10.0) -> None:
         assert_all_blocks_free(self.loop, self.router.instances, timeout_s)
@@ -66,7 +69,7 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tiny_model_dir):
-    from cluster.deployment import DeploymentConfig, PoolSpec, start_ray
+    from cluster.launch import DeploymentConfig, PoolSpec, start_ray
     from cluster.router.grpc_server import start_grpc_server
     from cluster.router.http_server import start_http_server, stop_http_server
 
@@ -299,15 +302,21 @@ def test_status_lists_pools(stub):
 def test_decode_pulls_a_forwarded_handle_after_renewing_its_lease(served, reference):
     """The lower-level path: a KV handle obtained from a prefill instance and handed to a
     decode instance later; the decode side renews the lease before it reads."""
-    prefill, decode = served.actors("prefill")[0], served.actors("decode")[0]
+    from cluster.workers.protocol import Chunk, GenerateFrom, Prefill, PrefillResult, RequestSpec
+
+    prefill, decode = served.instances("prefill")[0], served.instances("decode")[0]
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
-    handle = ray.get(prefill.prefill.remote("fwd", PROMPTS[9], params))["handle"]
-    stream = decode.generate_from.options(num_returns="streaming").remote(
-        "fwd", PROMPTS[9], params, handle, prefill
-    )
-    chunks = [ray.get(ref) for ref in stream]
+    spec = RequestSpec("fwd", PROMPTS[9], params)
+    result = served.loop.run(prefill.client.request(Prefill(spec), PrefillResult))
+    assert result.handle is not None and result.chunk is None
+
+    async def pull() -> list:
+        forward = GenerateFrom(spec, result.handle, prefill.info.address)
+        return [c async for c in decode.client.stream(forward, Chunk)]
+
+    chunks = served.loop.run(pull())
     assert [t for c in chunks for t in c.token_ids] == reference[9]
-    assert chunks[0].timing["transfer_s"] > 0
+    assert chunks[0].timing.transfer_s > 0
     served.assert_all_blocks_free()
 
 

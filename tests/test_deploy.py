@@ -1,12 +1,13 @@
 """`cluster deploy kuberay`: every object it writes (and the hand-written example) validates
-against the Kubernetes schemas (kubernetes-validate), the KubeRay CRDs in ../shared (their
-openAPIV3Schema, with jsonschema) and, for the PodMonitor, the Prometheus Operator's schema
-(the @kubernetes-models npm package, run with node); heterogeneous, CPU-only and oversized-TP
-plans; the Grafana dashboard's ConfigMap beside the PodMonitor; and the embedded
-serveConfigV2, given to Ray Serve here, serves the same output as the engine."""
+against the Kubernetes schemas (kubernetes-validate), the KubeRay RayService CRD vendored in
+tests/k8s/crds (its openAPIV3Schema, with jsonschema) and, for the PodMonitor, the Prometheus
+Operator's schema (the @kubernetes-models npm package, run with node); heterogeneous, CPU-only
+and oversized-TP plans; the Grafana dashboard's ConfigMap beside the PodMonitor; and the
+embedded serveConfigV2, given to Ray Serve here, serves the same output as the engine."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -27,7 +28,7 @@ from cluster.placement.hardware import load_catalog
 from cluster.placement.plan import Plan, PlanError
 
 ROOT = Path(__file__).resolve().parents[1]
-CRDS = ROOT.parent / "shared" / "kuberay-crds"
+CRDS = ROOT / "tests" / "k8s" / "crds"  # KubeRay v1.7.0, see its README.md
 NPM = ROOT / "build" / "npm"
 EXAMPLE = ROOT / "deploy" / "examples" / "rayservice-default.yaml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "pd-cluster.json"
@@ -35,6 +36,7 @@ K8S_VERSION = "1.33.0"
 CATALOG = load_catalog()
 
 
+@functools.cache
 def _crd_schema(kind: str) -> dict:
     for path in CRDS.glob("*.yaml"):
         crd = yaml.safe_load(path.read_text())

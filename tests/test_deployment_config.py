@@ -7,7 +7,7 @@ import argparse
 
 import pytest
 
-from cluster.deployment import DeploymentConfig
+from cluster.launch import DeploymentConfig
 from cluster.serve import add_arguments, apply_plan, config_from_args
 
 

@@ -37,12 +37,12 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tiny_model_dir):
-    from cluster.router.router import Router
+    from cluster.launch import create_local
 
     loop = LoopThread()
     servers = []
     try:
-        router = loop.run(Router.create_local(model_dir=str(tiny_model_dir), mode="colocated"))
+        router = loop.run(create_local(model_dir=str(tiny_model_dir), mode="colocated"))
         try:
             for api_key in (None, API_KEY):
                 servers.append(loop.run(start_grpc_server(router, port=0, api_key=api_key)))

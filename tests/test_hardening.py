@@ -83,8 +83,8 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tiny_model_dir):
-    from cluster.deployment import DeploymentConfig, PoolSpec
-    from cluster.worker_common import TransferSettings
+    from cluster.launch import DeploymentConfig, PoolSpec
+    from cluster.workers.base import TransferSettings
 
     config = DeploymentConfig(
         model=str(tiny_model_dir),
@@ -428,7 +428,7 @@ def test_decode_kv_exhaustion_is_429_then_recovers(served, stub, reference):
 def test_pools_that_cannot_exchange_kv_are_refused_at_start(tiny_model_dir):
     import asyncio
 
-    from cluster.deployment import DeploymentConfig, PoolSpec, start_local
+    from cluster.launch import DeploymentConfig, PoolSpec, start_local
 
     config = DeploymentConfig(
         model=str(tiny_model_dir),
@@ -460,11 +460,11 @@ def test_abort_of_a_queued_request_stops_it_before_it_runs(tiny_model_dir):
     on an engine (no tokens, finish_reason abort)."""
     import asyncio
 
-    from cluster.router.router import Router
+    from cluster.launch import create_local
     from cluster.router.types import GenerateInput
 
     async def scenario():
-        router = await Router.create_local(str(tiny_model_dir), mode="colocated", max_in_flight=1)
+        router = await create_local(str(tiny_model_dir), mode="colocated", max_in_flight=1)
         try:
             long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
             first = router.generate(GenerateInput(PROMPTS[0], long, request_id="running"))
@@ -533,7 +533,7 @@ def test_a_resumed_request_continues_text_and_random_stream(tiny_model_dir, seed
 def test_a_prefill_backlog_over_the_limit_is_shed_with_429(tiny_model_dir):
     import asyncio
 
-    from cluster.deployment import DeploymentConfig, start_local
+    from cluster.launch import DeploymentConfig, start_local
     from cluster.router.router import RouterSettings
     from cluster.router.types import GenerateInput, Overloaded
 

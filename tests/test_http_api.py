@@ -21,6 +21,7 @@ import pytest
 from cluster.engine.config import EngineConfig
 from cluster.engine.llm_engine import LLMEngine
 from cluster.engine.sampling_params import SamplingParams
+from cluster.launch import create_local
 from cluster.router.http_server import start_http_server, stop_http_server
 from cluster.router.router import Router
 from cluster.router.types import RequestFailed
@@ -82,7 +83,7 @@ def server(tiny_model_dir):
     call = loop.run
 
     # One request at a time and no queue: a second concurrent request is Overloaded (429).
-    local = Router.create_local(model_dir=str(tiny_model_dir), max_in_flight=1, max_queued=0)
+    local = create_local(model_dir=str(tiny_model_dir), max_in_flight=1, max_queued=0)
     router = _StreamWatch(call(local))
     open_server, open_task, port = call(start_http_server(router, port=0))
     key_server, key_task, key_port = call(start_http_server(router, port=0, api_key=API_KEY))

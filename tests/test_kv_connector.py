@@ -169,7 +169,7 @@ def test_prefill_killed_mid_handoff_ends_in_error_without_leaks(ray_cluster, tin
 
 def test_registry_in_ray_and_restart_detection(hosts):
     from cluster.kv_transfer.connector import agent_epoch
-    from cluster.kv_transfer.registry import RayKVRegistry
+    from cluster.workers.registry import RayKVRegistry
 
     prefill, _ = hosts
     info = ray.get(prefill.info.remote())

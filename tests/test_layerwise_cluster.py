@@ -28,8 +28,8 @@ PROMPTS = [[rng.randrange(3, 500) for _ in range(rng.randrange(200, 600))] for _
 
 @pytest.fixture(scope="module")
 def served(tiny_model_dir):
-    from cluster.deployment import DeploymentConfig, PoolSpec, start_ray
-    from cluster.worker_common import TransferSettings
+    from cluster.launch import DeploymentConfig, PoolSpec, start_ray
+    from cluster.workers.base import TransferSettings
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     loop = LoopThread()
@@ -66,7 +66,7 @@ def _generate(loop, router, prompt):
 
 def _all_blocks_free(loop, router, timeout_s=30.0):
     deadline = time.monotonic() + timeout_s
-    from cluster.router.clients import InstanceLost
+    from cluster.workers.clients import InstanceLost
 
     while True:
         counts = []

@@ -13,11 +13,11 @@ import pytest
 
 pytest.importorskip("nixl")
 
-from cluster.deployment import DeploymentConfig, start_local  # noqa: E402
 from cluster.engine.llm_engine import LLMEngine  # noqa: E402
 from cluster.engine.sampling_params import SamplingParams  # noqa: E402
+from cluster.launch import DeploymentConfig, start_local  # noqa: E402
 from cluster.router.types import GenerateInput  # noqa: E402
-from cluster.worker_common import TransferSettings  # noqa: E402
+from cluster.workers.base import TransferSettings  # noqa: E402
 
 PROMPTS = [[5, 6, 7], list(range(3, 40)), [11 + (i * 7) % 400 for i in range(300)]]
 

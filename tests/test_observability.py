@@ -93,7 +93,7 @@ def receiver():
 
 @pytest.fixture(scope="module")
 def served(tiny_model_dir, receiver):
-    from cluster.deployment import DeploymentConfig
+    from cluster.launch import DeploymentConfig
 
     config = DeploymentConfig(
         model=str(tiny_model_dir),

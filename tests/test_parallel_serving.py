@@ -43,7 +43,7 @@ def expected(tiny_model_dir):
 
 def _start(loop, model_dir, mode="disaggregated", prefill=None, decode=None, colocated=None,
            router=None):  # fmt: skip
-    from cluster.deployment import DeploymentConfig, PoolSpec, start_ray
+    from cluster.launch import DeploymentConfig, PoolSpec, start_ray
 
     config = DeploymentConfig(
         model=str(model_dir),
@@ -153,8 +153,8 @@ def test_a_dead_rank_ends_requests_by_the_failure_policy(cluster, tiny_model_dir
     every request ends with RequestFailed (no hang); Ray restarts the instance with new
     ranks and it serves correct output again."""
     from cluster.engine.sampling_params import SamplingParams
-    from cluster.ranks import actor_name
     from cluster.router.types import RequestFailed
+    from cluster.workers.ranks import actor_name
 
     router = _start(cluster, tiny_model_dir, decode={"tensor_parallel_size": 2},
                     router={"failure_policy": "fail"})  # fmt: skip
@@ -187,8 +187,8 @@ def test_a_hung_rank_ends_requests_after_the_dist_timeout(cluster, tiny_model_di
     then, not after the collective's timeout; after `dist_timeout_s` the collective fails,
     the instance exits, Ray restarts it and it serves correct output again."""
     from cluster.engine.sampling_params import SamplingParams
-    from cluster.ranks import actor_name
     from cluster.router.types import RequestFailed
+    from cluster.workers.ranks import actor_name
 
     timeout_s = 30
     router = _start(cluster, tiny_model_dir, mode="colocated",
@@ -225,7 +225,7 @@ def test_a_prefill_rank_dead_while_idle_is_replaced_and_requests_retry(cluster, 
     ranks; under policy `retry` requests sent meanwhile still get the reference output (with
     no healthy prefill instance the router recomputes them on decode), and the restarted
     instance is whole (every rank's blocks free) and serves again."""
-    from cluster.ranks import actor_name
+    from cluster.workers.ranks import actor_name
 
     router = _start(cluster, tiny_model_dir, prefill={"tensor_parallel_size": 2},
                     router={"failure_policy": "retry", "instance_wait_s": 120})  # fmt: skip

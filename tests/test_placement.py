@@ -349,7 +349,7 @@ def test_cli_explains_bad_input(args, message, capsys):
 
 
 def test_cluster_serve_reads_the_plan(plan_file, tmp_path):
-    from cluster.deployment import DeploymentConfig
+    from cluster.launch import DeploymentConfig
     from cluster.serve import apply_plan, load_plan
 
     data = yaml.safe_load(plan_file.read_text())

@@ -122,10 +122,10 @@ def test_sizes_the_model_cannot_take_are_refused_with_the_ones_it_can(tiny_model
     """Before any process group forms: the engine, and start_ray before any actor starts."""
     import asyncio
 
-    from cluster.deployment import DeploymentConfig, PoolSpec, start_ray
     from cluster.engine.config import EngineConfig, ModelConfig
     from cluster.engine.llm_engine import LLMEngine
     from cluster.engine.parallel import check_parallel
+    from cluster.launch import DeploymentConfig, PoolSpec, start_ray
 
     model = ModelConfig.from_pretrained(tiny_model_dir)  # 4 heads, 2 KV heads, 4 layers
     for tp in (1, 2, 4):
@@ -149,7 +149,7 @@ def test_sizes_the_model_cannot_take_are_refused_with_the_ones_it_can(tiny_model
 def test_parallel_instances_need_ray(tiny_model_dir):
     import asyncio
 
-    from cluster.deployment import DeploymentConfig, PoolSpec, start_local
+    from cluster.launch import DeploymentConfig, PoolSpec, start_local
 
     config = DeploymentConfig(model=str(tiny_model_dir), mode="colocated",
                               colocated=PoolSpec(engine={"pipeline_parallel_size": 2}))  # fmt: skip

@@ -219,7 +219,7 @@ class _Deployment:
     def __enter__(self) -> _Deployment:
         import ray
 
-        from cluster.deployment import start_ray
+        from cluster.launch import start_ray
         from cluster.router.grpc_server import start_grpc_server
 
         self._owns_ray = not ray.is_initialized()
@@ -239,8 +239,8 @@ class _Deployment:
         return self
 
     def _config(self):
-        from cluster.deployment import DeploymentConfig, PoolSpec
-        from cluster.worker_common import TransferSettings
+        from cluster.launch import DeploymentConfig, PoolSpec
+        from cluster.workers.base import TransferSettings
 
         opt = self.opt
         decode_engine = {"tensor_parallel_size": opt["tp_decode"]} if opt["tp_decode"] > 1 else {}
@@ -392,7 +392,7 @@ class _Injector:
     def _kill_rank(self) -> str | None:
         import ray
 
-        from cluster.ranks import RAY_NAMESPACE, actor_name
+        from cluster.workers.ranks import RAY_NAMESPACE, actor_name
 
         instance = self._pick("decode")
         if instance is None:

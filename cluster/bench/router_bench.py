@@ -7,6 +7,8 @@ disaggregated against colocated serving at zero load.
    client here, one request at a time. Added per request = p50 TTFT(cluster) - p50
    TTFT(engine); per token = p50 TPOT(cluster) - p50 TPOT(engine). In disaggregated mode the
    per-request figure includes the prefill -> decode handoff with its (real) KV pull.
+   The serving tax (serving_tax.py): CPU seconds of every process of the served cluster per
+   1,000 generated tokens at a steady rate, on the same servers.
 2. TTFT at zero load with a real model (the engine bench's seeded random Llama), per prompt
    length, colocated against disaggregated, with the KV transfer part (server-reported
    `timing.transfer_s`) shown separately.
@@ -21,11 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from cluster.bench import serving_tax
 from cluster.bench.common import int_list, report, resolve
 from cluster.bench.local_cluster import LocalCluster
 
-DEFAULTS = {"requests": 200, "output_len": 32, "prompt_lens": (16, 256, 1024), "ttft_requests": 20}
-QUICK = {"requests": 10, "output_len": 4, "prompt_lens": (16,), "ttft_requests": 3}
+DEFAULTS = {"requests": 200, "output_len": 32, "prompt_lens": (16, 256, 1024), "ttft_requests": 20,
+            "tax_rate": 20.0, "tax_duration": 20.0}  # fmt: skip
+QUICK = {"requests": 10, "output_len": 4, "prompt_lens": (16,), "ttft_requests": 3,
+         "tax_rate": 10.0, "tax_duration": 1.0}  # fmt: skip
 _NUM_BLOCKS = 512
 
 
@@ -40,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--ttft-requests", type=int, help="requests per TTFT point (20)")
     add("--model", help="model for the TTFT part (default: the engine bench's 8-layer Llama)")
     add("--skip-ttft", action="store_true", help="only the overhead part")
+    add("--tax-rate", type=float, help="requests/s for the serving tax (20)")
+    add("--tax-duration", type=float, help="seconds of load for the serving tax (20)")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -47,9 +54,13 @@ def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="pd-bench-router-") as tmp:
         tiny = _tiny_model()
         overhead = {"engine": _engine_baseline(tiny, opt)}
+        tax = {}
         for mode in ("colocated", "disaggregated"):
             with _server(tiny, mode, "noop") as server:
                 overhead[mode] = _cluster_run(server.target, opt, [5, 6, 7, 8])
+                tax[mode] = serving_tax.measure(
+                    server.target, server.proc.pid, opt["tax_rate"], opt["tax_duration"], 32
+                )
         ttft = []
         if not args.skip_ttft:
             model = args.model or _bench_model(Path(tmp), quick=args.quick)
@@ -65,6 +76,7 @@ def run(args: argparse.Namespace) -> dict:
                         )
                         ttft.append({"mode": mode, "prompt_len": n, **point})
     result = _summarise(overhead, ttft, opt)
+    result["tax"] = tax
     report(result, format_table(result), args)
     return result
 
@@ -183,6 +195,13 @@ def format_table(result: dict) -> str:
                 else f"{'-':>15}{'-':>16}"
             )
         )
+    if result.get("tax"):
+        lines += ["", "serving tax (noop engine, steady rate; CPU s of every server process)"]
+        for mode, t in result["tax"].items():
+            lines.append(
+                f"{mode:<16}{t['cpu_s_per_1k_tokens']:>8.3f} CPU s / 1k tokens "
+                f"({t['cpu_s']:.2f} s for {t['generated_tokens']} tokens at {t['rate']:g} req/s)"
+            )
     if result["ttft"]:
         lines += [
             "",

@@ -101,7 +101,7 @@ def deployment_args(plan: Plan, model_path: str | None, extra: dict | None = Non
 def _pool_args(plan: Plan, pool: PoolPlan) -> dict:
     """Each instance's rank 0 is the pool's actor (one device); its other tensor/pipeline-
     parallel ranks are actors in the instance's placement group on the same node
-    (cluster/ranks.py)."""
+    (cluster/workers/ranks.py)."""
     gpu = plan.hardware[pool.hardware].kind == "gpu"
     args = {
         "num_instances": pool.num_instances,

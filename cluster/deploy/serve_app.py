@@ -22,7 +22,7 @@ import grpc
 from ray import serve
 
 from cluster.api.pdcluster.v1 import pdcluster_pb2 as pb
-from cluster.deployment import DeploymentConfig, start_ray
+from cluster.launch import DeploymentConfig, start_ray
 from cluster.router.grpc_server import (
     PDClusterServicer,
     merge_response,

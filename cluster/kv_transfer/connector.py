@@ -294,7 +294,7 @@ class KVReceiver:
         return freed
 
     def read_sharded(self, handle: KVHandle, infos: list[KVAgentInfo], request_id: str,
-                     block_ids, renew, deadline_s: float, followers=()) -> PullStats:  # fmt: skip
+                     block_ids, renew, deadline_s: float, followers=None) -> PullStats:  # fmt: skip
         """read() between instances of different (or parallel) TP/PP layouts: this rank and
         every follower rank of ours READ their own heads and layers from the prefill ranks
         holding them (`infos`, rank 0 first), all within the lease view and the deadline;
@@ -308,24 +308,21 @@ class KVReceiver:
             raise
 
     def _read_sharded(self, handle, infos, request_id, block_ids, renew, deadline_s, followers):
-        import ray
-
         until, late = self._window(handle, block_ids, renew, deadline_s)
         start = time.monotonic()
         remote_ids = list(handle.block_ids)
-        refs = [
-            f.pull.remote(infos, remote_ids, list(block_ids), until - start, request_id)
-            for f in followers
-        ]
+        wait = None
+        if followers is not None:
+            wait = followers.start_pull(infos, remote_ids, list(block_ids), until - start,
+                                        request_id)  # fmt: skip
         mine = pull_from_ranks(self.agent, infos, remote_ids, block_ids, until,
                                self.poll_interval_s)  # fmt: skip
         states = [mine.state if not mine.stuck else "STUCK"]
-        try:
-            states += ray.get(refs, timeout=max(until - time.monotonic(), 0) + 5.0)
-        except Exception:  # noqa: BLE001 - a lost rank of ours: the instance is failing
-            states.append("ERR")
-        theirs = zip(followers, states[1:], strict=False)  # (states is short on ERR)
-        stuck = list(mine.stuck) + [FollowerStuck(f, request_id) for f, s in theirs if s == "STUCK"]
+        stuck = list(mine.stuck)
+        if wait is not None:
+            theirs, their_stuck = wait(max(until - time.monotonic(), 0) + 5.0)
+            states += theirs
+            stuck += their_stuck
         if stuck:
             self.keep_stuck(request_id, stuck)
             raise RemoteTransferError(f"a READ from {handle.agent_name!r} could not be released")
@@ -416,30 +413,13 @@ def pull_from_ranks(agent, infos: list[KVAgentInfo], remote_block_ids, local_blo
 
 
 def release_reads(agent, reads: list) -> list:
-    """Release each READ (a FollowerStuck asks its rank to); return those that would not let
-    go: their destination blocks may still be written."""
+    """Release each READ (one a follower rank holds has its own release(), which asks that
+    rank); return those that would not let go: their destination blocks may still be
+    written."""
     held = []
     for read in reads:
         try:
-            read.release() if isinstance(read, FollowerStuck) else agent.release(read)
+            read.release() if hasattr(read, "release") else agent.release(read)
         except KVTransferError:
             held.append(read)
     return held
-
-
-@dataclass(slots=True)
-class FollowerStuck:
-    """A follower rank's READs that would not release: reap() asks the rank again."""
-
-    follower: object  # RankFollower actor handle
-    request_id: str
-
-    def release(self) -> None:
-        import ray
-
-        try:
-            released = ray.get(self.follower.reap.remote(self.request_id), timeout=5.0)
-        except Exception:  # noqa: BLE001 - the rank is gone: so is whatever it would write
-            released = True
-        if not released:
-            raise KVTransferError(f"{self.request_id!r}: a follower rank still holds a READ")

@@ -1,7 +1,8 @@
 """Handshake: how a decode instance finds a prefill agent's `KVAgentInfo` by name, with no
 fixed port convention.
 
-Inside one Ray cluster a detached-free named actor holds the infos (`RayKVRegistry`); a
+Inside one Ray cluster a named actor holds the infos (`workers/registry.py`, which owns the
+Ray side: this package has none); a
 puller fetches an agent's info once and again only when a `KVHandle` shows a new epoch (the
 agent restarted). Outside Ray, `serve_agent_info` answers on a plain TCP address with the
 info as one JSON line and `fetch_agent_info(host, port)` reads it.
@@ -35,7 +36,7 @@ def info_from_json(text: str) -> KVAgentInfo:
     return KVAgentInfo(**data)
 
 
-class _Registry:
+class AgentRegistry:
     """The named actor's state: agent name -> info."""
 
     def __init__(self) -> None:
@@ -54,7 +55,7 @@ class _Registry:
         return sorted(self._infos)
 
 
-class LocalKVRegistry(_Registry):
+class LocalKVRegistry(AgentRegistry):
     """The same registry in one process (engines without Ray, e.g. `Router.create_local`)."""
 
     def lookup(self, agent_name: str, timeout_s: float = 0.0) -> KVAgentInfo:
@@ -62,34 +63,6 @@ class LocalKVRegistry(_Registry):
         if info is None:
             raise KeyError(f"no KV agent named {agent_name!r} is registered")
         return info
-
-
-class RayKVRegistry:
-    """Client of the registry actor of the current Ray cluster (created on first use)."""
-
-    def __init__(self, namespace: str = "pd-cluster"):
-        import ray
-
-        actor_cls = ray.remote(num_cpus=0, max_restarts=-1)(_Registry)
-        self._ray = ray
-        self.actor = actor_cls.options(
-            name=REGISTRY_ACTOR, namespace=namespace, get_if_exists=True, lifetime=None
-        ).remote()
-
-    def publish(self, info: KVAgentInfo) -> None:
-        self._ray.get(self.actor.publish.remote(info))
-
-    def lookup(self, agent_name: str, timeout_s: float = 10.0) -> KVAgentInfo:
-        info = self._ray.get(self.actor.lookup.remote(agent_name), timeout=timeout_s)
-        if info is None:
-            raise KeyError(f"no KV agent named {agent_name!r} is registered")
-        return info
-
-    def remove(self, agent_name: str) -> None:
-        self._ray.get(self.actor.remove.remote(agent_name))
-
-    def names(self) -> list[str]:
-        return self._ray.get(self.actor.names.remote())
 
 
 class AgentInfoServer:

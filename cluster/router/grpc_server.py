@@ -14,7 +14,6 @@ import dataclasses
 import hmac
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
-from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf import json_format
@@ -25,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from cluster.api.pdcluster.v1 import pdcluster_pb2 as pb
 from cluster.api.pdcluster.v1 import pdcluster_pb2_grpc as pb_grpc
 from cluster.engine.sampling_params import SamplingParams
+from cluster.router.router import Router
 from cluster.router.types import (
     GenerateInput,
     InvalidRequest,
@@ -32,9 +32,6 @@ from cluster.router.types import (
     RouterError,
     StreamChunk,
 )
-
-if TYPE_CHECKING:
-    from cluster.router.router import Router
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PDCluster"].full_name  # pdcluster.v1.PDCluster
 _OPTIONAL_PARAMS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "logprobs")

@@ -22,9 +22,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
+import yaml
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster import tracing
 from cluster.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from cluster.ranks import RAY_NAMESPACE
-from cluster.worker_common import TransferSettings
+from cluster.engine.parallel import check_parallel
+from cluster.engine.tokenizer import Tokenizer
+from cluster.kv_transfer.layout import LayoutMismatchError
+from cluster.kv_transfer.registry import LocalKVRegistry
+from cluster.router.router import Instance, Router
+from cluster.router.settings import RouterSettings
+from cluster.workers.base import TransferSettings
+from cluster.workers.clients import LocalClient, RayClient
+from cluster.workers.decode import ColocatedWorker, DecodeWorker
+from cluster.workers.prefill import PrefillWorker
+from cluster.workers.protocol import InstanceInfo
+from cluster.workers.ranks import RAY_NAMESPACE
+from cluster.workers.registry import RayKVRegistry
 
 _CACHE_KEYS = {f.name for f in dataclasses.fields(CacheConfig)}
 _SCHEDULER_KEYS = {f.name for f in dataclasses.fields(SchedulerConfig)}
@@ -112,8 +128,6 @@ class DeploymentConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> DeploymentConfig:
-        import yaml
-
         try:
             data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except (OSError, yaml.YAMLError) as e:
@@ -134,8 +148,6 @@ class DeploymentConfig:
         return EngineConfig(model=self.model, role=role, cache=cache, scheduler=scheduler, **engine)
 
     def router_settings(self):
-        from cluster.router.router import RouterSettings
-
         known = {f.name for f in dataclasses.fields(RouterSettings)} - {"mode", "served_model_name"}
         unknown = sorted(set(self.router) - known)
         if unknown:
@@ -163,14 +175,11 @@ def _build(cls, data: Any, where: str):
     return cls(**data)
 
 
+_WORKERS = {"prefill": PrefillWorker, "decode": DecodeWorker, "colocated": ColocatedWorker}
+
+
 def _worker_class(role: str):
-    if role == "prefill":
-        from cluster.prefill_worker.worker import PrefillWorker
-
-        return PrefillWorker
-    from cluster.decode_worker.worker import ColocatedWorker, DecodeWorker
-
-    return DecodeWorker if role == "decode" else ColocatedWorker
+    return _WORKERS[role]
 
 
 def _worker_args(config: DeploymentConfig, role: str, instance_id: str, registry) -> tuple:
@@ -180,11 +189,16 @@ def _worker_args(config: DeploymentConfig, role: str, instance_id: str, registry
     return (instance_id, engine, config.transfer, registry)
 
 
+async def create_local(model_dir: str | None = None, mode: str = "colocated", **settings: Any
+                       ) -> Router:  # fmt: skip
+    """Real engines in this process, no Ray: 1 colocated instance, or 1 prefill + 1 decode
+    (KV over NIXL between two agents of this process; the data plane over loopback)."""
+    config = DeploymentConfig(model=model_dir, mode=mode)
+    return await start_local(config, RouterSettings(mode=mode, **settings))
+
+
 async def start_local(config: DeploymentConfig, settings=None):
     """Every instance as an object in this process (no Ray): tests and quick local runs."""
-    from cluster.kv_transfer.registry import LocalKVRegistry
-    from cluster.router.clients import LocalClient
-
     registry = LocalKVRegistry()
     clients = []
     for role in config.roles():
@@ -195,7 +209,7 @@ async def start_local(config: DeploymentConfig, settings=None):
 
     async def shutdown() -> None:
         for _, client in clients:
-            await client.worker.shutdown()
+            await client.kill()
 
     return await _router(config, settings, clients, shutdown)
 
@@ -203,8 +217,6 @@ async def start_local(config: DeploymentConfig, settings=None):
 def _check_parallel(config: DeploymentConfig) -> None:
     """Refuse, before any actor starts, a pool whose TP/PP the model cannot take (when the
     checkpoint is readable here; the engine checks again wherever it runs)."""
-    from cluster.engine.parallel import check_parallel
-
     if config.model is None or not (Path(config.model) / "config.json").is_file():
         return
     model = ModelConfig.from_pretrained(config.model)
@@ -219,12 +231,6 @@ def _check_parallel(config: DeploymentConfig) -> None:
 async def start_ray(config: DeploymentConfig, settings=None, ready_timeout_s: float = 600.0):
     """Every instance as a Ray actor (restarted by Ray if it dies) in the current Ray
     cluster; call ray.init() first."""
-    import ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    from cluster.kv_transfer.registry import RayKVRegistry
-    from cluster.router.clients import RayClient
-
     # The KV registry actor belongs to this process (it lives as long as the deployment),
     # not to whichever worker would create it first and take it down when it dies.
     _check_parallel(config)
@@ -260,6 +266,7 @@ async def start_ray(config: DeploymentConfig, settings=None, ready_timeout_s: fl
 
     async def shutdown() -> None:
         for _, client in clients:
+            client.close()
             ray.kill(client.actor, no_restart=True)
         ray.kill(registry.actor, no_restart=True)  # (this closure also keeps it alive)
         for pg in groups:
@@ -274,19 +281,15 @@ async def start_ray(config: DeploymentConfig, settings=None, ready_timeout_s: fl
 
 def _runtime_env(config: DeploymentConfig) -> dict | None:
     """What a worker process needs from its environment: the trace endpoint (tracing.py)."""
-    from cluster.tracing import ENDPOINT_ENV
-
     if not config.otlp_traces_endpoint:
         return None
-    return {"env_vars": {ENDPOINT_ENV: config.otlp_traces_endpoint}}
+    return {"env_vars": {tracing.ENDPOINT_ENV: config.otlp_traces_endpoint}}
 
 
 async def _instance_placement_group(engine: EngineConfig, pool: PoolSpec, num_gpus: float):
     """One bundle per rank of a parallel instance, all on one node (STRICT_PACK: the ranks'
     process group and, on GPUs, NVLink); the worker (rank 0) goes in bundle 0 with the pool's
     resources, its follower ranks in the others (ranks.py)."""
-    import ray
-
     first = {"CPU": max(pool.num_cpus, _BUNDLE_CPU), **pool.resources}
     rank = {"CPU": _BUNDLE_CPU}
     if num_gpus:
@@ -300,12 +303,10 @@ async def _instance_placement_group(engine: EngineConfig, pool: PoolSpec, num_gp
 _BUNDLE_CPU = 0.01  # a bundle needs some resource; ranks use what their engines need
 
 
-def _check_kv_compatible(infos: list[dict]) -> None:
+def _check_kv_compatible(infos: list[InstanceInfo]) -> None:
     """Refuse, at start-up, pools whose KV cannot move between them (dtype, block size,
     model...): otherwise every request would fail its pull, three times."""
-    from cluster.kv_transfer.layout import LayoutMismatchError
-
-    layouts = [(info["role"], info["kv_layout"]) for info in infos if info.get("kv_layout")]
+    layouts = [(info.role, info.kv_layout) for info in infos if info.kv_layout is not None]
     for role, layout in layouts[1:]:
         try:
             layouts[0][1].check_compatible(layout)
@@ -317,17 +318,13 @@ def _check_kv_compatible(infos: list[dict]) -> None:
 
 
 async def _router(config: DeploymentConfig, settings, clients, shutdown):
-    from cluster import tracing
-    from cluster.engine.tokenizer import Tokenizer
-    from cluster.router.router import Instance, Router
-
     tracing.init(config.otlp_traces_endpoint, "pd-cluster-router")
-    infos = await asyncio.gather(*(client.call("ready") for _, client in clients))
+    infos = await asyncio.gather(*(client.connect() for _, client in clients))
     _check_kv_compatible(infos)
     instances = [
-        Instance(info["instance_id"], role, client, info)
+        Instance(info.instance_id, role, client, info)
         for (role, client), info in zip(clients, infos, strict=True)
     ]
-    tokenizer = await asyncio.to_thread(Tokenizer.from_pretrained, infos[0]["model_path"])
+    tokenizer = await asyncio.to_thread(Tokenizer.from_pretrained, infos[0].model_path)
     settings = settings or config.router_settings()
     return Router(instances, settings, tokenizer, on_shutdown=shutdown)

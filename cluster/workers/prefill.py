@@ -1,9 +1,9 @@
 """Prefill instance: runs prompts, samples each request's first token, and keeps its KV
 blocks pinned under a lease until a decode instance has pulled them (or the lease ends).
 
-    router ── prefill(request) ──▶ engine (prefill role) ── first token, blocks pinned
-           ◀── {"handle": KVHandle} ─ sender.offer(): lease granted
-    decode ── renew(request id) ──▶ lease extended         (decode then READs over NIXL)
+    decode ── Prefill(spec) ──▶ engine (prefill role) ── first token, blocks pinned
+           ◀── PrefillResult(KVHandle) ─ sender.offer(): lease granted
+    decode ── Renew(request id) ──▶ lease extended         (decode then READs over NIXL)
     NIXL notification ──▶ housekeeping thread ──▶ sender.poll() frees the blocks
 """
 
@@ -12,13 +12,15 @@ from __future__ import annotations
 import asyncio
 import time
 
+import msgspec
+
 from cluster import tracing
 from cluster.engine.config import EngineConfig
-from cluster.engine.llm_engine import Resume
-from cluster.engine.sampling_params import SamplingParams
 from cluster.kv_transfer.connector import KVSender
 from cluster.kv_transfer.layerwise import LayerAnnouncer
-from cluster.worker_common import Chunk, EngineWorker, TransferSettings, engine_timing
+from cluster.workers import protocol
+from cluster.workers.base import EngineWorker, TransferSettings, chunk_from_output, engine_timing
+from cluster.workers.protocol import PrefillResult, RequestSpec
 
 _POLL_INTERVAL_S = 0.005  # notifications of finished pulls
 _EXPIRE_INTERVAL_S = 0.1  # lease expiry
@@ -67,35 +69,33 @@ class PrefillWorker(EngineWorker):
         except Exception:  # noqa: BLE001 - registry restarting: try again next round
             pass
 
-    async def prefill(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        priority: int = 0,
-        cache_salt: str | None = None,
-        layerwise_to=None,
-        resume: Resume | None = None,
-        trace: dict[str, str] | None = None,
-    ) -> dict:
-        """Run the prompt. Returns {"handle": KVHandle, "timing", "granted_after_s"} with the
-        blocks leased (granted that long after this call arrived: the caller's view of the
-        lease starts from there, not from before a queue), or {"chunk": Chunk} when the first
-        token already ends the request (nothing to pull). `layerwise_to`: the decode agent's
-        KVAgentInfo, to announce each finished layer to (kv_transfer/layerwise.py); needs
-        transfer.layerwise on this pool."""
+    def handlers(self) -> dict:
+        return {
+            **super().handlers(),
+            protocol.Prefill: lambda m: self.prefill(m.spec, m.layerwise_to),
+            protocol.Renew: lambda m: self.renew(m.request_id),
+            protocol.Drop: lambda m: self.drop(m.request_id),
+            protocol.Abandon: lambda m: self.abandon(m.request_id),
+            protocol.AgentInfoQuery: lambda _: self._agent_info(),
+        }
+
+    async def prefill(self, spec: RequestSpec, layerwise_to=None) -> PrefillResult:
+        """Run the prompt. The result has the KV handle with the blocks leased (granted
+        `granted_after_s` after this call arrived: the caller's view of the lease starts from
+        there, not from before a queue), or the only chunk when the first token already ends
+        the request (nothing to pull). `layerwise_to`: the decode agent's KVAgentInfo, to
+        announce each finished layer to (kv_transfer/layerwise.py); needs transfer.layerwise
+        on this pool."""
         received = time.monotonic()
-        span = tracing.start("prefill", trace, instance=self.instance_id,
-                             prompt_tokens=len(prompt_token_ids))  # fmt: skip
+        span = tracing.start("prefill", spec.trace, instance=self.instance_id,
+                             prompt_tokens=len(spec.prompt_token_ids))  # fmt: skip
         try:
-            result = await self._run(request_id, prompt_token_ids, params, priority,
-                                     cache_salt, layerwise_to, resume, received)  # fmt: skip
-            times = result.pop("engine_times", None)
+            result, times = await self._run(spec, layerwise_to, received)
             if times is not None:
                 arrival, scheduled, first_token = times
                 span.child_at("queue", arrival, scheduled)
                 span.child_at("compute", scheduled, first_token)
-            span.set(**result.get("timing", {}))
+            span.set(**msgspec.structs.asdict(result.timing))
             return result
         except BaseException as e:
             span.fail(e)
@@ -103,45 +103,38 @@ class PrefillWorker(EngineWorker):
         finally:
             span.end()
 
-    async def _run(self, request_id, prompt_token_ids, params, priority, cache_salt,
-                   layerwise_to, resume, received) -> dict:  # fmt: skip
-        await self.llm.faults.ahit("prefill.compute", request_id)
-        self._count_prompt(len(prompt_token_ids))
+    async def _run(self, spec: RequestSpec, layerwise_to, received: float):
+        await self.llm.faults.ahit("prefill.compute", spec.request_id)
+        self._count_prompt(len(spec.prompt_token_ids))
         if layerwise_to is not None and self.announcer is not None:
             name = await asyncio.to_thread(self.agent.add_remote, layerwise_to)
-            self.announcer.watch(request_id, name)
+            self.announcer.watch(spec.request_id, name)
         try:
-            result = await self._prefill(
-                request_id, prompt_token_ids, params, priority, cache_salt, resume
-            )
+            return await self._prefill(spec, received)
         finally:
             if self.announcer is not None:
-                self.announcer.unwatch(request_id)
-        if "handle" in result:
-            result["granted_after_s"] = result.pop("granted") - received
-        return result
+                self.announcer.unwatch(spec.request_id)
 
-    async def _prefill(self, request_id, prompt_token_ids, params, priority, cache_salt,
-                       resume) -> dict:  # fmt: skip
+    async def _prefill(self, spec: RequestSpec, received: float):
         stream = self.engine.generate(
-            prompt_token_ids, params, request_id, priority=priority, cache_salt=cache_salt,
-            resume=resume,
+            spec.prompt_token_ids, spec.params, spec.request_id, priority=spec.priority,
+            cache_salt=spec.cache_salt, resume=spec.resume,
         )  # fmt: skip
         async for out in stream:
             if not out.finished:
                 continue
-            timing = {**engine_timing(out), "num_cached_tokens": out.num_cached_tokens}
+            timing = engine_timing(out)
             self._count(out, first=True)
             if out.finish_reason != "prefilled":
-                return {"chunk": Chunk.from_output(out, timing)}
+                return PrefillResult(timing, chunk=chunk_from_output(out, timing)), None
             # No await between the engine pinning the blocks and the lease: a cancelled
             # call either aborted the request above (blocks freed) or got its lease here.
             handle = self.sender.offer(out)
             m = out.metrics
             times = (m.arrival_time, m.first_scheduled_time, m.first_token_time)
-            return {"handle": handle, "timing": timing, "granted": time.monotonic(),
-                    "engine_times": times}  # fmt: skip
-        raise RuntimeError(f"prefill of {request_id!r} ended without a final output")
+            granted_after_s = time.monotonic() - received
+            return PrefillResult(timing, handle=handle, granted_after_s=granted_after_s), times
+        raise RuntimeError(f"prefill of {spec.request_id!r} ended without a final output")
 
     async def renew(self, request_id: str) -> float | None:
         return await asyncio.to_thread(self.engine.call, self.sender.renew, request_id)
@@ -166,6 +159,9 @@ class PrefillWorker(EngineWorker):
         await asyncio.to_thread(self.engine.abort, request_id)
 
     def agent_info(self):
+        return self.sender.info()
+
+    async def _agent_info(self):
         return self.sender.info()
 
     async def shutdown(self) -> None:

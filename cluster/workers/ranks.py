@@ -18,9 +18,21 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
+import time
+from dataclasses import dataclass
+
+import ray
+from ray.util.scheduling_strategies import (
+    NodeAffinitySchedulingStrategy,
+    PlacementGroupSchedulingStrategy,
+)
 
 from cluster.engine.config import EngineConfig, model_identity
+from cluster.engine.llm_engine import LLMEngine
 from cluster.engine.parallel import free_port
+from cluster.engine.replicated import Progress, follow
+from cluster.kv_transfer.agent import KVTransferError, NixlKVAgent
+from cluster.kv_transfer.connector import pull_from_ranks, release_reads
 
 RAY_NAMESPACE = "pd-cluster"  # every named actor of a deployment lives here
 
@@ -53,21 +65,15 @@ class RankFollower:
     the prefill/decode roles the NIXL agent over its KV pool."""
 
     def __init__(self, config: EngineConfig, instance_id: str):
-        from cluster.engine.llm_engine import LLMEngine
-
         self.llm = LLMEngine(config)
         self.agent = None
         if config.role != "colocated":
-            from cluster.kv_transfer.agent import NixlKVAgent
-
             name = agent_name(instance_id, config.global_rank)
             self.agent = NixlKVAgent(name, self.llm.runner.kv_cache, **agent_kwargs(self.llm))
         self._stuck: dict[str, list] = {}
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        from cluster.engine.replicated import Progress, follow
-
         self.progress = Progress()
         self._thread = threading.Thread(target=follow, args=(self.llm, self.progress),
                                         daemon=True)  # fmt: skip
@@ -84,10 +90,6 @@ class RankFollower:
              request_id: str) -> str:  # fmt: skip
         """This rank's share of a KV pull (kv_transfer/connector.py: pull_from_ranks):
         DONE, ERR, TIMEOUT, or STUCK (a READ NIXL would not release: reap() retries)."""
-        import time
-
-        from cluster.kv_transfer.connector import pull_from_ranks
-
         result = pull_from_ranks(
             self.agent, infos, remote_ids, local_ids, time.monotonic() + seconds
         )
@@ -98,8 +100,6 @@ class RankFollower:
 
     def reap(self, request_id: str) -> bool:
         """Retry releasing a stuck pull's READs; True once none is left."""
-        from cluster.kv_transfer.connector import release_reads
-
         held = release_reads(self.agent, self._stuck.pop(request_id, []))
         if held:
             self._stuck[request_id] = held
@@ -117,17 +117,11 @@ class RankFollower:
 def start_followers(config: EngineConfig, instance_id: str) -> tuple[EngineConfig, list]:
     """Launch ranks 1..N-1 in this actor's placement group (bundle i for rank i) or on this
     node; returns rank 0's config (its rendezvous address filled in) and the actors."""
-    import ray
-    from ray.util.scheduling_strategies import (
-        NodeAffinitySchedulingStrategy,
-        PlacementGroupSchedulingStrategy,
-    )
-
     if not ray.is_initialized():
         raise ValueError(
             f"a {config.tensor_parallel_size} x {config.pipeline_parallel_size} (TP x PP) "
             "instance runs its ranks as Ray actors: start it in a Ray cluster (cluster serve, "
-            "deployment.start_ray), not in-process"
+            "launch.start_ray), not in-process"
         )
     host = ray.util.get_node_ip_address()
     address = f"tcp://{host}:{free_port('0.0.0.0')}"
@@ -160,3 +154,45 @@ def start_followers(config: EngineConfig, instance_id: str) -> tuple[EngineConfi
         )
         followers.append(actor.remote(rank_config, instance_id))
     return leader, followers
+
+
+class RankGroup:
+    """An instance's follower ranks, as KVReceiver.read_sharded drives them: each pulls its
+    own share of a re-sharded pull on its own thread while rank 0 pulls ours."""
+
+    def __init__(self, followers: list):
+        self.followers = followers
+
+    def start_pull(self, infos: list, remote_ids: list[int], local_ids: list[int],
+                   seconds: float, request_id: str):  # fmt: skip
+        """Start every follower's share; returns wait(timeout) -> (states, stuck READs)."""
+        refs = [f.pull.remote(infos, remote_ids, local_ids, seconds, request_id)
+                for f in self.followers]  # fmt: skip
+
+        def wait(timeout_s: float) -> tuple[list[str], list]:
+            try:
+                states = ray.get(refs, timeout=timeout_s)
+            except Exception:  # noqa: BLE001 - a lost rank of ours: the instance is failing
+                return ["ERR"], []
+            stuck = [FollowerStuck(f, request_id)
+                     for f, state in zip(self.followers, states, strict=True)
+                     if state == "STUCK"]  # fmt: skip
+            return states, stuck
+
+        return wait
+
+
+@dataclass(slots=True)
+class FollowerStuck:
+    """A follower rank's READs that would not release: release() asks the rank again."""
+
+    follower: object  # RankFollower actor handle
+    request_id: str
+
+    def release(self) -> None:
+        try:
+            released = ray.get(self.follower.reap.remote(self.request_id), timeout=5.0)
+        except Exception:  # noqa: BLE001 - the rank is gone: so is whatever it would write
+            released = True
+        if not released:
+            raise KVTransferError(f"{self.request_id!r}: a follower rank still holds a READ")

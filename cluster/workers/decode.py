@@ -2,7 +2,9 @@
 prompt's KV comes from a prefill instance over NIXL; in the colocated role (and when the
 router recomputes a request whose prefill was lost) the prompt runs here.
 
-    router ── generate(request, handle) ──▶ reserve blocks  (engine lock)
+    router ── Generate(spec, prefill address) ──▶ wait for KV room
+                                            Prefill(spec) to the prefill worker
+                                            reserve blocks  (engine lock)
                                             READ over NIXL   (no lock: other requests keep
                                                               decoding meanwhile)
                                             commit first token, then stream
@@ -14,16 +16,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import inspect
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import msgspec
+
 from cluster import tracing
 from cluster.engine.async_engine import RequestAborted, RequestError
 from cluster.engine.config import EngineConfig
-from cluster.engine.llm_engine import Resume
-from cluster.engine.sampling_params import SamplingParams
+from cluster.kv_transfer.agent_info import KVAgentInfo
 from cluster.kv_transfer.connector import (
     KVHandle,
     KVReceiver,
@@ -34,7 +36,11 @@ from cluster.kv_transfer.connector import (
     TransferTimeout,
 )
 from cluster.kv_transfer.layerwise import LayerPuller
-from cluster.worker_common import Chunk, EngineWorker, TransferSettings, engine_timing
+from cluster.workers import protocol
+from cluster.workers.base import EngineWorker, TransferSettings, chunk_from_output, engine_timing
+from cluster.workers.dataplane import Peer
+from cluster.workers.protocol import Chunk, EngineTiming, PrefillResult, RequestSpec
+from cluster.workers.ranks import RankGroup
 
 _REAP_INTERVAL_S = 0.1  # READs NIXL could not cancel: retry releasing them
 _ORPHAN_INTERVAL_S = 1.0  # reservations no handoff drives (a backstop: there should be none)
@@ -51,9 +57,9 @@ class _Handoff:
     span: tracing.Span = tracing.NOOP  # the handoff's trace span (tracing.py)
 
 
-def _num_tokens(prompt_token_ids: list[int], resume: Resume | None) -> int:
-    """KV slots a handoff needs: prompt, resumed output, the first new token."""
-    return len(prompt_token_ids) + (len(resume.output_ids) if resume else 0) + 1
+def _engine_kwargs(spec: RequestSpec) -> dict:
+    """What the engine takes besides request id, prompt and params."""
+    return {"priority": spec.priority, "cache_salt": spec.cache_salt, "resume": spec.resume}
 
 
 def _check(handoff: _Handoff, request_id: str) -> None:
@@ -66,32 +72,30 @@ class ColocatedWorker(EngineWorker):
 
     role = "colocated"
 
-    async def generate(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        priority: int = 0,
-        cache_salt: str | None = None,
-        resume: Resume | None = None,
-        trace: dict[str, str] | None = None,
-    ) -> AsyncIterator[Chunk]:
+    def handlers(self) -> dict:
+        return {**super().handlers(), protocol.Generate: self._on_generate}
+
+    def _on_generate(self, msg: protocol.Generate) -> AsyncIterator[Chunk]:
+        if msg.prefill is not None:
+            raise ValueError("a colocated instance runs the prompt itself: send no prefill")
+        return self.generate(msg.spec)
+
+    async def generate(self, spec: RequestSpec) -> AsyncIterator[Chunk]:
         """Run the prompt here and stream the output; the first chunk carries timing.
-        `resume`: continue a run that failed elsewhere (llm_engine.Resume); `trace`: the
-        caller's span (tracing.py)."""
-        self._count_prompt(len(prompt_token_ids))
+        `spec.resume`: continue a run that failed elsewhere (llm_engine.Resume)."""
+        self._count_prompt(len(spec.prompt_token_ids))
         first = True
-        span = tracing.start("generate", trace, instance=self.instance_id, role=self.role)
+        span = tracing.start("generate", spec.trace, instance=self.instance_id, role=self.role)
         stream = self.engine.generate(
-            prompt_token_ids, params, request_id, priority=priority, cache_salt=cache_salt,
-            resume=resume,
+            spec.prompt_token_ids, spec.params, spec.request_id, priority=spec.priority,
+            cache_salt=spec.cache_salt, resume=spec.resume,
         )  # fmt: skip
         try:
             async for out in stream:
                 self._count(out, first)
                 if out.finished:
                     span.set(output_tokens=len(out.token_ids), finish_reason=out.finish_reason)
-                yield Chunk.from_output(out, engine_timing(out) if first else None)
+                yield chunk_from_output(out, engine_timing(out) if first else None)
                 first = False
         except BaseException as e:
             span.fail(e)
@@ -119,10 +123,12 @@ class DecodeWorker(ColocatedWorker):
         self._rank_infos: dict[str, list] = {}  # prefill agent -> its ranks' agent infos
         self._every(_REAP_INTERVAL_S, self._reap)
         self._every(_ORPHAN_INTERVAL_S, self._reap_orphans)
+        self._rank_group = RankGroup(self.rank_followers) if self.rank_followers else None
+        self._peers: dict[str, Peer] = {}  # prefill instances' data-plane connections
         self.puller = None
         if self.transfer.layerwise:
             self.puller = LayerPuller(self.agent, metrics)
-            self._prefill_infos: dict = {}
+            self._prefill_infos: dict[str, KVAgentInfo] = {}  # by prefill address
             self._every(_LAYER_POLL_INTERVAL_S, self._poll_layers)
 
     def _poll_layers(self) -> None:
@@ -149,23 +155,36 @@ class DecodeWorker(ColocatedWorker):
         if self.llm.scheduler.remote:
             self.engine.call(reap)
 
-    async def load(self) -> dict:
-        return {**await super().load(), "num_kv_waiting": self._num_kv_waiting,
-                "max_kv_waiters": self.transfer.max_kv_waiters}  # fmt: skip
+    async def load(self) -> protocol.Load:
+        load = await super().load()
+        load.num_kv_waiting = self._num_kv_waiting
+        load.max_kv_waiters = self.transfer.max_kv_waiters
+        return load
+
+    def handlers(self) -> dict:
+        return {**super().handlers(), protocol.GenerateFrom: lambda m: self.generate_from(
+            m.spec, m.handle, self._peer(m.prefill))}  # fmt: skip
+
+    def _on_generate(self, msg: protocol.Generate) -> AsyncIterator[Chunk]:
+        if msg.prefill is None:  # the router recomputes a request whose prefill was lost
+            return self.generate(msg.spec)
+        return self.generate_disaggregated(msg.spec, self._peer(msg.prefill))
+
+    def _peer(self, address: str) -> Peer:
+        """The data-plane connection to a prefill instance (one per address; a lost one is
+        replaced on next use: the instance restarted, or came back)."""
+        peer = self._peers.get(address)
+        if peer is None or peer.lost is not None:
+            if peer is not None:
+                peer.close()
+            peer = self._peers[address] = Peer(address)
+        return peer
 
     async def generate_disaggregated(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        prefill,
-        priority: int = 0,
-        cache_salt: str | None = None,
-        resume: Resume | None = None,
-        trace: dict[str, str] | None = None,
+        self, spec: RequestSpec, prefill: Peer
     ) -> AsyncIterator[Chunk]:
-        """The whole handoff, driven from here: wait for KV room, run the prompt on `prefill`
-        (a Ray actor handle, or a PrefillWorker in this process), pull its KV, stream.
+        """The whole handoff, driven from here: wait for KV room, run the prompt on the
+        prefill instance at the other end of `prefill`, pull its KV, stream.
 
         The lease view starts when the prefill granted it (the call reports how long after
         it arrived), so a prompt that queued longer than lease_s still hands off.
@@ -173,64 +192,47 @@ class DecodeWorker(ColocatedWorker):
         or another TransferError ends the stream before any chunk, with nothing held here.
         """
         if self.puller is not None:
-            stream = self._generate_layerwise(
-                request_id, prompt_token_ids, params, prefill, priority, cache_salt, resume
-            )
-            async for chunk in stream:
+            async for chunk in self._generate_layerwise(spec, prefill):
                 yield chunk
             return
+        request_id = spec.request_id
         handoff = self._begin(request_id)
-        handoff.span = tracing.start("handoff", trace, instance=self.instance_id)
+        handoff.span = tracing.start("handoff", spec.trace, instance=self.instance_id)
         try:
             await self.llm.faults.ahit("decode.before_prefill", request_id)
             waiting = handoff.span.child("wait_for_room")
-            await self._wait_for_room(handoff, request_id, _num_tokens(prompt_token_ids, resume))
+            await self._wait_for_room(handoff, request_id, spec.num_tokens)
             waiting.end()
             asked = time.monotonic()
             call = handoff.span.child("prefill_call")
             result = await self._prefill_call(
-                prefill, request_id, prompt_token_ids, params, priority, cache_salt, resume,
-                call.carrier(),
-            )  # fmt: skip
+                prefill, msgspec.structs.replace(spec, trace=call.carrier())
+            )
             call.end()
         except BaseException as e:
             self._handoffs.pop(request_id, None)
             handoff.span.fail(e)
             handoff.span.end()
             raise
-        if "chunk" in result:  # the first token ended the request: nothing to pull
+        if result.chunk is not None:  # the first token ended the request: nothing to pull
             self._handoffs.pop(request_id, None)
             handoff.span.end()
-            yield result["chunk"]
+            yield result.chunk
             return
-        handle = result["handle"]
-        timing = {**result["timing"], "prefill_call_s": time.monotonic() - asked}
-        lease = (asked + result["granted_after_s"], handle.lease_s)
-        stream = self._pull_and_stream(
-            handoff, request_id, prompt_token_ids, params, handle, prefill, priority,
-            cache_salt, lease, timing, resume,
-        )  # fmt: skip
+        timing = msgspec.structs.replace(result.timing, prefill_call_s=time.monotonic() - asked)
+        lease = (asked + result.granted_after_s, result.handle.lease_s)
+        stream = self._pull_and_stream(handoff, spec, result.handle, prefill, lease, timing)
         async for chunk in stream:
             yield chunk
 
-    async def generate_from(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        handle: KVHandle,
-        prefill,
-        priority: int = 0,
-        cache_salt: str | None = None,
-    ) -> AsyncIterator[Chunk]:
-        """Pull the prompt's KV named by a handle someone else got from `prefill` (its lease
-        is renewed first) and stream the output. A TransferError (a subclass says why) ends
-        the stream before any chunk; every block reserved here is freed by then."""
-        handoff = self._begin(request_id)
-        stream = self._pull_and_stream(
-            handoff, request_id, prompt_token_ids, params, handle, prefill, priority,
-            cache_salt, None, {},
-        )  # fmt: skip
+    async def generate_from(self, spec: RequestSpec, handle: KVHandle, prefill: Peer
+                            ) -> AsyncIterator[Chunk]:  # fmt: skip
+        """Pull the prompt's KV named by a handle someone else got from the prefill instance
+        at `prefill` (its lease is renewed first) and stream the output. A TransferError (a
+        subclass says why) ends the stream before any chunk; every block reserved here is
+        freed by then."""
+        handoff = self._begin(spec.request_id)
+        stream = self._pull_and_stream(handoff, spec, handle, prefill, None, EngineTiming())
         async for chunk in stream:
             yield chunk
 
@@ -246,9 +248,9 @@ class DecodeWorker(ColocatedWorker):
         handoff = self._handoffs[request_id] = _Handoff()
         return handoff
 
-    async def _pull_and_stream(self, handoff, request_id, prompt_token_ids, params, handle,
-                               prefill, priority, cache_salt, lease, timing,
-                               resume=None):  # fmt: skip
+    async def _pull_and_stream(self, handoff: _Handoff, spec: RequestSpec, handle: KVHandle,
+                               prefill: Peer, lease, timing: EngineTiming):  # fmt: skip
+        request_id = spec.request_id
         start = time.monotonic()
         try:
             await self.llm.faults.ahit("decode.after_handle", request_id)
@@ -257,10 +259,7 @@ class DecodeWorker(ColocatedWorker):
                 lease = await _renew(prefill, handle.request_id)
             _check(handoff, request_id)
             reserving = handoff.span.child("reserve", num_blocks=len(handle.block_ids))
-            block_ids = await self._reserve(
-                handoff, handle, request_id, prompt_token_ids, params, priority, cache_salt,
-                resume,
-            )  # fmt: skip
+            block_ids = await self._reserve(handoff, handle, spec)
             reserving.end()
             await self.llm.faults.ahit("decode.before_read", request_id)
             _check(handoff, request_id)
@@ -279,7 +278,7 @@ class DecodeWorker(ColocatedWorker):
             await self._abandon(handoff, request_id, handle, prefill)
             raise
         transfer_s = time.monotonic() - start
-        timing = {**timing, **stats.timing()}
+        timing = msgspec.structs.replace(timing, **stats.timing())
         async for chunk in self._stream(request_id, handle, timing, transfer_s):
             yield chunk
 
@@ -311,17 +310,16 @@ class DecodeWorker(ColocatedWorker):
         seats = len(scheduler.running) + len(scheduler.remote) < scheduler.max_num_running
         return seats and bm.num_free_blocks >= bm.num_blocks_needed(num_tokens)
 
-    async def _reserve(self, handoff, handle, request_id, prompt_token_ids, params, priority,
-                       cache_salt, resume) -> list[int]:  # fmt: skip
+    async def _reserve(self, handoff: _Handoff, handle: KVHandle, spec: RequestSpec) -> list[int]:
         """The local blocks the READ fills, waiting for room (within kv_wait_s) if a step took
         it since the prefill was called. A cancel mid-reservation still leaves nothing held:
         the thread's reservation is awaited, then _abandon frees it."""
+        request_id = spec.request_id
 
         def reserve() -> list[int]:
             self.llm.faults.hit("decode.reserve", request_id)
-            return self.receiver.reserve(handle, request_id, prompt_token_ids, params,
-                                         priority=priority, cache_salt=cache_salt,
-                                         resume=resume)  # fmt: skip
+            return self.receiver.reserve(handle, spec.request_id, spec.prompt_token_ids,
+                                         spec.params, **_engine_kwargs(spec))  # fmt: skip
 
         deadline = time.monotonic() + self.transfer.kv_wait_s
         while True:
@@ -354,9 +352,10 @@ class DecodeWorker(ColocatedWorker):
             with contextlib.suppress(RuntimeError):  # the engine is down: nothing to free
                 await asyncio.to_thread(self.engine.abort, request_id)
         if handle is not None and not self.receiver.is_stuck(request_id):
-            _spawn(_call_quietly(prefill, "drop", handle.request_id))
+            _spawn(_call_quietly(prefill, protocol.Drop(handle.request_id)))
 
-    async def _stream(self, request_id, handle: KVHandle, timing, transfer_s: float):
+    async def _stream(self, request_id: str, handle: KVHandle, timing: EngineTiming,
+                      transfer_s: float):  # fmt: skip
         """The KV is in place: commit the prefill's first token, then stream. An abort that
         came while the READ was in flight takes effect here (the READ is done: its blocks
         may be freed now)."""
@@ -371,7 +370,7 @@ class DecodeWorker(ColocatedWorker):
                 raise RequestAborted(f"request {request_id!r} was aborted")
             # The prefill's prefix-cache hit is this request's (every later output carries
             # it: a slow reader may get the first output merged into a later one).
-            request.num_cached_tokens = int(timing.get("num_cached_tokens", 0))
+            request.num_cached_tokens = timing.num_cached_tokens
             return self.llm.commit_remote(request_id, handle.first_token_id, handle.first_logprob)
 
         first = True
@@ -387,8 +386,8 @@ class DecodeWorker(ColocatedWorker):
                 self._count(out, first=False)
                 if out.finished:
                     span.set(output_tokens=len(out.token_ids), finish_reason=out.finish_reason)
-                yield Chunk.from_output(
-                    out, {**(timing or {}), "transfer_s": transfer_s} if first else None
+                yield chunk_from_output(
+                    out, msgspec.structs.replace(timing, transfer_s=transfer_s) if first else None
                 )
                 first = False
         except BaseException as e:
@@ -401,20 +400,19 @@ class DecodeWorker(ColocatedWorker):
 
     # -- layer-wise pulls (transfer.layerwise; kv_transfer/layerwise.py) ---------------------
 
-    async def _generate_layerwise(
-        self, request_id, prompt_token_ids, params, prefill, priority, cache_salt, resume
-    ) -> AsyncIterator[Chunk]:
+    async def _generate_layerwise(self, spec: RequestSpec, prefill: Peer
+                                  ) -> AsyncIterator[Chunk]:  # fmt: skip
         """Reserve our blocks, have the prefill announce each finished layer and read it at
         once, then finish the pull when the prefill returns its handle."""
+        request_id = spec.request_id
         handoff = self._begin(request_id)
         try:
             info = await self._prefill_info(prefill)
-            await self._wait_for_room(handoff, request_id, _num_tokens(prompt_token_ids, resume))
+            await self._wait_for_room(handoff, request_id, spec.num_tokens)
             try:
                 block_ids = await self._reserve_once(lambda: self.receiver.reserve_for(
-                    info.layout.compat_hash, info.agent_name, request_id, prompt_token_ids,
-                    params, priority=priority, cache_salt=cache_salt, resume=resume,
-                ))  # fmt: skip
+                    info.layout.compat_hash, info.agent_name, request_id, spec.prompt_token_ids,
+                    spec.params, **_engine_kwargs(spec)))  # fmt: skip
             except asyncio.CancelledError:
                 await asyncio.to_thread(self.engine.abort, request_id)
                 raise
@@ -424,52 +422,45 @@ class DecodeWorker(ColocatedWorker):
         self.puller.expect(request_id, block_ids)
         try:
             asked = time.monotonic()
-            result = await self._prefill_call(
-                prefill, request_id, prompt_token_ids, params, priority, cache_salt, resume
-            )
-            if "chunk" in result:  # the first token ended it: nothing to pull
+            result = await self._prefill_call(prefill, spec)
+            if result.chunk is not None:  # the first token ended it: nothing to pull
                 self._handoffs.pop(request_id, None)
                 await self._end_layerwise(request_id)
-                yield result["chunk"]
+                yield result.chunk
                 return
-            handle, ready = result["handle"], time.monotonic()
-            await self._finish_layerwise(request_id, handle, asked + result["granted_after_s"])
+            handle, ready = result.handle, time.monotonic()
+            await self._finish_layerwise(request_id, handle, asked + result.granted_after_s)
         except BaseException:
             self._handoffs.pop(request_id, None)
             await self._end_layerwise(request_id)
             raise
-        timing = {**result["timing"], "prefill_call_s": ready - asked}
+        timing = msgspec.structs.replace(result.timing, prefill_call_s=ready - asked)
         async for chunk in self._stream(request_id, handle, timing, time.monotonic() - ready):
             yield chunk
 
-    async def _prefill_info(self, prefill):
+    async def _prefill_info(self, prefill: Peer) -> KVAgentInfo:
         """The prefill agent's KVAgentInfo, asked once per prefill instance and connected."""
-        key = getattr(prefill, "_actor_id", None) or id(prefill)
-        info = self._prefill_infos.get(key)
+        info = self._prefill_infos.get(prefill.address)
         if info is None:
             try:
-                info = await _call(prefill, "agent_info")
+                info = await prefill.call(protocol.AgentInfoQuery(), KVAgentInfo, _RENEW_TIMEOUT_S)
             except Exception as e:  # noqa: BLE001 - died, unreachable: that instance is lost
                 raise PrefillUnavailable(f"prefill call failed: {type(e).__name__}: {e}") from e
             await asyncio.to_thread(self.receiver.connect, info)
-            self._prefill_infos[key] = info
+            self._prefill_infos[prefill.address] = info
         return info
 
-    async def _prefill_call(self, prefill, request_id, prompt, params, priority, cache_salt,
-                            resume=None, trace=None):  # fmt: skip
-        """Run the prompt on `prefill` (announcing layers to us when pulling layer-wise).
-        PrefillUnavailable when that instance is lost; a cancelled call aborts it there."""
+    async def _prefill_call(self, prefill: Peer, spec: RequestSpec) -> PrefillResult:
+        """Run the prompt on the prefill instance (announcing layers to us when pulling
+        layer-wise). PrefillUnavailable when that instance is lost; a cancelled call aborts
+        it there."""
         to = self.agent.info() if self.puller is not None else None
-        call = _call(
-            prefill, "prefill", request_id, prompt, params, priority, cache_salt, to, resume,
-            trace,
-        )  # fmt: skip
         try:
-            return await call
+            return await prefill.call(protocol.Prefill(spec, to), PrefillResult)
         except asyncio.CancelledError:
             # The prompt may still run, or its blocks wait for us under a lease: we are its
             # only puller, so the prefill may free them at once.
-            _spawn(_call_quietly(prefill, "abandon", request_id))
+            _spawn(_call_quietly(prefill, protocol.Abandon(spec.request_id)))
             raise
         except (ValueError, TypeError, RequestAborted, RequestError):
             raise  # about this request, not the instance
@@ -558,7 +549,7 @@ class DecodeWorker(ColocatedWorker):
         if infos is not None and self._sharded(infos[0], handle):
             pull = functools.partial(
                 self.receiver.read_sharded, handle, infos, request_id, block_ids, renew,
-                self.transfer.deadline_s, self.rank_followers,
+                self.transfer.deadline_s, self._rank_group,
             )  # fmt: skip
         else:
             pull = functools.partial(
@@ -574,6 +565,8 @@ class DecodeWorker(ColocatedWorker):
 
     async def shutdown(self) -> None:
         await super().shutdown()
+        for peer in self._peers.values():
+            peer.close()
         self.agent.close()
 
 
@@ -586,27 +579,17 @@ def _spawn(coro) -> None:
     task.add_done_callback(_TASKS.discard)
 
 
-async def _call(worker, method: str, *args):
-    """worker.method(*args) on a Ray actor handle or a worker object in this process."""
-    from cluster.prefill_worker.worker import PrefillWorker
-
-    if isinstance(worker, PrefillWorker):
-        result = getattr(worker, method)(*args)
-        return await result if inspect.isawaitable(result) else result
-    return await getattr(worker, method).remote(*args)
-
-
-async def _call_quietly(worker, method: str, *args) -> None:
+async def _call_quietly(prefill: Peer, msg) -> None:
     with contextlib.suppress(Exception):  # the instance is gone: so are its blocks
-        await asyncio.wait_for(_call(worker, method, *args), _RENEW_TIMEOUT_S)
+        await prefill.call(msg, timeout=_RENEW_TIMEOUT_S)
 
 
-async def _renew(prefill, request_id: str) -> tuple[float, float | None]:
-    """(when we asked, remaining lease seconds or None when the holder has none or is gone).
-    `prefill` is a Ray actor handle, or a PrefillWorker in this process."""
+async def _renew(prefill: Peer, request_id: str) -> tuple[float, float | None]:
+    """(when we asked, remaining lease seconds or None when the holder has none or is
+    gone)."""
     asked = time.monotonic()
     try:
-        remaining = await asyncio.wait_for(_call(prefill, "renew", request_id), _RENEW_TIMEOUT_S)
+        remaining = await prefill.call(protocol.Renew(request_id), float | None, _RENEW_TIMEOUT_S)
         return asked, remaining
     except Exception:  # noqa: BLE001 - dead, unreachable or slow holder: no lease
         return asked, None

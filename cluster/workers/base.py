@@ -1,9 +1,11 @@
 """What every worker (prefill, decode, colocated) shares: an AsyncLLMEngine in one role, its
-load report for the router, its Prometheus metrics, and the compact stream items it sends.
+data-plane server (dataplane.py), its load report for the router, its Prometheus metrics.
 
 A worker is a plain class with async methods: Ray runs it as an async actor (one event loop,
-the engine's step loop on its own thread), and `Router.create_local` calls the same class in
-process. Nothing here imports Ray.
+the engine's step loop on its own thread; the data-plane server on that loop), and
+`launch.start_local` runs the same class in process. Requests reach it as protocol.py
+messages over its server; Ray (or a direct call in one process) only starts it, asks
+ready() and metrics, and stops it.
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ import asyncio
 import logging
 import os
 import socket
-import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+import ray
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
@@ -25,6 +27,14 @@ from cluster.engine.async_engine import AsyncLLMEngine
 from cluster.engine.config import EngineConfig
 from cluster.engine.llm_engine import LLMEngine
 from cluster.engine.outputs import RequestOutput
+from cluster.engine.replicated import LeaderEngine
+from cluster.kv_transfer.agent import NixlKVAgent
+from cluster.kv_transfer.metrics import KVTransferMetrics
+from cluster.workers import protocol
+from cluster.workers.dataplane import Server
+from cluster.workers.protocol import Chunk, EngineTiming, InstanceInfo, Load
+from cluster.workers.ranks import agent_kwargs, start_followers
+from cluster.workers.registry import RayKVRegistry
 
 _HEARTBEAT_INTERVAL_S = 10.0  # an idle parallel instance's leader checks on its ranks
 _LATENCY_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -44,47 +54,30 @@ class TransferSettings:
     layerwise: bool = False
 
 
-@dataclass(slots=True)
-class Chunk:
-    """One streamed step of one request, as small as pickling allows (RequestOutput carries
-    every token so far; this carries only the new ones)."""
-
-    token_ids: list[int]
-    text: str
-    finished: bool
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
-    logprobs: list[float] | None = None
-    top_logprobs: list[list[tuple[int, float]]] | None = None
-    num_cached_tokens: int = 0
-    # Set on the first chunk: where the time went on the worker, seconds.
-    timing: dict[str, float] = field(default_factory=dict)
-
-    @classmethod
-    def from_output(cls, out: RequestOutput, timing: dict[str, float] | None = None) -> Chunk:
-        n = len(out.new_token_ids)
-        return cls(
-            token_ids=list(out.new_token_ids),
-            text=out.delta_text,
-            finished=out.finished,
-            finish_reason=out.finish_reason,
-            stop_reason=out.stop_reason,
-            logprobs=out.logprobs[-n:] if out.logprobs is not None and n else None,
-            top_logprobs=out.top_logprobs[-n:] if out.top_logprobs is not None and n else None,
-            num_cached_tokens=out.num_cached_tokens,
-            timing=timing or {},
-        )
+def chunk_from_output(out: RequestOutput, timing: EngineTiming | None = None) -> Chunk:
+    """The new part of an engine output (RequestOutput carries every token so far)."""
+    n = len(out.new_token_ids)
+    return Chunk(
+        token_ids=list(out.new_token_ids),
+        text=out.delta_text,
+        finished=out.finished,
+        finish_reason=out.finish_reason,
+        stop_reason=out.stop_reason,
+        logprobs=out.logprobs[-n:] if out.logprobs is not None and n else None,
+        top_logprobs=out.top_logprobs[-n:] if out.top_logprobs is not None and n else None,
+        num_cached_tokens=out.num_cached_tokens,
+        timing=timing,
+    )
 
 
-def engine_timing(out: RequestOutput) -> dict[str, float]:
+def engine_timing(out: RequestOutput) -> EngineTiming:
     """Durations on this engine's clock (cross-host safe): queue and prompt compute."""
     m = out.metrics
-    if m is None or m.first_scheduled_time is None or m.first_token_time is None:
-        return {}
-    return {
-        "engine_queue_s": m.first_scheduled_time - m.arrival_time,
-        "prefill_s": m.first_token_time - m.first_scheduled_time,
-    }
+    timing = EngineTiming(num_cached_tokens=out.num_cached_tokens)
+    if m is not None and m.first_scheduled_time is not None and m.first_token_time is not None:
+        timing.engine_queue_s = m.first_scheduled_time - m.arrival_time
+        timing.prefill_s = m.first_token_time - m.first_scheduled_time
+    return timing
 
 
 class EngineWorker:
@@ -99,9 +92,6 @@ class EngineWorker:
         tracing.init_from_env(f"pd-cluster-{self.role}")  # (Ray actors: set by start_ray)
         self.rank_followers: list = []
         if engine_config.world_size > 1:  # rank 0 here, ranks 1.. as actors (ranks.py)
-            from cluster.engine.replicated import LeaderEngine
-            from cluster.ranks import start_followers
-
             engine_config, self.rank_followers = start_followers(engine_config, instance_id)
             self.llm = LeaderEngine(engine_config)
             for follower in self.rank_followers:
@@ -138,6 +128,7 @@ class EngineWorker:
         ).labels(self.role, instance_id)
         self.registry.register(_EngineGauges(self))
         self._closed = threading.Event()
+        self.server: Server | None = None  # the data plane (started by ready())
         if self.rank_followers:
             # Often enough that idle followers, waiting in a broadcast, never time out.
             every = min(_HEARTBEAT_INTERVAL_S, engine_config.dist_timeout_s / 3)
@@ -145,31 +136,44 @@ class EngineWorker:
 
     # -- called by the router ---------------------------------------------------------------
 
-    async def ready(self) -> dict:
-        """Static facts, once the engine is up (the router waits on this)."""
+    async def ready(self) -> InstanceInfo:
+        """Static facts, once the engine is up (the router waits on this). The first call
+        starts the data-plane server on this worker's event loop."""
+        if self.server is None:
+            self.server = Server(self.handlers(), host=_data_plane_host())
+            self.server.start()
         llm, mc = self.llm, self.llm.model_config
         layout = getattr(getattr(self, "agent", None), "layout", None)
+        return InstanceInfo(
+            instance_id=self.instance_id,
+            role=self.role,
+            node=self.node,
+            address=self.server.address,
+            pid=os.getpid(),
+            model_path=mc.path,
+            architecture=mc.architecture,
+            max_model_len=llm.max_model_len,
+            vocab_size=mc.vocab_size,
+            dtype=str(llm.runner.dtype).removeprefix("torch."),
+            num_layers=mc.num_layers,
+            block_size=llm.block_manager.block_size,
+            num_blocks=llm.block_manager.num_blocks,
+            eos_token_ids=tuple(llm.eos_token_ids),
+            kv_layout=layout,
+        )
+
+    def handlers(self) -> dict:
+        """What this worker answers on the data plane: message type -> handler."""
         return {
-            "kv_layout": layout,  # prefill/decode: what its KV pool holds (start-up checks)
-            "instance_id": self.instance_id,
-            "role": self.role,
-            "node": self.node,
-            "model_path": mc.path,
-            "architecture": mc.architecture,
-            "max_model_len": llm.max_model_len,
-            "vocab_size": mc.vocab_size,
-            "dtype": str(llm.runner.dtype).removeprefix("torch."),
-            "num_layers": mc.num_layers,
-            "block_size": llm.block_manager.block_size,
-            "num_blocks": llm.block_manager.num_blocks,
-            "eos_token_ids": list(llm.eos_token_ids),
+            protocol.LoadQuery: lambda _: self.load(),
+            protocol.Abort: lambda m: self.abort(m.request_id),
         }
 
-    async def load(self) -> dict:
+    async def load(self) -> Load:
         """What the router balances on; taken under the engine lock (off the event loop)."""
         return await asyncio.to_thread(self.engine.call, self._load)
 
-    def _load(self) -> dict:
+    def _load(self) -> Load:
         scheduler = self.llm.scheduler
         pending = sum(
             r.num_tokens - r.num_computed_tokens
@@ -177,14 +181,14 @@ class EngineWorker:
             if r.num_computed_tokens < r.num_prompt_tokens
         )
         bm = self.llm.block_manager
-        return {
-            "num_running": len(scheduler.running) + len(scheduler.remote),
-            "num_waiting": len(scheduler.waiting),
-            "pending_prompt_tokens": pending,
-            "num_kv_blocks": bm.num_blocks,
-            "num_free_kv_blocks": bm.num_free_blocks,
-            "time": time.time(),
-        }
+        return Load(
+            num_running=len(scheduler.running) + len(scheduler.remote),
+            num_waiting=len(scheduler.waiting),
+            pending_prompt_tokens=pending,
+            num_kv_blocks=bm.num_blocks,
+            num_free_kv_blocks=bm.num_free_blocks,
+            time=time.time(),
+        )
 
     async def abort(self, request_id: str) -> bool:
         return await asyncio.to_thread(self.engine.abort, request_id)
@@ -216,7 +220,6 @@ class EngineWorker:
 
         if not self.rank_followers:
             return await asyncio.to_thread(self.engine.call, check)
-        import ray
 
         def check_all() -> tuple[tuple[int, int], list]:
             # Every rank's replica must agree block for block once it has seen all we sent;
@@ -232,10 +235,10 @@ class EngineWorker:
 
     async def shutdown(self) -> None:
         self._closed.set()
+        if self.server is not None:
+            self.server.close()
         await asyncio.to_thread(self.engine.shutdown)
         if self.rank_followers:
-            import ray
-
             try:
                 self.llm.stop_followers()
             except Exception:  # noqa: BLE001 - a rank already gone: kill the rest anyway
@@ -249,10 +252,6 @@ class EngineWorker:
         """The NIXL agent over this engine's KV pool and the agent registry ("ray": this Ray
         cluster's registry actor, made here since a client holds the ray module); returns the
         transfer metrics, registered with this worker's."""
-        from cluster.kv_transfer.agent import NixlKVAgent
-        from cluster.kv_transfer.metrics import KVTransferMetrics
-        from cluster.ranks import agent_kwargs
-
         if layerwise and self.rank_followers:
             raise ValueError(
                 "layer-wise KV pulls (transfer.layerwise) are not built for tensor/pipeline-"
@@ -263,12 +262,8 @@ class EngineWorker:
         # Every rank's agent, rank 0 first: the KV moves rank to rank (ranks.py).
         self.rank_infos = [self.agent.info()]
         if self.rank_followers:
-            import ray
-
             self.rank_infos += ray.get([f.agent_info.remote() for f in self.rank_followers])
         if registry == "ray":
-            from cluster.kv_transfer.registry import RayKVRegistry
-
             registry = RayKVRegistry()
         self.kv_registry = registry
         return KVTransferMetrics(self.role, self.instance_id, registry=self.registry)
@@ -305,9 +300,16 @@ class EngineWorker:
         return thread
 
 
+def _data_plane_host() -> str:
+    """Where this worker's data-plane socket listens: its node's address in a Ray cluster
+    (what Ray itself listens on), loopback in one process."""
+    if not _in_ray_actor():
+        return "127.0.0.1"
+    return ray.util.get_node_ip_address()
+
+
 def _in_ray_actor() -> bool:
-    ray = sys.modules.get("ray")  # never imported here: a Ray actor has it already
-    if ray is None or not ray.is_initialized():
+    if not ray.is_initialized():
         return False
     return ray.get_runtime_context().get_actor_id() is not None
 

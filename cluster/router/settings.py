@@ -1,0 +1,41 @@
+"""The router's settings (`router:` in a deployment config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cluster.router.types import FAILURE_POLICIES
+
+
+@dataclass(slots=True)
+class RouterSettings:
+    mode: str = "disaggregated"  # or colocated
+    served_model_name: str | None = None  # default: the model folder's name
+    max_in_flight: int = 256  # requests being served at once (across all instances)
+    max_queued: int = 1024  # requests waiting for a slot; beyond: Overloaded (429)
+    failure_policy: str = "retry"
+    max_attempts: int = 3  # runs of one request, the first included
+    instance_wait_s: float = 30.0  # how long to wait for a healthy instance of a role
+    call_timeout_s: float = 600.0  # one prefill call; one gap between streamed chunks
+    load_poll_interval_s: float = 0.5
+    # Shed load (429) when every prefill instance has more prompt tokens queued than this
+    # (0: never); a request would only wait past any TTFT target.
+    max_pending_prefill_tokens: int = 131072
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("disaggregated", "colocated"):
+            raise ValueError(f"mode must be disaggregated or colocated, got {self.mode!r}")
+        if self.failure_policy not in FAILURE_POLICIES:
+            raise ValueError(
+                f"failure_policy must be one of {', '.join(FAILURE_POLICIES)}, "
+                f"got {self.failure_policy!r}"
+            )
+        for name in ("max_in_flight", "max_attempts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_queued < 0:
+            raise ValueError(f"max_queued must be >= 0, got {self.max_queued}")
+        if self.max_pending_prefill_tokens < 0:
+            raise ValueError(
+                f"max_pending_prefill_tokens must be >= 0, got {self.max_pending_prefill_tokens}"
+            )
