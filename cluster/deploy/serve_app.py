@@ -29,6 +29,7 @@ from cluster.router.grpc_server import (
     to_generate_input,
     to_response,
 )
+from cluster.router.http_server import build_http_app
 from cluster.router.types import RouterError
 
 SERVE_MAX_QUEUED = 64  # requests Serve may hold before the replica takes them
@@ -46,8 +47,6 @@ class PDClusterIngress:
         self._servicer = PDClusterServicer(self.router)
 
     def __serve_build_asgi_app__(self):
-        from cluster.router.http_server import build_http_app
-
         return build_http_app(self.router, self.config.api_key)
 
     async def check_health(self) -> None:

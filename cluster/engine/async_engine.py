@@ -131,6 +131,22 @@ class AsyncLLMEngine:
         self._work.notify()
         return result
 
+    def try_call(self, fn: Callable[..., Any], *args: Any) -> tuple[bool, Any]:
+        """(True, call(fn, *args)) if the lock is free right now (the loop is idle);
+        (False, None) at once if not."""
+        if not self._work.acquire(blocking=False):
+            return False, None
+        try:
+            return True, self._locked(fn, *args)
+        finally:
+            self._work.release()
+
+    async def acall(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """call() from the event loop: at once when the engine is idle, else on a thread,
+        so that the event loop never waits for a step."""
+        done, result = self.try_call(fn, *args)
+        return result if done else await asyncio.to_thread(self.call, fn, *args)
+
     def _try_call(self, fn: Callable[..., Any], *args: Any) -> bool:
         """call(fn, *args) if the lock is free right now (the loop is idle); False if not,
         without waiting: event-loop code then goes through a thread instead."""

@@ -30,6 +30,7 @@ from cluster.engine.request import Request, RequestStatus
 from cluster.engine.sampler import skip_one_draw
 from cluster.engine.sampling_params import SamplingParams
 from cluster.engine.scheduler import Scheduler
+from cluster.engine.tiny import default_model_dir
 from cluster.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from cluster.faults import Faults
 
@@ -485,6 +486,4 @@ def _metrics(request: Request) -> RequestMetrics:
 
 
 def _default_model_dir() -> str:
-    from cluster.engine.tiny import default_model_dir
-
     return str(default_model_dir())

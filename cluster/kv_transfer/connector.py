@@ -16,6 +16,7 @@ subclass; the prefill side frees on the notification, or on lease expiry if none
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from cluster.kv_transfer.agent import KVTransferError
 from cluster.kv_transfer.agent_info import KVAgentInfo
 from cluster.kv_transfer.lease import LeaseTable
 from cluster.kv_transfer.metrics import KVTransferMetrics
+from cluster.kv_transfer.reshard import plan_reads
 
 
 class TransferError(RuntimeError):
@@ -72,8 +74,6 @@ class KVHandle:
 
 
 def agent_epoch(info: KVAgentInfo) -> bytes:
-    import hashlib
-
     return hashlib.blake2b(info.metadata, digest_size=8).digest()
 
 
@@ -381,8 +381,6 @@ def pull_from_ranks(agent, infos: list[KVAgentInfo], remote_block_ids, local_blo
     """READ what this rank's pool owns of remote_block_ids from the ranks (`infos`) that
     hold it (reshard.plan_reads: one READ per overlapping rank), wait until all land or
     `until` (monotonic) passes, release them."""
-    from cluster.kv_transfer.reshard import plan_reads
-
     start = time.monotonic()
     reads = []
     state = "DONE"

@@ -4,10 +4,11 @@ the attention heads and stay in a node, PP must divide the layers, weights + KV 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
-from cluster.placement.hardware import GiB, Hardware
-from cluster.placement.latency import AnalyticLatency, FittedLatency
+from cluster.placement.hardware import GiB, Hardware, get_hardware
+from cluster.placement.latency import AnalyticLatency, FittedLatency, fitted_from_profile
 from cluster.placement.model_spec import ModelSpec
 from cluster.placement.simulator import InstanceSpec
 
@@ -89,11 +90,6 @@ class LatencySource:
         """Fitted latencies from a `placement profile` file; the analytic model without one."""
         if not path:
             return cls()
-        import json
-
-        from cluster.placement.hardware import get_hardware
-        from cluster.placement.latency import fitted_from_profile
-
         with open(path, encoding="utf-8") as f:
             prof = json.load(f)
         get_hardware(prof["hardware"], catalog)  # a profile of unknown hardware is refused

@@ -5,10 +5,7 @@ nodes with stage s of every prefill and decode instance of the unit on node s.""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from cluster.placement.search import Candidate, ClusterSpec
+from cluster.placement.types import Candidate, ClusterSpec
 
 
 def pack(cand: Candidate, cluster: ClusterSpec) -> list[dict] | None:

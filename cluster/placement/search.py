@@ -23,13 +23,14 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from cluster.placement.hardware import Hardware
 from cluster.placement.instance import LatencySource, ParallelConfig, instance_spec, why_invalid
 from cluster.placement.model_spec import ModelSpec
+from cluster.placement.packing import pack
 from cluster.placement.simulator import (
     Requests,
     SimResult,
@@ -38,6 +39,7 @@ from cluster.placement.simulator import (
     simulate_disaggregated,
     simulate_prefill_only,
 )
+from cluster.placement.types import Candidate, ClusterSpec
 from cluster.placement.workload import Trace, Workload, unit_arrivals
 
 TRANSFER_FIXED_S = 200e-6  # per request: NIXL handshake-free READ set-up + notification
@@ -60,23 +62,6 @@ class SLO:
             raise PlanningError("attainment must be in (0, 1]")
 
 
-@dataclass(slots=True, frozen=True)
-class ClusterSpec:
-    """Nodes per device type; every node of a type has that type's gpus_per_node."""
-
-    nodes: tuple[tuple[Hardware, int], ...]
-
-    def num_nodes(self, hw: Hardware) -> int:
-        return sum(n for h, n in self.nodes if h.name == hw.name)
-
-    def num_gpus(self, hw: Hardware) -> int:
-        return self.num_nodes(hw) * hw.gpus_per_node
-
-    @property
-    def hardware(self) -> list[Hardware]:
-        return [hw for hw, _ in self.nodes]
-
-
 @dataclass(slots=True)
 class Settings:
     num_requests: int = 1500  # the end-to-end check's sample
@@ -93,41 +78,6 @@ class Settings:
     tp: tuple[int, ...] | None = None  # restrict TP (both phases) to these
     pp: tuple[int, ...] | None = None
     max_units: int = 3  # maximise: largest prefill (and decode) count in one unit
-
-
-@dataclass(slots=True)
-class Candidate:
-    """A plan: the pools, and what the simulator said of it."""
-
-    mode: str  # disaggregated | colocated
-    pools: tuple[tuple[str, ParallelConfig, int], ...]  # (role, shape, instances)
-    affinity: str = "high"
-    units: int = 0  # low affinity: how many PP-node units the pools fill
-    goodput_rps: float = 0.0
-    attainment: float = 0.0  # at the target rate (rate mode)
-    result: SimResult | None = field(default=None, repr=False)
-
-    @property
-    def num_gpus(self) -> int:
-        return sum(c.num_devices * n for _, c, n in self.pools)
-
-    @property
-    def cost_per_hour(self) -> float:
-        return sum(c.num_devices * n * c.hardware.price_per_hour for _, c, n in self.pools)
-
-    @property
-    def power_w(self) -> float:
-        return sum(c.num_devices * n * c.hardware.power_w for _, c, n in self.pools)
-
-    def amount(self, objective: str) -> float:
-        return {"gpus": self.num_gpus, "cost": self.cost_per_hour, "power": self.power_w}[objective]
-
-    def per_unit(self, objective: str) -> float:
-        """Goodput per GPU, per dollar-hour or per watt."""
-        return self.goodput_rps / max(self.amount(objective), 1e-12)
-
-    def describe(self) -> str:
-        return " + ".join(f"{n}x {role} {c.describe()}" for role, c, n in self.pools)
 
 
 def max_rate(attain: Callable[[float], float], target: float, hint: float, tol: float) -> float:
@@ -329,8 +279,6 @@ class Planner:
         return replace(cand, goodput_rps=rate, attainment=self.slo.attainment)
 
     def fits(self, cand: Candidate) -> bool:
-        from cluster.placement.packing import pack
-
         return pack(cand, self.cluster) is not None
 
     # --- strategies ----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ class Instance:
     client: InstanceClient
     info: InstanceInfo
     healthy: bool = True
+    lost_reason: str = ""  # why it was last marked lost (logs, `cluster status`)
     load: Load | None = None
     pending_prompt_tokens: int = 0  # prefill: prompt tokens sent, not yet answered
     num_streams: int = 0  # decode/colocated: streams open through the router

@@ -329,8 +329,12 @@ class RequestRun:
 
     async def _next(self, stream, watched: tuple[Instance, ...], lost: set[str]):
         """The stream's next chunk, unless call_timeout_s passes (TimeoutError) or a watched
-        instance is marked lost first (Recoverable)."""
+        instance is marked lost first (Recoverable). The stream's own instance needs no
+        watching: marking it lost closes its connection, which ends the stream."""
         router = self.router
+        if len(watched) == 1:
+            async with asyncio.timeout(router.settings.call_timeout_s):
+                return await anext(stream, None)
         nxt = asyncio.ensure_future(anext(stream, None))
         signals = [i.lost for i in watched]
         done, _ = await asyncio.wait(

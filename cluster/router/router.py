@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -78,6 +79,8 @@ class Router:
             block_size=info.block_size,
             eos_token_ids=tuple(info.eos_token_ids),
         )
+        for instance in instances:  # a broken connection marks its instance lost at once
+            instance.client.on_lost = functools.partial(self.mark_lost, instance)
         self.metrics = RouterMetrics()
         self._live: dict[str, Live] = {}
         self._slots = asyncio.Semaphore(settings.max_in_flight)
@@ -276,10 +279,13 @@ class Router:
             await asyncio.sleep(0.1)
 
     def mark_lost(self, instance: Instance, error: BaseException) -> None:
-        """Stop routing to it; streams waiting on it fail over now."""
+        """Stop routing to it; streams waiting on it fail over now (its connection is
+        closed: the next poll reconnects, through Ray, once it answers again)."""
         if instance.healthy:
             logger.warning("instance %s lost: %s", instance.instance_id, error)
+            instance.lost_reason = str(error)
         instance.healthy = False
+        instance.client.disconnect(error)
         _ = instance.lost  # resolved now: streams waiting on this instance stop waiting
 
     async def _poll_loads(self) -> None:

@@ -171,7 +171,7 @@ class EngineWorker:
 
     async def load(self) -> Load:
         """What the router balances on; taken under the engine lock (off the event loop)."""
-        return await asyncio.to_thread(self.engine.call, self._load)
+        return await self.engine.acall(self._load)
 
     def _load(self) -> Load:
         scheduler = self.llm.scheduler

@@ -21,15 +21,17 @@ import ray
 from cluster.workers.dataplane import Peer, PeerLost
 from cluster.workers.protocol import InstanceInfo
 
-
-class InstanceLost(RuntimeError):
-    """The instance died or stopped answering; its requests must be recovered elsewhere."""
+# The instance died or stopped answering (its actor, or its data-plane connection): its
+# requests must be recovered elsewhere. One class for both, so that a stream raises it
+# straight from the Peer, with no wrapper on the token path.
+InstanceLost = PeerLost
 
 
 class InstanceClient:
     def __init__(self) -> None:
         self.info: InstanceInfo | None = None
         self.peer: Peer | None = None
+        self.on_lost = None  # called with the error when the data-plane connection breaks
 
     async def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
         raise NotImplementedError
@@ -41,9 +43,13 @@ class InstanceClient:
         if self.peer is None or self.peer.lost is not None or self.peer.address != info.address:
             if self.peer is not None:
                 self.peer.close()
-            self.peer = Peer(info.address)
+            self.peer = Peer(info.address, on_lost=self._lost)
         self.info = info
         return info
+
+    def _lost(self, error: PeerLost) -> None:
+        if self.on_lost is not None:
+            self.on_lost(error)
 
     @property
     def connected(self) -> bool:
@@ -55,25 +61,23 @@ class InstanceClient:
             raise InstanceLost("not connected")
         try:
             return await self.peer.call(msg, reply_type, timeout)
-        except PeerLost as e:
-            raise InstanceLost(str(e)) from e
         except TimeoutError as e:
             raise InstanceLost(f"{type(msg).__name__} not answered within {timeout} s") from e
 
-    async def stream(self, msg, item_type: Any = Any) -> AsyncIterator[Any]:
+    def stream(self, msg, item_type: Any = Any) -> AsyncIterator[Any]:
         """A data-plane stream; closing it early cancels it on the instance."""
-        if self.peer is None:
-            raise InstanceLost("not connected")
-        gen = self.peer.stream(msg, item_type)
-        try:
-            async for item in gen:
-                yield item
-        except PeerLost as e:
-            raise InstanceLost(str(e)) from e
-        finally:
-            await gen.aclose()
+        if self.peer is None or self.peer.lost is not None:
+            return _failed(InstanceLost("not connected"))
+        return self.peer.stream(msg, item_type)
+
+    def disconnect(self, error: BaseException) -> None:
+        """The router gave up on the instance: whatever waits on it fails now; the next
+        connect() makes a new connection."""
+        if self.peer is not None and self.peer.lost is None:
+            self.peer.close(InstanceLost(f"{self.peer.address} marked lost: {error}"))
 
     def close(self) -> None:
+        self.on_lost = None  # (closing is not losing)
         if self.peer is not None:
             self.peer.close()
 
@@ -103,7 +107,7 @@ class RayClient(InstanceClient):
         super().__init__()
         self._ray = ray
         self.actor = actor
-        self._lost = (
+        self._actor_gone = (
             ray.exceptions.RayActorError,
             ray.exceptions.ActorUnavailableError,
             ray.exceptions.WorkerCrashedError,
@@ -113,7 +117,7 @@ class RayClient(InstanceClient):
         ref = getattr(self.actor, method).remote(*args)
         try:
             return await asyncio.wait_for(ref, timeout)
-        except self._lost as e:
+        except self._actor_gone as e:
             raise InstanceLost(str(e)) from e
         except TimeoutError as e:
             self._ray.cancel(ref)
@@ -122,3 +126,9 @@ class RayClient(InstanceClient):
             with contextlib.suppress(Exception):
                 self._ray.cancel(ref)
             raise
+
+
+async def _failed(error: BaseException) -> AsyncIterator[Any]:
+    """A stream that fails when first read (as a broken connection's would)."""
+    raise error
+    yield  # (an async generator)

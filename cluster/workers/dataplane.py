@@ -130,10 +130,10 @@ class Server:
 
     async def _serve(self) -> None:
         while True:
-            frames = await self._sock.recv_multipart(copy=False)
+            frames = await self._sock.recv_multipart()
             if len(frames) < 3:
                 continue
-            peer, call_id, kind = frames[0].bytes, frames[1].bytes, frames[2].bytes
+            peer, call_id, kind = frames[0], frames[1], frames[2]
             key = (peer, call_id)
             if kind == _CANCEL:
                 task = self._tasks.get(key)
@@ -141,7 +141,7 @@ class Server:
                     task.cancel()
                 continue
             try:
-                msg = self._decoder.decode(frames[3].buffer)
+                msg = self._decoder.decode(frames[3])
             except (msgspec.DecodeError, msgspec.ValidationError, IndexError) as e:
                 await self._send(peer, call_id, _ERROR, self._encoder.encode(
                     protocol.Error("ValueError", f"bad message: {e}")))  # fmt: skip
@@ -186,7 +186,7 @@ class Server:
 
     async def _send(self, peer: bytes, call_id: bytes, kind: bytes, payload: bytes) -> bool:
         try:
-            await self._sock.send_multipart((peer, call_id, kind, payload), copy=False)
+            await self._sock.send_multipart((peer, call_id, kind, payload))
             return True
         except zmq.ZMQError:  # EHOSTUNREACH: that caller disconnected
             for key, task in list(self._tasks.items()):
@@ -206,10 +206,13 @@ class Server:
 
 
 class Peer:
-    """One persistent connection to a Server: concurrent calls and streams, by call id."""
+    """One persistent connection to a Server: concurrent calls and streams, by call id.
+    `on_lost(error)` is called once when the connection is lost (the caller's failure
+    detection: the router marks that instance lost at once)."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, on_lost: Callable[[PeerLost], None] | None = None):
         self.address = address
+        self.on_lost = on_lost
         self.lost: PeerLost | None = None
         self._encoder = msgspec.msgpack.Encoder()
         self._decoders: dict[Any, msgspec.msgpack.Decoder] = {}
@@ -221,7 +224,8 @@ class Peer:
         self._sock.setsockopt(zmq.RCVHWM, 0)
         self._monitor = self._sock.get_monitor_socket(
             zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED | zmq.EVENT_CLOSED
-        )
+            | zmq.EVENT_CONNECT_RETRIED
+        )  # fmt: skip
         self._sock.connect(address)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._receive()), loop.create_task(self._watch())]
@@ -268,9 +272,10 @@ class Peer:
             if not done:
                 self._cancel(call_id)
 
-    def close(self) -> None:
+    def close(self, error: PeerLost | None = None) -> None:
+        """Close the connection; whatever waits on it raises `error` (PeerLost)."""
         if self.lost is None:
-            self._lose(PeerLost(f"connection to {self.address} closed"))
+            self._lose(error or PeerLost(f"connection to {self.address} closed"))
         for task in self._tasks:
             task.cancel()
         with contextlib.suppress(zmq.ZMQError):
@@ -319,20 +324,31 @@ class Peer:
 
     async def _watch(self) -> None:
         """The socket monitor: a TCP disconnect (a dead process, missed heartbeats) loses
-        this peer at once."""
+        this peer at once, and so does a refused connection (nothing listens there any
+        more: a restarted worker listens on a new port)."""
         connected = False
         while True:
-            event = parse_monitor_message(await self._monitor.recv_multipart())
-            if event["event"] == zmq.EVENT_CONNECTED:
+            event = parse_monitor_message(await self._monitor.recv_multipart())["event"]
+            if event == zmq.EVENT_CONNECTED:
                 connected = True
-            elif event["event"] in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED) and connected:
+            elif event == zmq.EVENT_CONNECT_RETRIED and not connected:
+                self._lose(PeerLost(f"{self.address} refused the connection"))
+                return
+            elif event in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED) and connected:
                 self._lose(PeerLost(f"{self.address} disconnected"))
                 return
 
     def _lose(self, error: PeerLost) -> None:
+        if self.lost is not None:
+            return
         self.lost = error
         for waiter in list(self._waiting.values()):
             if isinstance(waiter, asyncio.Queue):
                 waiter.put_nowait((_ERROR, error))
             elif not waiter.done():
                 waiter.set_exception(error)
+        if self.on_lost is not None:
+            try:
+                self.on_lost(error)
+            except Exception:  # noqa: BLE001 - the caller's hook must not stop the monitor
+                logger.exception("on_lost hook of the peer %s failed", self.address)

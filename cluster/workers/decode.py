@@ -332,9 +332,12 @@ class DecodeWorker(ColocatedWorker):
             _check(handoff, request_id)
 
     async def _reserve_once(self, reserve) -> list[int]:
-        """reserve() under the engine lock, on a thread. A caller cancelled meanwhile still
-        waits for the thread (it reserves regardless), so whoever frees the request's blocks
-        next runs after it."""
+        """reserve() under the engine lock: at once when the engine is idle, else on a
+        thread. A caller cancelled meanwhile still waits for the thread (it reserves
+        regardless), so whoever frees the request's blocks next runs after it."""
+        done, block_ids = self.engine.try_call(reserve)
+        if done:
+            return block_ids
         work = asyncio.ensure_future(asyncio.to_thread(self.engine.call, reserve))
         try:
             return await asyncio.shield(work)
