@@ -1,8 +1,8 @@
 """`cluster status`: what a running cluster's router says about itself (`GetClusterStatus`
 over gRPC): its pools, each instance's health, load and KV blocks, and the admission limits.
 A table once, the same redrawn every N seconds like `top` (`--watch`), or JSON (`--json`).
-The serving side is "Serving" in README.md; the numbers are the router's latest poll of each
-instance (every 0.5 s), not a scrape of `/metrics`."""
+The serving side is in docs/serving.md, "`cluster status`"; the numbers are the router's
+latest poll of each instance (every 0.5 s), not a scrape of `/metrics`."""
 
 from __future__ import annotations
 

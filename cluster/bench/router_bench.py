@@ -144,7 +144,7 @@ def _cluster_run(target: str, opt: dict, prompt: list[int], distinct: bool = Fal
 
 
 def _tpot(times: list[float]) -> float:
-    """Time per output token after the first, per DESIGN.md (one timestamp per token)."""
+    """Time per output token after the first, per docs/architecture.md (one timestamp per token)."""
     return (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0
 
 

@@ -8,11 +8,11 @@ and as an HTML/Markdown report.
     compare  the same workload and search against a disaggregated and a colocated deployment
              with the same number of workers, launched here one after the other
 
-Goodput (DESIGN.md) is the highest rate whose joint TTFT-and-TPOT attainment meets the target
-(90 % by default), read off the measured curve; per GPU it divides by the deployment's
-devices (one per instance in this build). With --plan, the simulator's prediction for the
-plan is drawn over the measured curve (--profile: fitted latencies of this machine).
-"""
+Goodput (docs/architecture.md, "Definitions") is the highest rate whose joint TTFT-and-TPOT
+attainment meets the target (90 % by default), read off the measured curve; per GPU it
+divides by the deployment's devices (one per instance in this build). With --plan, the
+simulator's prediction for the plan is drawn over the measured curve (--profile: fitted
+latencies of this machine)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """From per-request records to the numbers of one benchmark run, under the keys of
 `vllm bench serve --save-result` (so existing tooling reads them) plus ours: joint SLO
-attainment (DESIGN.md: the share of requests meeting the TTFT *and* the TPOT target; a failed
-request meets neither) and the server's mean TTFT breakdown."""
+attainment (docs/architecture.md: the share of requests meeting the TTFT *and* the TPOT
+target; a failed request meets neither) and the server's mean TTFT breakdown."""
 
 from __future__ import annotations
 

@@ -19,10 +19,9 @@ under KubeRay, with no hand editing.
                         the Grafana dashboard deploy/grafana/pd-cluster.json, labelled
                         grafana_dashboard: "1" for kube-prometheus-stack's dashboard sidecar
 
-A tensor-parallel group never spans nodes: an instance's rank 0 is its pool's actor and the
-other ranks are started on the same node (the plan file already refuses TP above a node's
-GPUs). Tensor-parallel colocated instances run; pipeline parallelism and tensor-parallel
-prefill/decode instances do not yet, and plans asking for them are refused here, as by
+An instance's ranks never span nodes: its rank 0 is its pool's actor and the other ranks
+are started in its STRICT_PACK placement group on the same node. Every role may be TP x PP;
+a plan whose instance needs more GPUs than one node has is refused here (check_plan), as by
 `cluster serve --plan`.
 """
 

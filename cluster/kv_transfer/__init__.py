@@ -1,4 +1,4 @@
-"""KV transfer: moves finished prefill KV blocks to decode ranks over NIXL (see DESIGN.md,
+"""KV transfer: moves finished prefill KV blocks to decode ranks over NIXL (see docs/kv-transfer.md,
 "The path of one request"). layout.py says when two pools' blocks are interchangeable,
 descriptors.py turns a pull into NIXL descriptors, agent.py wraps the NIXL agent, lease.py
 bounds how long a holder pins blocks for a puller.

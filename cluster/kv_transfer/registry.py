@@ -4,7 +4,7 @@ fixed port convention.
 Inside one Ray cluster a named actor holds the infos (`workers/registry.py`, which owns the
 Ray side: this package has none); a
 puller fetches an agent's info once and again only when a `KVHandle` shows a new epoch (the
-agent restarted). Outside Ray, `serve_agent_info` answers on a plain TCP address with the
+agent restarted). Outside Ray, `AgentInfoServer` answers on a plain TCP address with the
 info as one JSON line and `fetch_agent_info(host, port)` reads it.
 """
 

@@ -1,6 +1,6 @@
 """Chat messages → one prompt string, rendered with the model's own Jinja chat template.
 
-Part of the router's OpenAI front end (DESIGN.md: router/ "OpenAI HTTP"): /v1/chat/completions
+Part of the router's OpenAI front end (docs/architecture.md: router/): /v1/chat/completions
 turns its `messages` into text here, then into token ids. The template runs the way Hugging
 Face runs it (sandboxed Jinja, trim_blocks + lstrip_blocks, `raise_exception`, a `tojson` that
 keeps non-ASCII, the tokenizer's special tokens as variables), so a prompt rendered here equals

@@ -6,12 +6,11 @@ uvicorn inside the caller's event loop.
     GET  /health                                 200 ready / 503 not
     GET  /metrics                                Prometheus text
 
-DESIGN.md places it in router/ beside the gRPC servicer: both are thin edges that turn wire
-requests into `GenerateInput` and `RouterError`s into statuses (openai_protocol.py holds the
-shapes). A client that goes away is noticed while it waits, not only on the next write: the
-request's task is cancelled and the router's stream closed, which aborts the request and
-frees its KV (DESIGN.md invariant 2).
-"""
+docs/architecture.md places it in router/ beside the gRPC servicer: both are thin edges that
+turn wire requests into `GenerateInput` and `RouterError`s into statuses (openai_protocol.py
+holds the shapes). A client that goes away is noticed while it waits, not only on the next
+write: the request's task is cancelled and the router's stream closed, which aborts the
+request and frees its KV (invariant 2, docs/architecture.md)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 one `GenerateInput`; the router's `StreamChunk`s become OpenAI's response objects and stream
 chunks, in shapes the official `openai` client parses unchanged.
 
-Part of the router's HTTP front end (DESIGN.md, router/ "OpenAI HTTP"): http_server.py does the
+Part of the router's HTTP front end (docs/architecture.md: router/): http_server.py does the
 I/O, this module only the shapes. Names, defaults and extensions (top_k, min_p, ignore_eos,
 stop_token_ids, priority...) follow vLLM's OpenAI server. Whatever we cannot honour (n > 1,
 penalties, tools...) is a 400 naming the field rather than silently ignored.

@@ -3,8 +3,8 @@
 becomes an `InvalidRequest` (400 / INVALID_ARGUMENT) that says what to change, and nothing a
 worker would choke on (a lone surrogate, a giant list, a number out of range) gets past.
 
-The limits are what a client can rely on (README "Errors"). The engine checks the same again
-in `add_request` (defence in depth): no input may fail inside a step.
+The limits are what a client can rely on (docs/serving.md, "Errors and limits"). The engine
+checks the same again in `add_request` (defence in depth): no input may fail inside a step.
 """
 
 from __future__ import annotations
