@@ -349,7 +349,12 @@ class DecodeWorker(ColocatedWorker):
     async def _abandon(self, handoff: _Handoff, request_id: str, handle, prefill) -> None:
         """The handoff stops before its first token: free our blocks (unless a READ that
         would not release still writes them: reap() frees those), and let the prefill free
-        its own now if our READ never ran (we are the only puller of that lease)."""
+        its own now if our READ never ran (we are the only puller of that lease). Runs to
+        the end even if the caller is cancelled meanwhile (a second cancel: the router gave
+        up while the handoff was already failing)."""
+        await _to_the_end(self._give_back(request_id, handle, prefill))
+
+    async def _give_back(self, request_id: str, handle, prefill) -> None:
         self._handoffs.pop(request_id, None)
         if not self.receiver.is_stuck(request_id):
             with contextlib.suppress(RuntimeError):  # the engine is down: nothing to free
@@ -417,7 +422,7 @@ class DecodeWorker(ColocatedWorker):
                     info.layout.compat_hash, info.agent_name, request_id, spec.prompt_token_ids,
                     spec.params, **_engine_kwargs(spec)))  # fmt: skip
             except asyncio.CancelledError:
-                await asyncio.to_thread(self.engine.abort, request_id)
+                await _to_the_end(asyncio.to_thread(self.engine.abort, request_id))
                 raise
         except BaseException:
             self._handoffs.pop(request_id, None)
@@ -502,7 +507,11 @@ class DecodeWorker(ColocatedWorker):
 
     async def _end_layerwise(self, request_id: str) -> None:
         """The pull will not complete: stop its READs, then free our blocks (unless a READ
-        would not let go: then reap() frees them later)."""
+        would not let go: then reap() frees them later). Runs to the end even if the caller
+        is cancelled meanwhile."""
+        await _to_the_end(self._stop_layerwise(request_id))
+
+    async def _stop_layerwise(self, request_id: str) -> None:
         released = await asyncio.to_thread(self.puller.cancel, request_id)
         if not released:
             self.receiver.keep_stuck(request_id, self.puller.take_stuck(request_id))
@@ -580,6 +589,16 @@ def _spawn(coro) -> None:
     task = asyncio.ensure_future(coro)
     _TASKS.add(task)
     task.add_done_callback(_TASKS.discard)
+
+
+async def _to_the_end(cleanup) -> None:
+    """Await `cleanup` (a coroutine that gives back blocks or leases); if our caller is
+    cancelled meanwhile, the cleanup still finishes, on its own task: what a handoff holds
+    is freed exactly once, however it ends."""
+    task = asyncio.ensure_future(cleanup)
+    _TASKS.add(task)
+    task.add_done_callback(_TASKS.discard)
+    await asyncio.shield(task)
 
 
 async def _call_quietly(prefill: Peer, msg) -> None:
