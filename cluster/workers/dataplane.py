@@ -163,8 +163,9 @@ class Server:
         await self._send(peer, call_id, _REPLY, payload)
 
     async def _stream(self, peer: bytes, call_id: bytes, msg) -> None:
-        gen = self.handlers[type(msg)](msg)
+        gen = None
         try:
+            gen = self.handlers[type(msg)](msg)
             async for item in gen:
                 if not await self._send(peer, call_id, _ITEM, self._encoder.encode(item)):
                     return  # the caller is gone: stop (aclose below aborts the request)
@@ -174,8 +175,9 @@ class Server:
         except Exception as e:  # noqa: BLE001 - every failure goes back to the caller
             await self._send_error(peer, call_id, e)
         finally:
-            with contextlib.suppress(BaseException):
-                await gen.aclose()
+            if gen is not None:
+                with contextlib.suppress(BaseException):
+                    await gen.aclose()
 
     async def _send_error(self, peer: bytes, call_id: bytes, error: BaseException) -> None:
         if not isinstance(error, tuple(_KNOWN_ERRORS.values())):

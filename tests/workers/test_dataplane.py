@@ -98,6 +98,14 @@ def test_errors_keep_their_class(pair):
             async for chunk in peer.stream(Generate(spec), Chunk):
                 got.append(chunk)
         assert len(got) == 2  # what came before the error still came
+
+        def refuse(msg: Generate):  # refuses before any stream exists (a colocated worker
+            raise ValueError("send no prefill")  # asked to drive a handoff does this)
+
+        server.handlers[Generate] = refuse
+        with pytest.raises(ValueError, match="send no prefill"):
+            async for _ in peer.stream(Generate(SPEC, "tcp://x:1"), Chunk):
+                pass
         peer.close()
         server.close()
 
