@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from cluster.api.pdcluster.v1 import pdcluster_pb2 as pb
 from cluster.api.pdcluster.v1 import pdcluster_pb2_grpc as pb_grpc
+from cluster.background import spawn
 from cluster.engine.sampling_params import SamplingParams
 from cluster.router.router import Router
 from cluster.router.types import (
@@ -244,7 +245,6 @@ async def _deny(request, context) -> None:
 # -- the server -----------------------------------------------------------------------------
 
 
-_HEALTH_TASKS: set[asyncio.Task] = set()
 _HEALTH_INTERVAL_S = 1.0
 
 
@@ -278,9 +278,7 @@ async def start_grpc_server(
     health_servicer = health.aio.HealthServicer()
     await _set_health(health_servicer, router.is_ready())
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    task = asyncio.ensure_future(_track_health(router, health_servicer))
-    _HEALTH_TASKS.add(task)  # held until the loop ends
-    task.add_done_callback(_HEALTH_TASKS.discard)
+    spawn(_track_health(router, health_servicer))  # held until the loop ends
     services = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(services, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -143,7 +143,7 @@ class RequestRun:
                 self._raise_if_done(attempt, num_lost)
                 self.timing.num_recomputes += 1
                 recompute = self.policy == "recompute" or not any(
-                    i.healthy for i in router._pool("prefill")
+                    i.healthy for i in router.pool("prefill")
                 )
         raise RequestFailed(
             f"the request failed in all {router.settings.max_attempts} attempts; retry it",
@@ -179,7 +179,7 @@ class RequestRun:
         blocks = self._blocks_needed()
         others = [
             i
-            for i in router._pool("decode")
+            for i in router.pool("decode")
             if i.healthy and i.instance_id not in full and i.free_blocks >= blocks
         ]
         if not others:
@@ -312,7 +312,7 @@ class RequestRun:
                 if not got_any and chunk.timing is not None:
                     self._add_timing(chunk.timing)
                 got_any = True
-                yield self._chunk(chunk, first_decode=True)
+                yield self._chunk(chunk)
         finally:
             instance.num_streams -= 1
             await stream.aclose()
@@ -355,7 +355,7 @@ class RequestRun:
 
     # -- chunks -----------------------------------------------------------------------------
 
-    def _chunk(self, chunk, first_decode: bool) -> StreamChunk:
+    def _chunk(self, chunk: Chunk) -> StreamChunk:
         now = time.monotonic()
         metrics = self.router.metrics
         if not self.emitted and chunk.token_ids:

@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from cluster import tracing
+from cluster.background import spawn
 from cluster.engine.tokenizer import Tokenizer
 from cluster.router import policy, validation
 from cluster.router.instances import Instance, Live
@@ -86,7 +87,6 @@ class Router:
         self._slots = asyncio.Semaphore(settings.max_in_flight)
         self._num_queued = 0
         self._attempt_ids = itertools.count()
-        self._background: set[asyncio.Task] = set()
         self._poller = asyncio.ensure_future(self._poll_loads())
         self._draining = False
 
@@ -102,7 +102,7 @@ class Router:
     def is_ready(self) -> bool:
         if self._draining:
             return False
-        return all(any(i.healthy for i in self._pool(role)) for role in self._roles)
+        return all(any(i.healthy for i in self.pool(role)) for role in self._roles)
 
     async def drain(self, timeout_s: float) -> int:
         """Stop admitting (new requests get UNAVAILABLE / 503, readiness goes false) and wait
@@ -146,7 +146,7 @@ class Router:
             span.end()
             del self._live[request_id]
             if live.instances:  # stopped early (client gone, error): free it everywhere
-                self._spawn(self._abort_everywhere(live))
+                spawn(self._abort_everywhere(live))
 
     async def abort(self, request_id: str) -> bool:
         live = self._live.get(request_id)
@@ -160,7 +160,7 @@ class Router:
         pools = []
         for role in self._roles:
             instances = []
-            for i in self._pool(role):
+            for i in self.pool(role):
                 load = i.load or Load(0, 0, 0, i.info.num_blocks, i.info.num_blocks, 0.0)
                 instances.append(
                     {
@@ -203,7 +203,8 @@ class Router:
     def _roles(self) -> tuple[str, ...]:
         return ("prefill", "decode") if self.settings.mode == "disaggregated" else ("colocated",)
 
-    def _pool(self, role: str) -> list[Instance]:
+    def pool(self, role: str) -> list[Instance]:
+        """The instances of one role."""
         return [i for i in self.instances if i.role == role]
 
     async def _validate(self, inp: GenerateInput) -> tuple[list[int], str]:
@@ -225,7 +226,7 @@ class Router:
         instance's KV queue full, or every prefill instance's prompt backlog over the limit."""
         if self.settings.mode != "disaggregated":
             return
-        decode = [i for i in self._pool("decode") if i.healthy]
+        decode = [i for i in self.pool("decode") if i.healthy]
         if decode and all(i.kv_queue_full for i in decode):
             self.metrics.rejected()
             raise Overloaded(
@@ -233,7 +234,7 @@ class Router:
                 retry_after_s=OVERLOAD_RETRY_AFTER_S,
             )
         limit = self.settings.max_pending_prefill_tokens
-        prefill = [i for i in self._pool("prefill") if i.healthy]
+        prefill = [i for i in self.pool("prefill") if i.healthy]
         if limit and prefill and all(i.pending_prompt_tokens > limit for i in prefill):
             self.metrics.rejected()
             raise Overloaded(
@@ -269,7 +270,7 @@ class Router:
         healthy one."""
         deadline = time.monotonic() + self.settings.instance_wait_s
         while True:
-            instance = policy.pick(self._pool(role), role, exclude, need_blocks)
+            instance = policy.pick(self.pool(role), role, exclude, need_blocks)
             if instance is not None:
                 return instance
             if time.monotonic() > deadline:
@@ -314,8 +315,3 @@ class Router:
                 await instance.client.request(Abort(instance_request_id), bool, _POLL_TIMEOUT_S)
 
         await asyncio.gather(*(abort(i, rid) for i, rid in live.instances))
-
-    def _spawn(self, coro) -> None:
-        task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)

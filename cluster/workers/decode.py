@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import msgspec
 
 from cluster import tracing
+from cluster.background import spawn
 from cluster.engine.async_engine import RequestAborted, RequestError
 from cluster.engine.config import EngineConfig
 from cluster.kv_transfer.agent_info import KVAgentInfo
@@ -360,7 +361,7 @@ class DecodeWorker(ColocatedWorker):
             with contextlib.suppress(RuntimeError):  # the engine is down: nothing to free
                 await asyncio.to_thread(self.engine.abort, request_id)
         if handle is not None and not self.receiver.is_stuck(request_id):
-            _spawn(_call_quietly(prefill, protocol.Drop(handle.request_id)))
+            spawn(_call_quietly(prefill, protocol.Drop(handle.request_id)))
 
     async def _stream(self, request_id: str, handle: KVHandle, timing: EngineTiming,
                       transfer_s: float):  # fmt: skip
@@ -468,7 +469,7 @@ class DecodeWorker(ColocatedWorker):
         except asyncio.CancelledError:
             # The prompt may still run, or its blocks wait for us under a lease: we are its
             # only puller, so the prefill may free them at once.
-            _spawn(_call_quietly(prefill, protocol.Abandon(spec.request_id)))
+            spawn(_call_quietly(prefill, protocol.Abandon(spec.request_id)))
             raise
         except (ValueError, TypeError, RequestAborted, RequestError):
             raise  # about this request, not the instance
@@ -582,23 +583,11 @@ class DecodeWorker(ColocatedWorker):
         self.agent.close()
 
 
-_TASKS: set[asyncio.Task] = set()
-
-
-def _spawn(coro) -> None:
-    task = asyncio.ensure_future(coro)
-    _TASKS.add(task)
-    task.add_done_callback(_TASKS.discard)
-
-
 async def _to_the_end(cleanup) -> None:
     """Await `cleanup` (a coroutine that gives back blocks or leases); if our caller is
     cancelled meanwhile, the cleanup still finishes, on its own task: what a handoff holds
     is freed exactly once, however it ends."""
-    task = asyncio.ensure_future(cleanup)
-    _TASKS.add(task)
-    task.add_done_callback(_TASKS.discard)
-    await asyncio.shield(task)
+    await asyncio.shield(spawn(cleanup))
 
 
 async def _call_quietly(prefill: Peer, msg) -> None:
