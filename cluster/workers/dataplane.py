@@ -308,14 +308,17 @@ class Peer:
     async def _receive(self) -> None:
         while True:
             frames = await self._sock.recv_multipart()
-            call_id, kind = frames[0], frames[1]
-            waiter = self._waiting.get(call_id)
+            waiter = self._waiting.get(frames[0]) if len(frames) >= 2 else None
             if waiter is None:
-                continue  # cancelled meanwhile
+                continue  # cancelled meanwhile (or not a reply of ours)
+            kind = frames[1]
             payload: Any = frames[2] if len(frames) > 2 else b""
             if kind == _ERROR:
-                error = msgspec.msgpack.decode(payload, type=protocol.Error)
-                payload = _error(error.kind, error.message)
+                try:
+                    error = msgspec.msgpack.decode(payload, type=protocol.Error)
+                    payload = _error(error.kind, error.message)
+                except msgspec.DecodeError as e:  # (never from our Server)
+                    payload = RemoteError(f"unreadable error reply: {e}")
             if isinstance(waiter, asyncio.Queue):
                 waiter.put_nowait((kind, payload))
             elif not waiter.done():
