@@ -12,6 +12,8 @@ import grpc
 from cluster.api.pdcluster.v1 import pdcluster_pb2 as pb
 from cluster.api.pdcluster.v1 import pdcluster_pb2_grpc as pb_grpc
 
+API_KEY_ENV = "PD_CLUSTER_API_KEY"  # the bearer token: the server requires it, clients send it
+
 
 def sampling_message(params) -> pb.SamplingParams:
     """cluster.engine SamplingParams -> the API's message (every field set explicitly)."""

@@ -322,7 +322,7 @@ async def _router(config: DeploymentConfig, settings, clients, shutdown):
     infos = await asyncio.gather(*(client.connect() for _, client in clients))
     _check_kv_compatible(infos)
     instances = [
-        Instance(info.instance_id, role, client, info)
+        Instance(info.instance_id, role, client)
         for (role, client), info in zip(clients, infos, strict=True)
     ]
     tokenizer = await asyncio.to_thread(Tokenizer.from_pretrained, infos[0].model_path)

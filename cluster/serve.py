@@ -16,11 +16,14 @@ import signal
 import sys
 from pathlib import Path
 
-from cluster import logs, tracing
-from cluster.launch import DeploymentConfig
-from cluster.logs import FORMATS
+import ray
 
-API_KEY_ENV = "PD_CLUSTER_API_KEY"
+from cluster import logs, tracing
+from cluster.client import API_KEY_ENV
+from cluster.launch import DeploymentConfig, start_ray
+from cluster.logs import FORMATS
+from cluster.router.grpc_server import start_grpc_server
+from cluster.router.http_server import start_http_server, stop_http_server
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -140,12 +143,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def serve(config: DeploymentConfig, ready: asyncio.Event | None = None) -> int:
-    import ray
-
-    from cluster.launch import start_ray
-    from cluster.router.grpc_server import start_grpc_server
-    from cluster.router.http_server import start_http_server, stop_http_server
-
     if not ray.is_initialized():
         ray.init(
             address=config.ray_address,

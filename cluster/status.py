@@ -18,7 +18,7 @@ import grpc
 
 from cluster.api.pdcluster.v1 import pdcluster_pb2 as pb
 from cluster.api.pdcluster.v1 import pdcluster_pb2_grpc as pb_grpc
-from cluster.serve import API_KEY_ENV
+from cluster.client import API_KEY_ENV
 
 _CLEAR = "\033[H\033[2J"  # cursor home, clear screen
 _COLUMNS = ("ROLE", "INSTANCE", "HEALTHY", "RUNNING", "WAITING", "PENDING_TOKENS",

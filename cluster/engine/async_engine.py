@@ -77,7 +77,7 @@ class AsyncLLMEngine:
         add_request or commit_remote, and may return its first output), then stream the
         request's outputs. A caller that stops iterating aborts the request."""
         sink = (asyncio.get_running_loop(), asyncio.Queue())
-        if not self._try_call(self._start, request_id, start, sink):  # the loop is stepping
+        if not self.try_call(self._start, request_id, start, sink)[0]:  # the loop is stepping
             await asyncio.to_thread(self.call, self._start, request_id, start, sink)
         queue = sink[1]
         finished = False
@@ -133,7 +133,8 @@ class AsyncLLMEngine:
 
     def try_call(self, fn: Callable[..., Any], *args: Any) -> tuple[bool, Any]:
         """(True, call(fn, *args)) if the lock is free right now (the loop is idle);
-        (False, None) at once if not."""
+        (False, None) at once if not, without waiting: event-loop code then goes through a
+        thread instead."""
         if not self._work.acquire(blocking=False):
             return False, None
         try:
@@ -146,17 +147,6 @@ class AsyncLLMEngine:
         so that the event loop never waits for a step."""
         done, result = self.try_call(fn, *args)
         return result if done else await asyncio.to_thread(self.call, fn, *args)
-
-    def _try_call(self, fn: Callable[..., Any], *args: Any) -> bool:
-        """call(fn, *args) if the lock is free right now (the loop is idle); False if not,
-        without waiting: event-loop code then goes through a thread instead."""
-        if not self._work.acquire(blocking=False):
-            return False
-        try:
-            self._locked(fn, *args)
-        finally:
-            self._work.release()
-        return True
 
     def shutdown(self) -> None:
         """Stop the loop; every open stream ends with an error, new calls are refused."""

@@ -15,8 +15,7 @@ class Instance:
 
     instance_id: str
     role: str  # prefill | decode | colocated
-    client: InstanceClient
-    info: InstanceInfo
+    client: InstanceClient  # connected: its info is the instance's latest ready()
     healthy: bool = True
     lost_reason: str = ""  # why it was last marked lost (logs, `cluster status`)
     load: Load | None = None
@@ -33,6 +32,10 @@ class Instance:
         if not self.healthy and not self._lost.done():
             self._lost.set_result(None)
         return self._lost
+
+    @property
+    def info(self) -> InstanceInfo:
+        return self.client.info
 
     @property
     def free_blocks(self) -> int:

@@ -1,12 +1,13 @@
 """One request's life in the router: its attempts under its failure policy, the streams
 they follow on the instances, and the chunks that go back to the client.
 
-    _Run.stream ─ attempt 1 ─ colocated:     Generate(spec)                 ═▶ colocated
-                           ─ disaggregated: Generate(spec, prefill address) ═▶ decode
-                                            (the decode drives the handoff with the prefill)
-                ─ instance lost, KV transfer failed: _Recoverable; the policy decides:
-                  fail (RequestFailed), retry (the lost phase again elsewhere: prompt and
-                  the tokens streamed so far), recompute (a decode instance runs it whole)
+    RequestRun.stream ─ attempt 1 ─ colocated:     Generate(spec)                 ═▶ colocated
+                                  ─ disaggregated: Generate(spec, prefill address) ═▶ decode
+                                    (the decode drives the handoff with the prefill)
+                      ─ instance lost, KV transfer failed: Recoverable; the policy decides:
+                        fail (RequestFailed), retry (the lost phase again elsewhere: prompt
+                        and the tokens streamed so far), recompute (a decode instance runs
+                        it whole)
 """
 
 from __future__ import annotations
@@ -235,7 +236,7 @@ class RequestRun:
                 yield chunk
         except Recoverable as e:
             # (the decode instance gave the prefill's blocks back itself, if it could)
-            if e.__cause__ is not None and isinstance(e.__cause__, PrefillUnavailable):
+            if isinstance(e.__cause__, PrefillUnavailable):
                 router.mark_lost(prefill, e.__cause__)
             if not e.no_room:
                 lost.add(prefill.instance_id)  # prefer another prefill instance next time
@@ -288,10 +289,9 @@ class RequestRun:
                     lost.add(instance.instance_id)
                     raise Recoverable(f"{instance.instance_id}: {e}", no_room=True) from e
                 except TransferError as e:
-                    lost_prefill = isinstance(e, PrefillUnavailable)
                     raise Recoverable(
                         f"KV transfer failed: {type(e).__name__}: {e}",
-                        instance_lost=lost_prefill,
+                        instance_lost=isinstance(e, PrefillUnavailable),
                     ) from e
                 except RequestError as e:  # its own processing failed on the engine
                     logger.warning("request %s failed on %s: %s", rid, instance.instance_id, e)

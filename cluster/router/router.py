@@ -32,7 +32,8 @@ from pathlib import Path
 from cluster import tracing
 from cluster.background import spawn
 from cluster.engine.tokenizer import Tokenizer
-from cluster.router import policy, validation
+from cluster.router import policy as pairing
+from cluster.router import validation
 from cluster.router.instances import Instance, Live
 from cluster.router.metrics import RouterMetrics
 from cluster.router.request_run import OVERLOAD_RETRY_AFTER_S, RequestRun
@@ -270,7 +271,7 @@ class Router:
         healthy one."""
         deadline = time.monotonic() + self.settings.instance_wait_s
         while True:
-            instance = policy.pick(self.pool(role), role, exclude, need_blocks)
+            instance = pairing.pick(self.pool(role), role, exclude, need_blocks)
             if instance is not None:
                 return instance
             if time.monotonic() > deadline:
@@ -300,7 +301,7 @@ class Router:
         client = instance.client
         try:
             if not client.connected:
-                instance.info = await client.connect(timeout=_POLL_TIMEOUT_S)
+                await client.connect(timeout=_POLL_TIMEOUT_S)
             instance.load = await client.request(LoadQuery(), Load, _POLL_TIMEOUT_S)
         except Exception as e:  # noqa: BLE001 - any failure to answer is ill health
             self.mark_lost(instance, e)

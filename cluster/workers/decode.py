@@ -58,11 +58,6 @@ class _Handoff:
     span: tracing.Span = tracing.NOOP  # the handoff's trace span (tracing.py)
 
 
-def _engine_kwargs(spec: RequestSpec) -> dict:
-    """What the engine takes besides request id, prompt and params."""
-    return {"priority": spec.priority, "cache_salt": spec.cache_salt, "resume": spec.resume}
-
-
 def _check(handoff: _Handoff, request_id: str) -> None:
     if handoff.aborted:
         raise RequestAborted(f"request {request_id!r} was aborted")
@@ -88,9 +83,8 @@ class ColocatedWorker(EngineWorker):
         first = True
         span = tracing.start("generate", spec.trace, instance=self.instance_id, role=self.role)
         stream = self.engine.generate(
-            spec.prompt_token_ids, spec.params, spec.request_id, priority=spec.priority,
-            cache_salt=spec.cache_salt, resume=spec.resume,
-        )  # fmt: skip
+            spec.prompt_token_ids, spec.params, spec.request_id, **spec.engine_kwargs()
+        )
         try:
             async for out in stream:
                 self._count(out, first)
@@ -320,7 +314,7 @@ class DecodeWorker(ColocatedWorker):
         def reserve() -> list[int]:
             self.llm.faults.hit("decode.reserve", request_id)
             return self.receiver.reserve(handle, spec.request_id, spec.prompt_token_ids,
-                                         spec.params, **_engine_kwargs(spec))  # fmt: skip
+                                         spec.params, **spec.engine_kwargs())  # fmt: skip
 
         deadline = time.monotonic() + self.transfer.kv_wait_s
         while True:
@@ -421,7 +415,7 @@ class DecodeWorker(ColocatedWorker):
             try:
                 block_ids = await self._reserve_once(lambda: self.receiver.reserve_for(
                     info.layout.compat_hash, info.agent_name, request_id, spec.prompt_token_ids,
-                    spec.params, **_engine_kwargs(spec)))  # fmt: skip
+                    spec.params, **spec.engine_kwargs()))  # fmt: skip
             except asyncio.CancelledError:
                 await _to_the_end(asyncio.to_thread(self.engine.abort, request_id))
                 raise

@@ -76,7 +76,7 @@ class PrefillWorker(EngineWorker):
             protocol.Renew: lambda m: self.renew(m.request_id),
             protocol.Drop: lambda m: self.drop(m.request_id),
             protocol.Abandon: lambda m: self.abandon(m.request_id),
-            protocol.AgentInfoQuery: lambda _: self._agent_info(),
+            protocol.AgentInfoQuery: lambda _: self.agent_info(),
         }
 
     async def prefill(self, spec: RequestSpec, layerwise_to=None) -> PrefillResult:
@@ -117,9 +117,8 @@ class PrefillWorker(EngineWorker):
 
     async def _prefill(self, spec: RequestSpec, received: float):
         stream = self.engine.generate(
-            spec.prompt_token_ids, spec.params, spec.request_id, priority=spec.priority,
-            cache_salt=spec.cache_salt, resume=spec.resume,
-        )  # fmt: skip
+            spec.prompt_token_ids, spec.params, spec.request_id, **spec.engine_kwargs()
+        )
         async for out in stream:
             if not out.finished:
                 continue
@@ -158,10 +157,7 @@ class PrefillWorker(EngineWorker):
         await self.drop(request_id)
         await asyncio.to_thread(self.engine.abort, request_id)
 
-    def agent_info(self):
-        return self.sender.info()
-
-    async def _agent_info(self):
+    async def agent_info(self):
         return self.sender.info()
 
     async def shutdown(self) -> None:

@@ -37,6 +37,10 @@ class RequestSpec(msgspec.Struct, frozen=True):
     resume: Resume | None = None  # continue a run that failed elsewhere (llm_engine.Resume)
     trace: dict[str, str] | None = None  # the caller's span (W3C traceparent, tracing.py)
 
+    def engine_kwargs(self) -> dict:
+        """What the engine takes besides prompt, params and request id."""
+        return {"priority": self.priority, "cache_salt": self.cache_salt, "resume": self.resume}
+
     @property
     def num_tokens(self) -> int:
         """KV slots a handoff reserves: prompt, resumed output, the first new token."""
