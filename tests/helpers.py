@@ -26,6 +26,7 @@ __all__ = [
     "FAMILY_CONFIGS",
     "REPO_ROOT",
     "LoopThread",
+    "Served",
     "assert_all_blocks_free",
     "hf_greedy",
     "random_prompts",
@@ -248,12 +249,50 @@ def ray_router(config, loop: LoopThread | None = None):
             loop.close()
 
 
+class Served:
+    """A deployment served for a test module (`served_on_ray`): the loop thread the router
+    runs on, the router, and where its gRPC and HTTP servers listen."""
+
+    def __init__(self, loop: LoopThread, router, grpc_target: str, http_base: str,
+                 free_timeout_s: float = 10.0):  # fmt: skip
+        self.loop, self.router = loop, router
+        self.free_timeout_s = free_timeout_s  # how long blocks may take to be freed
+        self.grpc_target = grpc_target  # host:port
+        self.http_base = http_base  # http://host:port
+        self.http_url = f"{http_base}/v1"  # what an OpenAI client takes
+
+    def instances(self, role: str) -> list:
+        return [i for i in self.router.instances if i.role == role]
+
+    def actors(self, role: str) -> list:
+        return [i.client.actor for i in self.instances(role)]
+
+    def call(self, instance, method: str, *args, timeout: float = 30.0):
+        """A control call (over Ray) of one instance's worker."""
+        return self.loop.run(instance.client.call(method, *args, timeout=timeout), 60)
+
+    def arm(self, role: str, point: str, action: str, match="", count=1, skip=0) -> None:
+        """Arm a fault point on every instance of a role (cluster/faults.py)."""
+        for instance in self.instances(role):
+            self.call(instance, "inject_fault", point, action, match, count, skip)
+
+    def hits(self, role: str, point: str) -> int:
+        return sum(self.call(i, "fault_hits", point) for i in self.instances(role))
+
+    def wait_healthy(self, timeout_s: float = 180.0) -> None:
+        wait_healthy(self.router.instances, timeout_s)
+
+    def assert_all_blocks_free(self, timeout_s: float | None = None) -> None:
+        timeout_s = self.free_timeout_s if timeout_s is None else timeout_s
+        assert_all_blocks_free(self.loop, self.router.instances, timeout_s)
+
+
 @contextlib.contextmanager
-def served_on_ray(config):
+def served_on_ray(config, free_timeout_s: float = 10.0):
     """A deployment config served for a test module: its pools as Ray actors, the router's
-    gRPC and HTTP servers on free loopback ports. Yields (loop thread, router, gRPC
-    host:port, HTTP base URL); stops everything after. Ray must be running: take the
-    `ray_cluster` fixture."""
+    gRPC and HTTP servers on free loopback ports. Yields a `Served` (`free_timeout_s`: its
+    assert_all_blocks_free's default wait); stops everything after. Ray must be running:
+    take the `ray_cluster` fixture."""
     from cluster.router.grpc_server import start_grpc_server
     from cluster.router.http_server import start_http_server, stop_http_server
 
@@ -262,7 +301,8 @@ def served_on_ray(config):
         try:
             http_server, http_task, http_port = loop.run(start_http_server(router, port=0))
             try:
-                yield loop, router, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}"
+                yield Served(loop, router, f"127.0.0.1:{grpc_port}",
+                             f"http://127.0.0.1:{http_port}", free_timeout_s)  # fmt: skip
             finally:
                 loop.run(stop_http_server(http_server, http_task))
         finally:

@@ -24,8 +24,6 @@ from cluster.engine.config import CacheConfig, EngineConfig  # noqa: E402
 from cluster.engine.llm_engine import LLMEngine  # noqa: E402
 from cluster.engine.sampling_params import SamplingParams  # noqa: E402
 from tests.helpers import (  # noqa: E402
-    LoopThread,
-    assert_all_blocks_free,
     hf_greedy,
     served_on_ray,
     token_prompts,
@@ -50,22 +48,6 @@ def reference(tiny_model_dir) -> list[list[int]]:
     return expected
 
 
-class Served:
-    def __init__(self, loop: LoopThread, router, grpc_target: str, http_base: str):
-        self.loop, self.router = loop, router
-        self.grpc_target = grpc_target
-        self.http_url = f"{http_base}/v1"
-
-    def instances(self, role: str) -> list:
-        return [i for i in self.router.instances if i.role == role]
-
-    def actors(self, role: str) -> list:
-        return [i.client.actor for i in self.instances(role)]
-
-    def assert_all_blocks_free(self, timeout_s: float = 10.0) -> None:
-        assert_all_blocks_free(self.loop, self.router.instances, timeout_s)
-
-
 @pytest.fixture(scope="module")
 def served(ray_cluster, tiny_model_dir):
     from cluster.launch import DeploymentConfig, PoolSpec
@@ -76,8 +58,8 @@ def served(ray_cluster, tiny_model_dir):
         engine={"num_blocks": NUM_BLOCKS},
         router={"instance_wait_s": 60.0},
     )
-    with served_on_ray(config) as (loop, router, grpc_target, http_base):
-        yield Served(loop, router, grpc_target, http_base)
+    with served_on_ray(config) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")

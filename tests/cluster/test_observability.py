@@ -116,7 +116,7 @@ def served(ray_cluster, tiny_model_dir, receiver):
 
 @pytest.fixture(scope="module")
 def stub(served):
-    with grpc.insecure_channel(served[2]) as channel:
+    with grpc.insecure_channel(served.grpc_target) as channel:
         yield pb_grpc.PDClusterStub(channel)
 
 
@@ -160,7 +160,7 @@ def test_one_trace_across_router_decode_and_prefill(served, stub, receiver):
 
 
 def test_a_failover_is_its_own_attempt_span(served, stub, receiver):
-    loop, router, _, _ = served
+    loop, router = served.loop, served.router
     decode = next(i for i in router.instances if i.role == "decode")
     loop.run(decode.client.call("inject_fault", "engine.request", "exit", "failover", 1, 2))
     last = generate(stub, "failover-traced")
@@ -201,7 +201,7 @@ def test_the_kv_pull_figures_reach_every_client(served, stub):
     body = {"prompt": PROMPT, "max_tokens": 4, "stream": True,
             "stream_options": {"include_usage": True}}  # fmt: skip
     req = urllib.request.Request(
-        served[3] + "/v1/completions",
+        served.http_base + "/v1/completions",
         data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
     )
@@ -234,7 +234,7 @@ def test_access_log_lines_are_json_with_a_stable_schema(served, stub):
             token_ids=pb.TokenIds(ids=PROMPT), sampling_params=GREEDY, request_id="logged-bad",
             failure_policy="fail",
         )  # fmt: skip
-        loop, router, _, _ = served
+        loop, router = served.loop, served.router
         decode = next(i for i in router.instances if i.role == "decode")
         loop.run(decode.client.call("inject_fault", "engine.request", "raise", "logged-bad"))
         with pytest.raises(grpc.RpcError):
@@ -273,7 +273,7 @@ def test_an_http_client_trace_continues(served, receiver):
 
     trace_id = "0af7651916cd43dd8448eb211c80319c"
     req = urllib.request.Request(
-        served[3] + "/v1/completions",
+        served.http_base + "/v1/completions",
         data=json.dumps({"prompt": PROMPT, "max_tokens": 2}).encode(),
         headers={
             "Content-Type": "application/json",

@@ -35,10 +35,8 @@ from cluster.engine.config import CacheConfig, EngineConfig  # noqa: E402
 from cluster.engine.llm_engine import LLMEngine  # noqa: E402
 from cluster.engine.sampling_params import SamplingParams  # noqa: E402
 from tests.helpers import (  # noqa: E402
-    assert_all_blocks_free,
     served_on_ray,
     token_prompts,
-    wait_healthy,
     wait_until,
     wait_until_async,
 )
@@ -57,32 +55,6 @@ def reference(tiny_model_dir) -> list[list[int]]:
     return [o.token_ids for o in engine.generate(PROMPTS, params)]
 
 
-class Served:
-    def __init__(self, loop, router, grpc_target: str, http_url: str):
-        self.loop, self.router = loop, router
-        self.grpc_target, self.http = grpc_target, http_url
-
-    def instances(self, role: str) -> list:
-        return [i for i in self.router.instances if i.role == role]
-
-    def call(self, instance, method: str, *args, timeout: float = 30.0):
-        return self.loop.run(instance.client.call(method, *args, timeout=timeout), 60)
-
-    def arm(self, role: str, point: str, action: str, match="", count=1, skip=0):
-        for instance in self.instances(role):
-            self.call(instance, "inject_fault", point, action, match, count, skip)
-
-    def hits(self, role: str, point: str) -> int:
-        return sum(self.call(i, "fault_hits", point) for i in self.instances(role))
-
-    def wait_healthy(self, timeout_s: float = 180.0) -> None:
-        wait_healthy(self.router.instances, timeout_s)
-
-    def assert_all_blocks_free(self, timeout_s: float = 30.0) -> None:
-        """(A dropped or late notification frees on lease expiry: up to a lease and a bit.)"""
-        assert_all_blocks_free(self.loop, self.router.instances, timeout_s)
-
-
 @pytest.fixture(scope="module")
 def served(ray_cluster, tiny_model_dir):
     from cluster.launch import DeploymentConfig, PoolSpec
@@ -96,8 +68,9 @@ def served(ray_cluster, tiny_model_dir):
         transfer=TransferSettings(lease_s=LEASE_S, kv_wait_s=1.0),
         router={"instance_wait_s": 120.0},
     )
-    with served_on_ray(config) as (loop, router, grpc_target, http_url):
-        yield Served(loop, router, grpc_target, http_url)
+    # (A dropped or late notification frees on lease expiry: up to a lease and a bit.)
+    with served_on_ray(config, free_timeout_s=30.0) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +94,7 @@ def post(served, path: str, body: bytes | dict, headers: dict | None = None):
     """(status, parsed body, headers) of a raw HTTP POST (the client would hide the wire)."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     req = urllib.request.Request(
-        served.http + path,
+        served.http_base + path,
         data=data,
         headers={"Content-Type": "application/json", **(headers or {})},
     )
@@ -135,7 +108,7 @@ def post(served, path: str, body: bytes | dict, headers: dict | None = None):
 def announce_body(served, num_bytes: int) -> int:
     """The status the server answers to headers announcing a body of num_bytes, before any
     of it is sent."""
-    host, port = served.http.removeprefix("http://").split(":")
+    host, port = served.http_base.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     conn.putrequest("POST", "/v1/completions")
     conn.putheader("Content-Type", "application/json")
