@@ -1,7 +1,10 @@
 """Reports for the goodput benchmark (`cluster bench serve` / `cluster bench compare`): its JSON
 result becomes one self-contained HTML file (inline CSS and SVG, no scripts, nothing fetched) and
-a Markdown file with the same SVG plots beside it, drawn here in plain Python: SLO attainment vs
-offered rate, TTFT and TPOT CDFs, and the mean TTFT breakdown. Any field may be null or missing.
+a Markdown file with the same SVG plots beside it, drawn with matplotlib's SVG backend: SLO
+attainment vs offered rate, TTFT and TPOT CDFs, the mean TTFT breakdown and, when the result
+lists placement `deployments`, their measured vs predicted attainment and goodput per GPU.
+Numbers from an emulated run (`"emulated": {...}`) are labelled so. Any field may be null or
+missing.
 
     python -m cluster.bench.html_report result.json -o out/ [--stem report]
 """
@@ -10,12 +13,19 @@ from __future__ import annotations
 
 import argparse
 import html
+import io
 import json
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
+
+import matplotlib as mpl
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import PercentFormatter
 
 # Okabe-Ito: distinguishable with the common colour-vision deficiencies (yellow left out: it
 # vanishes on white).
@@ -27,21 +37,36 @@ STAGES = [
     ("first_decode", "first decode", "#009E73"),
 ]
 EXTRA_STAGE_COLOURS = ["#CC79A7", "#D55E00", "#56B4E9", "#000000"]
+SLO_COLOUR, TARGET_COLOUR = "#C00000", "#555555"
 MAX_CDF_CURVES = len(PALETTE)
-CDF_POINTS = 300  # a CDF polyline is thinned to about this many steps: plenty at 440 px wide
-DASH = "6 4"
-PLOTS = [("attainment", "SLO attainment vs offered rate"), ("ttft_cdf", "TTFT CDF"),
-         ("tpot_cdf", "TPOT CDF"), ("breakdown", "TTFT breakdown")]  # fmt: skip
+CDF_POINTS = 300  # a CDF polyline is thinned to about this many steps: plenty at 800 px wide
+DEFAULT_ATTAINMENT_TARGET = 0.9
+PLOTS = {"deployment_attainment": "Attainment per deployment: measured vs predicted",
+         "deployment_goodput": "Goodput per GPU: measured vs predicted",
+         "attainment": "SLO attainment vs offered rate", "ttft_cdf": "TTFT CDF",
+         "tpot_cdf": "TPOT CDF", "breakdown": "Mean TTFT breakdown"}  # fmt: skip
 NO_BREAKDOWN = (
     "No TTFT breakdown: the backend reported no per-stage timing (the OpenAI HTTP API has none)."
 )
+RC = {
+    "svg.fonttype": "none",  # text as <text>, not glyph outlines: a fraction of the bytes
+    "text.parse_math": False,  # a "$" in a deployment name is text, not TeX
+    "font.size": 10,
+    "axes.grid": True,
+    "axes.axisbelow": True,
+    "grid.color": "#e5e5e5",
+    "legend.fontsize": 9,
+    "legend.frameon": False,
+    "lines.linewidth": 2,
+}
+# No date, creator or RDF block: the same result renders to the same SVG text.
+SVG_METADATA = {"Date": None, "Creator": None, "Format": None, "Type": None}
 
 
 # ---------------------------------------------------------------- small helpers
 
 
 def _esc(value: object) -> str:
-    """Text for HTML and for SVG (XML): html.escape's entities are valid in both."""
     return html.escape(str(value), quote=True)
 
 
@@ -70,6 +95,11 @@ def _pct(value: object) -> str:
     return "—" if v is None else f"{100 * v:.1f}%"
 
 
+def _ms(seconds: object) -> float | None:
+    v = _num(seconds)
+    return None if v is None else 1000 * v
+
+
 def _list(value: object) -> list:
     return value if isinstance(value, list) else []
 
@@ -78,14 +108,22 @@ def _dict(value: object) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def _truncate(text: str, limit: int = 26) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+def _label(text: str, limit: int = 30) -> str:
+    """A legend/tick label: truncated, and a leading "_" guarded (matplotlib hides those)."""
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return "\u200b" + text if text.startswith("_") else text
+
+
+def _points(entries: object, y_key: str) -> list[tuple[float, float]]:
+    """Sorted (rate, y) of the entries with both numbers."""
+    pairs = ((_num(_dict(p).get("rate")), _num(_dict(p).get(y_key))) for p in _list(entries))
+    return sorted((x, y) for x, y in pairs if x is not None and y is not None)
 
 
 # ---------------------------------------------------------------- reading the result
 
 
-def deployments(result: dict) -> list[tuple[str, dict]]:
+def serves(result: dict) -> list[tuple[str, dict]]:
     """(name, serve result) pairs: both sides of a compare, or the one deployment."""
     if result.get("compare"):
         return [(str(k), _dict(v)) for k, v in _dict(result.get("results")).items()]
@@ -94,8 +132,12 @@ def deployments(result: dict) -> list[tuple[str, dict]]:
 
 def _first_serve(result: dict) -> dict:
     """Where the shared header fields (model, workload, SLO) live."""
-    deps = deployments(result)
-    return deps[0][1] if deps else {}
+    pairs = serves(result)
+    return pairs[0][1] if pairs else {}
+
+
+def _slo(result: dict) -> dict:
+    return _dict(_first_serve(result).get("slo"))
 
 
 def _runs(serve: dict) -> list[dict]:
@@ -118,13 +160,9 @@ def _runs_by_rate(serve: dict) -> dict[float, list[dict]]:
 
 def attainment_points(serve: dict) -> list[tuple[float, float]]:
     """The measured curve: `attainment_curve` if given, else trial means computed from runs."""
-    points = []
-    for p in _list(serve.get("attainment_curve")):
-        rate, att = _num(_dict(p).get("rate")), _num(_dict(p).get("attainment"))
-        if rate is not None and att is not None:
-            points.append((rate, att))
+    points = _points(serve.get("attainment_curve"), "attainment")
     if points:
-        return sorted(points)
+        return points
     for rate, runs in _runs_by_rate(serve).items():
         atts = [a for a in (_num(r.get("attainment")) for r in runs) if a is not None]
         if atts:
@@ -133,12 +171,15 @@ def attainment_points(serve: dict) -> list[tuple[float, float]]:
 
 
 def prediction_points(serve: dict) -> list[tuple[float, float]]:
-    points = []
-    for p in _list(serve.get("prediction")):
-        rate, att = _num(_dict(p).get("rate")), _num(_dict(p).get("attainment"))
-        if rate is not None and att is not None:
-            points.append((rate, att))
-    return sorted(points)
+    return _points(serve.get("prediction"), "attainment")
+
+
+def has_serve_data(result: dict) -> bool:
+    """Whether the serve sections (summary, serve plots, runs) have anything to show; a result
+    that only lists placement deployments leaves them out."""
+    if not _list(result.get("deployments")):
+        return True
+    return any(_runs(s) or attainment_points(s) for _, s in serves(result))
 
 
 def goodput_rate(serve: dict) -> float | None:
@@ -208,284 +249,144 @@ def error_counts(runs: Sequence[dict], limit: int = 8) -> list[tuple[str, int]]:
     return sorted(counts.items(), key=lambda kv: -kv[1])[:limit]
 
 
-# ---------------------------------------------------------------- SVG primitives
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """One entry of the result's `deployments`: a placement measured against the simulator's
+    prediction. Rates are real-world req/s (an emulated run's are scaled back)."""
+
+    name: str
+    goodput_per_gpu: float | None
+    predicted_goodput_per_gpu: float | None
+    measured: list[tuple[float, float]]  # (rate, attainment)
+    predicted: list[tuple[float, float]]
 
 
-def nice_ticks(hi: float, lo: float = 0.0, max_intervals: int = 7) -> list[float]:
-    """Round tick values (1, 2, 2.5, 5 x 10^k steps) from lo up to the first tick >= hi: the
-    finest step that needs at most max_intervals, so the axis ends close to the data."""
-    if not hi > lo:
-        hi = lo + 1.0
-    mag = 10 ** math.floor(math.log10((hi - lo) / max_intervals))
-    for step in (m * mag for m in (1, 2, 2.5, 5, 10, 20)):
-        first = math.floor(lo / step + 1e-9) * step
-        count = math.ceil((hi - first) / step - 1e-9)
-        if count <= max_intervals:
-            break
-    return [round(first + i * step, 12) for i in range(count + 1)]
-
-
-def _tick_label(value: float, ticks: Sequence[float]) -> str:
-    step = ticks[1] - ticks[0] if len(ticks) > 1 else 1.0
-    digits = 0
-    while digits < 6 and abs(step * 10**digits - round(step * 10**digits)) > 1e-6:
-        digits += 1
-    return f"{value:,.{digits}f}"
-
-
-@dataclass
-class Frame:
-    """A plot area inside an SVG: data coordinates to pixels."""
-
-    pid: str  # prefix for element ids: several SVGs share one HTML document
-    x_ticks: list[float]
-    y_ticks: list[float]
-    width: int = 740
-    height: int = 360
-    left: int = 64
-    right: int = 236  # room for the legend
-    top: int = 36
-    bottom: int = 52
-
-    @property
-    def x1(self) -> float:
-        return float(self.width - self.right)
-
-    @property
-    def y1(self) -> float:
-        return float(self.height - self.bottom)
-
-    def sx(self, x: float) -> float:
-        lo, hi = self.x_ticks[0], self.x_ticks[-1]
-        return self.left + (x - lo) / (hi - lo) * (self.x1 - self.left)
-
-    def sy(self, y: float) -> float:
-        lo, hi = self.y_ticks[0], self.y_ticks[-1]
-        return self.y1 - (y - lo) / (hi - lo) * (self.y1 - self.top)
-
-
-def svg_document(frame: Frame, title: str, body: list[str]) -> str:
-    """A standalone SVG (xmlns for the .svg files; harmless inline in HTML)."""
-    w, h = frame.width, frame.height
-    return "\n".join(
-        [
-            f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {w} {h}" width="{w}" '
-            f'height="{h}" role="img" aria-label="{_esc(title)}" font-family="DejaVu Sans, '
-            f'Helvetica, Arial, sans-serif" font-size="12">',
-            f"<title>{_esc(title)}</title>",
-            f'<rect x="0" y="0" width="{w}" height="{h}" fill="#ffffff"/>',
-            f'<text x="{w / 2:.1f}" y="20" text-anchor="middle" font-size="14" '
-            f'font-weight="bold">{_esc(title)}</text>',
-            *body,
-            "</svg>",
-        ]
-    )
-
-
-def axes(
-    frame: Frame,
-    x_label: str,
-    y_label: str,
-    y_fmt: Callable[[float], str] | None = None,
-    x_categories: Sequence[str] | None = None,
-) -> list[str]:
-    """Grid, ticks, tick labels, axis labels and the clip path the data is drawn inside. With
-    x_categories the x axis has one label per unit slot (bars) instead of numeric ticks."""
-    f = frame
-    out = [
-        f'<clipPath id="{f.pid}-clip"><rect x="{f.left}" y="{f.top}" '
-        f'width="{f.x1 - f.left:.1f}" height="{f.y1 - f.top:.1f}"/></clipPath>'
+def planned_deployments(result: dict) -> list[Deployment]:
+    entries = [_dict(d) for d in _list(result.get("deployments"))]
+    return [
+        Deployment(
+            name=str(d.get("name") or f"deployment {i + 1}"),
+            goodput_per_gpu=_num(d.get("goodput_per_gpu")),
+            predicted_goodput_per_gpu=_num(d.get("predicted_goodput_per_gpu")),
+            measured=_points(d.get("curve"), "attainment"),
+            predicted=_points(d.get("curve"), "predicted_attainment"),
+        )
+        for i, d in enumerate(entries)
     ]
-    for i, label in enumerate(x_categories or []):
-        out.append(
-            f'<text x="{f.sx(i + 0.5):.1f}" y="{f.y1 + 18}" text-anchor="middle">'
-            f"{_esc(_truncate(label, 24))}</text>"
-        )
-    for x in f.x_ticks if x_categories is None else []:
-        px = f.sx(x)
-        out.append(f'<line x1="{px:.1f}" y1="{f.top}" x2="{px:.1f}" y2="{f.y1}" stroke="#e5e5e5"/>')
-        out.append(f'<line x1="{px:.1f}" y1="{f.y1}" x2="{px:.1f}" y2="{f.y1 + 5}" stroke="#333"/>')
-        out.append(
-            f'<text x="{px:.1f}" y="{f.y1 + 18}" text-anchor="middle">'
-            f"{_esc(_tick_label(x, f.x_ticks))}</text>"
-        )
-    for y in f.y_ticks:
-        py = f.sy(y)
-        label = y_fmt(y) if y_fmt else _tick_label(y, f.y_ticks)
-        out.append(
-            f'<line x1="{f.left}" y1="{py:.1f}" x2="{f.x1}" y2="{py:.1f}" stroke="#e5e5e5"/>'
-        )
-        out.append(
-            f'<line x1="{f.left - 5}" y1="{py:.1f}" x2="{f.left}" y2="{py:.1f}" stroke="#333"/>'
-        )
-        out.append(
-            f'<text x="{f.left - 8}" y="{py + 4:.1f}" text-anchor="end">{_esc(label)}</text>'
-        )
-    mid_x, mid_y = (f.left + f.x1) / 2, (f.top + f.y1) / 2
-    out += [
-        f'<rect x="{f.left}" y="{f.top}" width="{f.x1 - f.left:.1f}" height="{f.y1 - f.top:.1f}" '
-        'fill="none" stroke="#333"/>',
-        f'<text x="{mid_x:.1f}" y="{f.height - 12}" text-anchor="middle">{_esc(x_label)}</text>',
-        f'<text x="16" y="{mid_y:.1f}" text-anchor="middle" '
-        f'transform="rotate(-90 16 {mid_y:.1f})">{_esc(y_label)}</text>',
+
+
+def attainment_target(result: dict) -> float:
+    """The placement plots' target: result["slo"]["attainment"], else the serve SLO's, else
+    the planner's default."""
+    for slo in (_dict(result.get("slo")), _slo(result)):
+        if (target := _num(slo.get("attainment"))) is not None:
+            return target
+    return DEFAULT_ATTAINMENT_TARGET
+
+
+def emulation(result: dict) -> str | None:
+    """E.g. "emulated A100-80GB, time scale 8" when the numbers come from an emulated run."""
+    emulated = result.get("emulated") or _first_serve(result).get("emulated")
+    if not emulated:
+        return None
+    info = _dict(emulated)
+    head = " ".join(["emulated", *([str(info["hardware"])] if info.get("hardware") else [])])
+    details = [
+        f"{key.replace('_', ' ')} {value if isinstance(value, str) else format(value, 'g')}"
+        for key, value in info.items()
+        if key != "hardware" and (isinstance(value, str) or _num(value) is not None)
     ]
-    return out
+    return ", ".join([head, *details])
 
 
-@dataclass
-class LegendItem:
-    label: str
-    colour: str
-    dash: str = ""
-    kind: str = "line"  # line | box | marker
+def _tagged(text: str, result: dict) -> str:
+    note = emulation(result)
+    return f"{text} ({note})" if note else text
 
 
-def legend(frame: Frame, items: Sequence[LegendItem]) -> list[str]:
-    x, y = frame.x1 + 12, frame.top + 6
-    out = []
-    for i, item in enumerate(items):
-        cy = y + 18 * i
-        if item.kind == "box":
-            out.append(
-                f'<rect x="{x:.1f}" y="{cy - 5:.1f}" width="20" height="10" fill="{item.colour}"/>'
-            )
-        elif item.kind == "marker":
-            out.append(_diamond(x + 10, cy, item.colour))
-        else:
-            dash = f' stroke-dasharray="{item.dash}"' if item.dash else ""
-            out.append(
-                f'<line x1="{x:.1f}" y1="{cy:.1f}" x2="{x + 20:.1f}" y2="{cy:.1f}" '
-                f'stroke="{item.colour}" stroke-width="2"{dash}/>'
-            )
-        out.append(
-            f'<text x="{x + 26:.1f}" y="{cy + 4:.1f}" font-size="11">'
-            f"{_esc(_truncate(item.label, 30))}"
-            f"<title>{_esc(item.label)}</title></text>"
-        )
-    return out
+# ---------------------------------------------------------------- plots
 
 
-def polyline(
-    frame: Frame, points: Sequence[tuple[float, float]], colour: str, dash: str = ""
-) -> str:
-    coords = " ".join(f"{frame.sx(x):.1f},{frame.sy(y):.1f}" for x, y in points)
-    dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
-    return (
-        f'<polyline points="{coords}" fill="none" stroke="{colour}" stroke-width="2"'
-        f'{dash_attr} clip-path="url(#{frame.pid}-clip)"/>'
-    )
+def _svg(name: str, result: dict, draw: Callable[[Axes], None]) -> str:
+    """Plot `name` drawn by `draw` with matplotlib's SVG backend (no pyplot), as an <svg>
+    element. The per-plot hash salt makes the clip/marker ids deterministic and unique among
+    the SVGs inlined in one page; group ids ("axes_1", ...) get the plot name for the same
+    reason ("<g id=" cannot occur in text: matplotlib escapes "<")."""
+    with mpl.rc_context(RC | {"svg.hashsalt": name}):
+        fig = Figure(figsize=(8, 4), layout="constrained")
+        note = emulation(result)
+        fig.suptitle(PLOTS[name] + (f"\n({note})" if note else ""), fontweight="bold")
+        ax = fig.add_subplot()
+        draw(ax)
+        if ax.get_legend_handles_labels()[0]:
+            fig.legend(loc="outside right upper")
+        buf = io.StringIO()
+        fig.savefig(buf, format="svg", metadata=SVG_METADATA)
+    text = buf.getvalue()
+    return text[text.index("<svg") :].replace('<g id="', f'<g id="{name}-')
 
 
-def _diamond(cx: float, cy: float, colour: str, r: float = 7) -> str:
-    return (
-        f'<polygon points="{cx:.1f},{cy - r:.1f} {cx + r:.1f},{cy:.1f} {cx:.1f},{cy + r:.1f} '
-        f'{cx - r:.1f},{cy:.1f}" fill="{colour}" stroke="#000" stroke-width="1"/>'
-    )
-
-
-def _hline(frame: Frame, y: float, colour: str = "#555") -> str:
-    py = frame.sy(y)
-    return (
-        f'<line x1="{frame.left}" y1="{py:.1f}" x2="{frame.x1}" y2="{py:.1f}" stroke="{colour}" '
-        f'stroke-width="1.5" stroke-dasharray="{DASH}"/>'
-    )
-
-
-def _vline(frame: Frame, x: float, colour: str = "#555") -> str:
-    px = frame.sx(x)
-    return (
-        f'<line x1="{px:.1f}" y1="{frame.top}" x2="{px:.1f}" y2="{frame.y1}" stroke="{colour}" '
-        f'stroke-width="1.5" stroke-dasharray="{DASH}" clip-path="url(#{frame.pid}-clip)"/>'
-    )
-
-
-def _note(frame: Frame, text: str) -> str:
+def _note(ax: Axes, text: str) -> None:
     """A message in the middle of an empty plot."""
-    return (
-        f'<text x="{(frame.left + frame.x1) / 2:.1f}" y="{(frame.top + frame.y1) / 2:.1f}" '
-        f'text-anchor="middle" fill="#777">{_esc(text)}</text>'
-    )
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="#777")
 
 
-# ---------------------------------------------------------------- the four plots
+def _colour(i: int) -> str:
+    return PALETTE[i % len(PALETTE)]
 
 
-def _colours(result: dict) -> dict[str, str]:
-    return {name: PALETTE[i % len(PALETTE)] for i, (name, _) in enumerate(deployments(result))}
+def _attainment_axes(ax: Axes, target: float | None) -> None:
+    if target is not None:
+        ax.axhline(target, color=TARGET_COLOUR, ls="--", label=f"target {100 * target:g}%")
+    ax.set(xlabel="offered rate (req/s)", ylabel="SLO attainment", ylim=(-0.02, 1.05))
+    ax.set_xlim(left=0)
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
 
 
-def _slo(result: dict) -> dict:
-    return _dict(_first_serve(result).get("slo"))
-
-
-def _interp(points: Sequence[tuple[float, float]], x: float) -> float | None:
-    """Linear interpolation on a sorted curve; None outside it."""
-    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
-        if x0 <= x <= x1:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    if points and abs(points[-1][0] - x) < 1e-12:
-        return points[-1][1]
-    return None
+def _curve(ax: Axes, points: Sequence[tuple[float, float]], colour: str, label: str, **kw) -> None:
+    if points:
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, ys, color=colour, label=_label(label), **kw)
 
 
 def attainment_svg(result: dict) -> str:
-    colours, target = _colours(result), _num(_slo(result).get("attainment"))
-    deps = deployments(result)
-    curves = {name: attainment_points(s) for name, s in deps}
-    preds = {name: prediction_points(s) for name, s in deps}
-    goodputs = {name: _num(s.get("goodput_rps")) for name, s in deps}
-    xs = [x for pts in (*curves.values(), *preds.values()) for x, _ in pts]
-    xs += [g for g in goodputs.values() if g is not None]
-    frame = Frame("attainment", nice_ticks(max(xs, default=1.0) * 1.05), nice_ticks(1.0))
-    body = axes(frame, "offered rate (req/s)", "SLO attainment", lambda y: f"{100 * y:.0f}%")
-    items = []
-    if target is not None:
-        body.append(_hline(frame, target))
-        items.append(LegendItem(f"target {100 * target:.0f}%", "#555", DASH))
-    for name, _ in deps:
-        colour, points = colours[name], curves[name]
-        if points:
-            body.append(polyline(frame, points, colour))
-            body += [
-                f'<circle cx="{frame.sx(x):.1f}" cy="{frame.sy(y):.1f}" r="3.5" fill="{colour}"/>'
-                for x, y in points
-            ]
-            items.append(LegendItem(f"{name} measured", colour))
-        if preds[name]:
-            body.append(polyline(frame, preds[name], colour, DASH))
-            items.append(LegendItem(f"{name} predicted", colour, DASH))
-        g = goodputs[name]
-        if g is not None:
-            y = _interp(points, g) if target is None else target
-            body.append(_diamond(frame.sx(g), frame.sy(y if y is not None else 0.0), colour))
-            items.append(LegendItem(f"{name} goodput {g:.2f}", colour, kind="marker"))
-    if not any(curves.values()):
-        body.append(_note(frame, "no runs"))
-    return svg_document(frame, "SLO attainment vs offered rate", body + legend(frame, items))
+    """Measured attainment per serve deployment (dashed: the simulator's prediction), the
+    target, and the goodput as a diamond."""
+    target = _num(_slo(result).get("attainment"))
+
+    def draw(ax: Axes) -> None:
+        for i, (name, serve) in enumerate(serves(result)):
+            points = attainment_points(serve)
+            _curve(ax, points, _colour(i), f"{name} measured", marker="o", ms=4)
+            _curve(ax, prediction_points(serve), _colour(i), f"{name} predicted", ls="--")
+            g = _num(serve.get("goodput_rps"))
+            if g is not None:
+                y = target
+                if y is None and points:  # no target: on the measured curve
+                    y = float(np.interp(g, *np.transpose(points)))
+                label = _label(f"{name} goodput {g:.2f}")
+                ax.plot([g], [y or 0.0], "D", color=_colour(i), mec="k", ms=8, label=label)
+        if not any(attainment_points(s) for _, s in serves(result)):
+            _note(ax, "no runs")
+        _attainment_axes(ax, target)
+
+    return _svg("attainment", result, draw)
 
 
-def _cdf_series(result: dict, key: str) -> list[tuple[str, str, list[float], int]]:
-    """(label, colour, sorted ms values, request count) per curve: every rate (thinned to the
+def run_groups(result: dict) -> list[tuple[str, str, list[dict]]]:
+    """(label, colour, runs) per CDF curve and breakdown bar: every rate (thinned to the
     palette size, keeping the ends and the goodput rate) for one deployment; for a compare
     each deployment at its goodput-nearest rate, the fair point to compare latencies at."""
-    series = []
-    deps = deployments(result)
     if result.get("compare"):
-        colours = _colours(result)
-        for name, serve in deps:
-            rate = goodput_rate(serve)
-            if rate is None:
-                continue
-            values, total = latency_samples(_runs_by_rate(serve)[rate], key)
-            series.append((f"{name} @ {rate:g} req/s", colours[name], values, total))
-        return series
-    serve = deps[0][1] if deps else {}
-    groups = _runs_by_rate(serve)
-    rates = _pick_rates(list(groups), goodput_rate(serve), MAX_CDF_CURVES)
-    for i, rate in enumerate(rates):
-        values, total = latency_samples(groups[rate], key)
-        series.append((f"{rate:g} req/s", PALETTE[i % len(PALETTE)], values, total))
-    return series
+        groups = []
+        for i, (name, serve) in enumerate(serves(result)):
+            if (rate := goodput_rate(serve)) is not None:
+                groups.append((f"{name} @ {rate:g} req/s", _colour(i), _runs_by_rate(serve)[rate]))
+        return groups
+    serve = _first_serve(result)
+    by_rate = _runs_by_rate(serve)
+    rates = _pick_rates(list(by_rate), goodput_rate(serve), MAX_CDF_CURVES)
+    return [(f"{rate:g} req/s", _colour(i), by_rate[rate]) for i, rate in enumerate(rates)]
 
 
 def _pick_rates(rates: list[float], keep: float | None, limit: int) -> list[float]:
@@ -514,104 +415,123 @@ def _cdf_points(values: Sequence[float], total: int) -> list[tuple[float, float]
     return points
 
 
-def _quantile(values: Sequence[float], q: float) -> float:
-    return values[min(len(values) - 1, int(q * len(values)))]
-
-
 def cdf_svg(result: dict, metric: str) -> str:
     """metric: "ttft" or "tpot"."""
-    name = metric.upper()
-    slo_ms = _num(_slo(result).get(f"{metric}_s"))
-    slo_ms = None if slo_ms is None else 1000 * slo_ms
-    series = _cdf_series(result, f"{metric}s")
-    pooled = sorted(v for _, _, values, _ in series for v in values)
+    name, slo_ms = metric.upper(), _ms(_slo(result).get(f"{metric}_s"))
+    series = [
+        (label, c, *latency_samples(runs, f"{metric}s")) for label, c, runs in run_groups(result)
+    ]
+    pooled = sorted(v for *_, values, _ in series for v in values)
     # A heavy tail would squash every curve against the y axis: clip the x axis near the pooled
     # p99 (but always show the SLO line).
-    x_hi = _quantile(pooled, 0.99) * 1.1 if pooled else 1.0
-    x_hi = max(x_hi, 1.15 * slo_ms if slo_ms else 0.0)
-    frame = Frame(f"{metric}-cdf", nice_ticks(x_hi), nice_ticks(1.0))
-    body = axes(frame, f"{name} (ms)", "fraction of requests", lambda y: f"{y:g}")
-    items = []
-    for label, colour, values, total in series:
-        points = _cdf_points(values, total)
-        if points:
-            # Carry the last step to the right edge so a curve that tops out below 1 (failed
-            # requests) reads as a plateau, not as data that stops.
-            points.append((frame.x_ticks[-1] * 2, points[-1][1]))
-            body.append(polyline(frame, points, colour))
-            items.append(LegendItem(label, colour))
-    if slo_ms is not None:
-        body.append(_vline(frame, slo_ms, "#C00000"))
-        items.append(LegendItem(f"SLO {slo_ms:g} ms", "#C00000", DASH))
-    if not pooled:
-        body.append(_note(frame, f"no {name} samples"))
-    return svg_document(frame, f"{name} CDF", body + legend(frame, items))
+    p99 = pooled[min(len(pooled) - 1, int(0.99 * len(pooled)))] if pooled else 0.0
+    x_hi = max(1.1 * p99, 1.15 * (slo_ms or 0.0)) or 1.0
+
+    def draw(ax: Axes) -> None:
+        for label, colour, values, total in series:
+            points = _cdf_points(values, total)
+            # Carried past the right edge so a curve that tops out below 1 (failed requests)
+            # reads as a plateau, not as data that stops.
+            points += [(2 * x_hi, points[-1][1])] if points else []
+            _curve(ax, points, colour, label, lw=1.5)
+        if slo_ms is not None:
+            ax.axvline(slo_ms, color=SLO_COLOUR, ls="--", label=f"SLO {slo_ms:g} ms")
+        if not pooled:
+            _note(ax, f"no {name} samples")
+        ax.set(xlim=(0, x_hi), ylim=(0, 1.02), xlabel=f"{name} (ms)")
+        ax.set_ylabel("fraction of requests")
+
+    return _svg(f"{metric}_cdf", result, draw)
 
 
-def _breakdown_bars(result: dict) -> list[tuple[str, dict[str, float] | None]]:
-    """(bar label, stage means) per rate; per deployment (at its goodput-nearest rate) for a
-    compare, like the CDFs."""
-    deps = deployments(result)
-    if result.get("compare"):
-        bars = []
-        for name, serve in deps:
-            rate = goodput_rate(serve)
-            if rate is not None:
-                bars.append((f"{name} @ {rate:g}", breakdown(_runs_by_rate(serve)[rate])))
-        return bars
-    serve = deps[0][1] if deps else {}
-    return [(f"{rate:g}", breakdown(runs)) for rate, runs in _runs_by_rate(serve).items()]
+def _categories(ax: Axes, labels: Sequence[str]) -> None:
+    """One x slot per label; a few bars keep a bar's width instead of filling the plot."""
+    n, slots, labels = len(labels), max(len(labels), 4), [_label(s, 24) for s in labels]
+    crowded = n * max(map(len, labels), default=0) > 60  # would overlap side by side
+    ax.set_xticks(
+        range(n), labels, rotation=20 if crowded else 0, ha="right" if crowded else "center"
+    )
+    ax.set_xlim((n - 1 - slots) / 2, (n - 1 + slots) / 2)
+    ax.grid(axis="x", visible=False)
 
 
 def breakdown_svg(result: dict) -> str | None:
     """Stacked bars of the mean TTFT stages; None when no run reported a breakdown."""
-    bars = _breakdown_bars(result)
+    bars = [(label, breakdown(runs)) for label, _, runs in run_groups(result)]
     if not any(b for _, b in bars):
         return None
     stages = _stage_order(k for _, b in bars if b for k in b)
-    slo_ms = _num(_slo(result).get("ttft_s"))
-    slo_ms = None if slo_ms is None else 1000 * slo_ms
-    top = max(sum(max(v, 0.0) for v in b.values()) for _, b in bars if b)
-    frame = Frame("breakdown", [0.0, float(len(bars))], nice_ticks(max(top, slo_ms or 0) * 1.05))
-    compare = bool(result.get("compare"))
-    x_label = "deployment @ rate (req/s)" if compare else "offered rate (req/s)"
-    body = axes(frame, x_label, "mean TTFT (ms)", x_categories=[label for label, _ in bars])
-    width = min((frame.x1 - frame.left) / len(bars) * 0.6, 90.0)  # one bar: not a slab
-    for i, (_, stage_ms) in enumerate(bars):
-        cx = frame.sx(i + 0.5)
-        if not stage_ms:
-            body.append(f'<text x="{cx:.1f}" y="{frame.y1 - 6}" text-anchor="middle">n/a</text>')
-            continue
-        base = 0.0
+    slo_ms = _ms(_slo(result).get("ttft_s"))
+
+    def draw(ax: Axes) -> None:
+        base = [0.0] * len(bars)
         for key, label, colour in stages:
-            v = max(stage_ms.get(key, 0.0), 0.0)
-            if v <= 0:
-                continue
-            y_top, y_bottom = frame.sy(base + v), frame.sy(base)
-            body.append(
-                f'<rect x="{cx - width / 2:.1f}" y="{y_top:.1f}" width="{width:.1f}" '
-                f'height="{y_bottom - y_top:.1f}" fill="{colour}">'
-                f"<title>{_esc(label)}: {v:.1f} ms</title></rect>"
-            )
-            base += v
-    items = [LegendItem(label, colour, kind="box") for _, label, colour in stages]
-    if slo_ms is not None:
-        body.append(_hline(frame, slo_ms, "#C00000"))
-        items.append(LegendItem(f"TTFT SLO {slo_ms:g} ms", "#C00000", DASH))
-    return svg_document(frame, "Mean TTFT breakdown", body + legend(frame, items))
+            heights = [max((b or {}).get(key, 0.0), 0.0) for _, b in bars]
+            ax.bar(range(len(bars)), heights, 0.6, bottom=base, color=colour, label=label)
+            base = [b + h for b, h in zip(base, heights, strict=True)]
+        for i, (_, b) in enumerate(bars):
+            if not b:
+                ax.text(i, 0, "n/a", ha="center", va="bottom", color="#777")
+        if slo_ms is not None:
+            ax.axhline(slo_ms, color=SLO_COLOUR, ls="--", label=f"TTFT SLO {slo_ms:g} ms")
+        _categories(ax, [label for label, _ in bars])
+        ax.set_ylabel("mean TTFT (ms)")
+
+    return _svg("breakdown", result, draw)
+
+
+def deployment_attainment_svg(result: dict) -> str | None:
+    """Measured (solid) vs predicted (dashed) attainment of each placement deployment."""
+    deps = planned_deployments(result)
+    if not deps:
+        return None
+
+    def draw(ax: Axes) -> None:
+        for i, d in enumerate(deps):
+            _curve(ax, d.measured, _colour(i), f"{d.name} measured", marker="o", ms=4)
+            _curve(ax, d.predicted, _colour(i), f"{d.name} predicted", ls="--")
+        if not any(d.measured or d.predicted for d in deps):
+            _note(ax, "no attainment curves")
+        _attainment_axes(ax, attainment_target(result))
+
+    return _svg("deployment_attainment", result, draw)
+
+
+def deployment_goodput_svg(result: dict) -> str | None:
+    """Goodput per GPU of each placement deployment, measured beside predicted."""
+    deps = planned_deployments(result)
+    if not deps:
+        return None
+
+    def draw(ax: Axes) -> None:
+        pairs = [("measured", [d.goodput_per_gpu for d in deps], PALETTE[0], "")]
+        pairs.append(("predicted", [d.predicted_goodput_per_gpu for d in deps], PALETTE[1], "//"))
+        for j, (label, values, colour, hatch) in enumerate(pairs):
+            xs = [i + (j - 0.5) * 0.38 for i in range(len(deps))]
+            heights = [v or 0.0 for v in values]
+            bars = ax.bar(xs, heights, 0.38, color=colour, hatch=hatch, label=label)
+            ax.bar_label(bars, labels=[_fmt(v) for v in values], padding=2, fontsize=8)
+        _categories(ax, [d.name for d in deps])
+        ax.set_ylabel("goodput per GPU (req/s)")
+        ax.margins(y=0.12)
+
+    return _svg("deployment_goodput", result, draw)
 
 
 def plot_svgs(result: dict) -> dict[str, str]:
     """name -> SVG text for every plot this result can draw (breakdown may be missing)."""
     svgs = {
-        "attainment": attainment_svg(result),
-        "ttft_cdf": cdf_svg(result, "ttft"),
-        "tpot_cdf": cdf_svg(result, "tpot"),
+        "deployment_attainment": deployment_attainment_svg(result),
+        "deployment_goodput": deployment_goodput_svg(result),
     }
-    bd = breakdown_svg(result)
-    if bd is not None:
-        svgs["breakdown"] = bd
-    return svgs
+    if has_serve_data(result):
+        svgs |= {
+            "attainment": attainment_svg(result),
+            "ttft_cdf": cdf_svg(result, "ttft"),
+            "tpot_cdf": cdf_svg(result, "tpot"),
+            "breakdown": breakdown_svg(result),
+        }
+    return {name: svg for name, svg in svgs.items() if svg is not None}
 
 
 # ---------------------------------------------------------------- tables (format-neutral)
@@ -631,17 +551,17 @@ def header_rows(result: dict) -> list[tuple[str, str]]:
         f"TPOT ≤ {_fmt(_ms(slo.get('tpot_s')), 0)} ms, "
         f"attainment ≥ {_pct(slo.get('attainment'))}"
     )
-    modes = ", ".join(f"{n} ({_gpus(s)})" for n, s in deployments(result))
-    targets = _per_deployment(result, "target")
-    return [
+    modes = ", ".join(f"{n} ({_gpus(s)})" for n, s in serves(result))
+    rows = [
         ("Model", str(serve.get("model_id") or "—")),
         ("Mode" if not result.get("compare") else "Deployments", modes or "—"),
         ("Workload", wl),
         ("SLO", slo_text),
         ("Date", str(result.get("date") or serve.get("date") or "—")),
-        ("Backend", _per_deployment(result, "backend")),
-        ("Target", targets or "—"),
+        ("Backend", _per_serve(result, "backend")),
+        ("Target", _per_serve(result, "target") or "—"),
     ]
+    return rows if has_serve_data(result) else [r for r in rows if r[0] not in ("Mode", "Target")]
 
 
 def _gpus(serve: dict) -> str:
@@ -649,17 +569,12 @@ def _gpus(serve: dict) -> str:
     return "? GPUs" if n is None else f"{n:g} GPU" + ("" if n == 1 else "s")
 
 
-def _per_deployment(result: dict, key: str) -> str:
+def _per_serve(result: dict, key: str) -> str:
     """One value if the deployments agree, else "name: value" for each."""
-    values = [(name, str(serve.get(key) or "—")) for name, serve in deployments(result)]
+    values = [(name, str(serve.get(key) or "—")) for name, serve in serves(result)]
     if len({v for _, v in values}) <= 1:
         return values[0][1] if values else "—"
     return ", ".join(f"{name}: {v}" for name, v in values)
-
-
-def _ms(seconds: object) -> float | None:
-    v = _num(seconds)
-    return None if v is None else 1000 * v
 
 
 def _best_attainment(serve: dict) -> float | None:
@@ -668,37 +583,50 @@ def _best_attainment(serve: dict) -> float | None:
 
 def summary_table(result: dict) -> tuple[list[str], list[list[str]]]:
     """(header, rows): one column per deployment, plus the ratio row for a compare."""
-    deps = deployments(result)
-    header = ["", *(name for name, _ in deps)]
+    pairs = serves(result)
+    header = ["", *(name for name, _ in pairs)]
     rows = [
-        ["Goodput (req/s)", *(_fmt(s.get("goodput_rps")) for _, s in deps)],
-        ["Goodput per GPU (req/s)", *(_fmt(s.get("goodput_per_gpu")) for _, s in deps)],
-        ["GPUs", *(_fmt(s.get("num_gpus"), 0) for _, s in deps)],
-        ["Rates measured", *(str(len(_runs_by_rate(s))) for _, s in deps)],
-        ["Best attainment", *(_pct(_best_attainment(s)) for _, s in deps)],
+        ["Goodput (req/s)", *(_fmt(s.get("goodput_rps")) for _, s in pairs)],
+        ["Goodput per GPU (req/s)", *(_fmt(s.get("goodput_per_gpu")) for _, s in pairs)],
+        ["GPUs", *(_fmt(s.get("num_gpus"), 0) for _, s in pairs)],
+        ["Rates measured", *(str(len(_runs_by_rate(s))) for _, s in pairs)],
+        ["Best attainment", *(_pct(_best_attainment(s)) for _, s in pairs)],
     ]
-    rows += _slo_scale_rows(deps)
+    rows += _slo_scale_rows(pairs)
     if result.get("compare"):
-        names = " ÷ ".join(name for name, _ in deps)
+        names = " ÷ ".join(name for name, _ in pairs)
         rows.append(
             [f"Goodput per GPU ratio ({names})", _fmt(result.get("goodput_per_gpu_ratio"))]
-            + [""] * (len(deps) - 1)
+            + [""] * (len(pairs) - 1)
         )
     return header, rows
 
 
-def _slo_scale_rows(deps: list[tuple[str, dict]]) -> list[list[str]]:
+def _slo_scale_rows(pairs: list[tuple[str, dict]]) -> list[list[str]]:
     """Goodput at each --slo-scale multiple of the SLOs (the same runs, rescored)."""
     scales: dict[float, dict[str, object]] = {}
-    for name, serve in deps:
+    for name, serve in pairs:
         for entry in _list(serve.get("slo_scale")):
             scale = _num(_dict(entry).get("scale"))
             if scale is not None:
                 scales.setdefault(scale, {})[name] = _dict(entry).get("goodput_rps")
     return [
-        [f"Goodput at {scale:g}x SLOs (req/s)", *(_fmt(by.get(name)) for name, _ in deps)]
+        [f"Goodput at {scale:g}x SLOs (req/s)", *(_fmt(by.get(name)) for name, _ in pairs)]
         for scale, by in sorted(scales.items())
     ]
+
+
+DEPLOYMENT_COLUMNS = ["Deployment", "Goodput per GPU (req/s)", "Predicted (req/s)",
+                      "Measured ÷ predicted"]  # fmt: skip
+
+
+def deployment_rows(result: dict) -> list[list[str]]:
+    rows = []
+    for d in planned_deployments(result):
+        measured, predicted = d.goodput_per_gpu, d.predicted_goodput_per_gpu
+        ratio = measured / predicted if measured is not None and predicted else None
+        rows.append([d.name, _fmt(measured), _fmt(predicted), _fmt(ratio)])
+    return rows
 
 
 RUN_COLUMNS = ["Rate (req/s)", "Completed / failed", "Attainment", "TTFT att.", "TPOT att.",
@@ -721,6 +649,39 @@ def runs_rows(serve: dict) -> list[list[str]]:
     return rows
 
 
+def _title(result: dict) -> str:
+    kind = "comparison" if result.get("compare") else "benchmark"
+    model = _first_serve(result).get("model_id") or "unknown model"
+    return _tagged(f"Goodput {kind}: {model}", result)
+
+
+def report_blocks(result: dict, plots: Iterable[str]) -> list[tuple]:
+    """The report's content, format-neutral: (kind, ...) blocks that _html and _markdown
+    render, so the two reports cannot drift apart. `plots` names the plots drawn."""
+    serve = has_serve_data(result)
+    blocks: list[tuple] = [("title", _title(result))]
+    if note := emulation(result):
+        blocks.append(("banner", f"Not measured on real hardware: every number here is {note}."))
+    blocks.append(("meta", header_rows(result)))
+    if planned_deployments(result):
+        heading = _tagged("Deployments: measured vs predicted", result)
+        blocks += [("h2", heading), ("table", DEPLOYMENT_COLUMNS, deployment_rows(result))]
+    if serve:
+        blocks += [("h2", _tagged("Summary", result)), ("table", *summary_table(result))]
+    drawn = [(name, _tagged(title, result)) for name, title in PLOTS.items() if name in plots]
+    blocks += [("h2", "Plots"), ("plots", drawn)]
+    if serve and "breakdown" not in plots:
+        blocks.append(("note", NO_BREAKDOWN))
+    if serve:
+        blocks.append(("h2", _tagged("Runs", result)))
+        for name, s in serves(result):
+            blocks += [("h3", name)] if result.get("compare") else []
+            rows = runs_rows(s)
+            blocks.append(("table", RUN_COLUMNS, rows) if rows else ("note", "No runs."))
+            blocks += [("errors", errors)] if (errors := error_counts(_runs(s))) else []
+    return blocks
+
+
 # ---------------------------------------------------------------- HTML
 
 CSS = """
@@ -737,9 +698,15 @@ table.meta td { text-align: left; }
 figure { margin: 0; border: 1px solid #ddd; padding: 8px; }
 figure svg { width: 100%; height: auto; display: block; }
 figcaption, .note { color: #555; font-size: 13px; margin-top: 4px; }
+.emulated { border-left: 4px solid #E69F00; padding: 4px 8px; background: #fff8e6; }
 """
 
 CAPTIONS = {
+    "deployment_attainment": "Per placement deployment: measured attainment (solid) and the "
+    "simulator's prediction (dashed, same colour); grey dashed line: the attainment target. "
+    "Rates in real-world req/s.",
+    "deployment_goodput": "Goodput per GPU of each placement deployment: measured beside the "
+    "simulator's prediction (hatched).",
     "attainment": "Measured share of requests meeting both SLOs (trials averaged); dashed "
     "coloured lines: the simulator's prediction; diamond: the goodput.",
     "ttft_cdf": "Failed requests count as never finishing, so a curve tops out at the success "
@@ -756,21 +723,39 @@ def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _html_meta(rows: Sequence[tuple[str, str]]) -> str:
-    body = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in rows)
-    return f'<table class="meta"><tbody>{body}</tbody></table>'
-
-
-def _title(result: dict) -> str:
-    kind = "comparison" if result.get("compare") else "benchmark"
-    model = _first_serve(result).get("model_id") or "unknown model"
-    return f"Goodput {kind}: {model}"
+def _html_block(block: tuple, svgs: dict[str, str]) -> str:
+    match block:
+        case ("title", text):
+            return f"<h1>{_esc(text)}</h1>"
+        case ("h2" | "h3" as tag, text):
+            return f"<{tag}>{_esc(text)}</{tag}>"
+        case ("banner" | "note" as kind, text):
+            return f'<p class="{"emulated" if kind == "banner" else "note"}">{_esc(text)}</p>'
+        case ("meta", rows):
+            body = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in rows)
+            return f'<table class="meta"><tbody>{body}</tbody></table>'
+        case ("table", header, rows):
+            return _html_table(header, rows)
+        case ("errors", errors):
+            items = "".join(f"<li>{n} × <code>{_esc(e)}</code></li>" for e, n in errors)
+            return f'<p class="note">Most common errors:</p><ul>{items}</ul>'
+        case ("plots", drawn):
+            figures = [
+                f'<figure id="{name}">{svgs[name]}<figcaption>{_esc(CAPTIONS[name])}'
+                "</figcaption></figure>"
+                for name, _ in drawn
+            ]
+            return '<div class="plots">\n' + "\n".join(figures) + "\n</div>"
+    raise ValueError(f"unknown report block {block[0]!r}")
 
 
 def render_html(result: dict) -> str:
     """The whole report as one HTML document with nothing to fetch."""
-    svgs = plot_svgs(result)
-    parts = [
+    return _html(result, plot_svgs(result))
+
+
+def _html(result: dict, svgs: dict[str, str]) -> str:
+    head = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         # The report must never reach out: forbid every fetch; inline styles only, no scripts.
@@ -779,40 +764,9 @@ def render_html(result: dict) -> str:
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{_esc(_title(result))}</title>",
         f"<style>{CSS}</style></head><body>",
-        f"<h1>{_esc(_title(result))}</h1>",
-        _html_meta(header_rows(result)),
-        "<h2>Summary</h2>",
-        _html_table(*summary_table(result)),
-        "<h2>Plots</h2>",
-        '<div class="plots">',
     ]
-    for name, _ in PLOTS:
-        if name in svgs:
-            parts.append(
-                f'<figure id="{name}">{svgs[name]}<figcaption>{_esc(CAPTIONS[name])}'
-                "</figcaption></figure>"
-            )
-    parts.append("</div>")
-    if "breakdown" not in svgs:
-        parts.append(f'<p class="note">{_esc(NO_BREAKDOWN)}</p>')
-    parts += _html_runs(result)
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
-
-
-def _html_runs(result: dict) -> list[str]:
-    parts = ["<h2>Runs</h2>"]
-    compare = bool(result.get("compare"))
-    for name, serve in deployments(result):
-        if compare:
-            parts.append(f"<h3>{_esc(name)}</h3>")
-        rows = runs_rows(serve)
-        parts.append(_html_table(RUN_COLUMNS, rows) if rows else '<p class="note">No runs.</p>')
-        errors = error_counts(_runs(serve))
-        if errors:
-            items = "".join(f"<li>{n} × <code>{_esc(e)}</code></li>" for e, n in errors)
-            parts.append(f'<p class="note">Most common errors:</p><ul>{items}</ul>')
-    return parts
+    body = [_html_block(b, svgs) for b in report_blocks(result, svgs)]
+    return "\n".join([*head, *body, "</body></html>"]) + "\n"
 
 
 # ---------------------------------------------------------------- Markdown
@@ -827,16 +781,41 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric: boo
     return "\n".join(lines)
 
 
-def write_svgs(result: dict, svg_dir: Path) -> dict[str, Path]:
+HEADING_MARKS = {"title": "#", "h2": "##", "h3": "###"}
+
+
+def _md_block(block: tuple, svg_paths: dict[str, Path], link_prefix: str) -> str:
+    match block:
+        case ("title" | "h2" | "h3" as kind, text):
+            return f"{HEADING_MARKS[kind]} {_md_esc(text)}"
+        case ("banner", text):
+            return f"> **{_md_esc(text)}**"
+        case ("note", text):
+            return f"_{_md_esc(text)}_"
+        case ("meta", rows):
+            return _md_table(["", ""], rows, numeric=False)
+        case ("table", header, rows):
+            return _md_table(header, rows)
+        case ("errors", errors):
+            return "Most common errors:\n\n" + "\n".join(f"- {n} × {_md_esc(e)}" for e, n in errors)
+        case ("plots", drawn):
+            return "\n\n".join(
+                f"![{_md_esc(title)}]({quote(link_prefix + svg_paths[name].name)})\n\n"
+                + CAPTIONS[name]
+                for name, title in drawn
+            )
+    raise ValueError(f"unknown report block {block[0]!r}")
+
+
+def write_svgs(svgs: dict[str, str], svg_dir: Path) -> dict[str, Path]:
     """svg_dir/<plot>.svg for each plot drawn; a plot not drawn this time (no breakdown) loses
     its file from an earlier report so nothing stale is left to be mistaken for this one."""
     svg_dir.mkdir(parents=True, exist_ok=True)
-    svgs = plot_svgs(result)
     paths = {}
-    for name, _ in PLOTS:
+    for name in PLOTS:
         path = svg_dir / f"{name}.svg"
         if name in svgs:
-            path.write_text(svgs[name] + "\n", encoding="utf-8")
+            path.write_text(svgs[name], encoding="utf-8")
             paths[name] = path
         else:
             path.unlink(missing_ok=True)
@@ -846,33 +825,12 @@ def write_svgs(result: dict, svg_dir: Path) -> dict[str, Path]:
 def render_markdown(result: dict, svg_dir: Path, link_prefix: str = "") -> str:
     """The report as Markdown; writes the plots as svg_dir/<plot>.svg and links them as
     link_prefix + "<plot>.svg" (so link_prefix is svg_dir relative to the Markdown file)."""
-    return _markdown(result, write_svgs(result, Path(svg_dir)), link_prefix)
+    return _markdown(result, write_svgs(plot_svgs(result), Path(svg_dir)), link_prefix)
 
 
-def _markdown(result: dict, svgs: dict[str, Path], link_prefix: str) -> str:
-    parts = [
-        f"# {_md_esc(_title(result))}",
-        "",
-        _md_table(["", ""], header_rows(result), numeric=False),
-        "",
-    ]
-    parts += ["## Summary", "", _md_table(*summary_table(result)), "", "## Plots", ""]
-    for name, title in PLOTS:
-        if name in svgs:
-            parts += [f"![{title}]({quote(link_prefix + svgs[name].name)})", "", CAPTIONS[name], ""]
-    if "breakdown" not in svgs:
-        parts += [f"_{NO_BREAKDOWN}_", ""]
-    parts += ["## Runs", ""]
-    for name, serve in deployments(result):
-        if result.get("compare"):
-            parts += [f"### {_md_esc(name)}", ""]
-        rows = runs_rows(serve)
-        parts += [_md_table(RUN_COLUMNS, rows) if rows else "No runs.", ""]
-        errors = error_counts(_runs(serve))
-        if errors:
-            parts += ["Most common errors:", ""]
-            parts += [f"- {n} × {_md_esc(e)}" for e, n in errors] + [""]
-    return "\n".join(parts)
+def _markdown(result: dict, svg_paths: dict[str, Path], link_prefix: str) -> str:
+    blocks = report_blocks(result, svg_paths)
+    return "\n\n".join(_md_block(b, svg_paths, link_prefix) for b in blocks) + "\n"
 
 
 def write_reports(result: dict, out_dir: Path, stem: str = "report") -> dict[str, Path]:
@@ -880,12 +838,12 @@ def write_reports(result: dict, out_dir: Path, stem: str = "report") -> dict[str
     {"html": .., "md": .., "<plot>": ..svg} (a per-stem SVG folder so reports can share a dir)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    svg_dir = out_dir / f"{stem}_svg"
     html_path, md_path = out_dir / f"{stem}.html", out_dir / f"{stem}.md"
-    html_path.write_text(render_html(result), encoding="utf-8")
-    svgs = write_svgs(result, svg_dir)
-    md_path.write_text(_markdown(result, svgs, f"{stem}_svg/"), encoding="utf-8")
-    return {"html": html_path, "md": md_path, **svgs}
+    svgs = plot_svgs(result)  # drawn once for both reports
+    html_path.write_text(_html(result, svgs), encoding="utf-8")
+    svg_paths = write_svgs(svgs, out_dir / f"{stem}_svg")
+    md_path.write_text(_markdown(result, svg_paths, f"{stem}_svg/"), encoding="utf-8")
+    return {"html": html_path, "md": md_path, **svg_paths}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,8 +1,9 @@
 """The goodput benchmark's HTML/Markdown report (cluster.bench.html_report): on synthetic serve
 and compare results (random but plausible, with failures, repeated trials and nulls) every plot
 is drawn, the numbers and names show up escaped, the SVGs are well-formed XML, odd inputs do
-not crash, and headless Chromium opens the HTML without console errors and paints the plots
-(skipped only where no Chromium is installed; CI installs Debian's `chromium`)."""
+not crash, placement deployments and emulated runs are shown and labelled, re-rendering gives
+the same SVG text, and headless Chromium opens the HTML without console errors and paints the
+plots (skipped only where no Chromium is installed; CI installs Debian's `chromium`)."""
 
 from __future__ import annotations
 
@@ -171,6 +172,30 @@ def make_serve(
     }
 
 
+def make_deployments(names: tuple[str, ...] = ("2P1D", "1P1D")) -> list[dict]:
+    """The `deployments` a placement check writes: measured vs the simulator's prediction."""
+    deps = []
+    for i, name in enumerate(names):
+        capacity = 6.0 - 2 * i
+        curve = [
+            {
+                "rate": rate,
+                "attainment": min(1.0, max(0.0, 1.6 - rate / capacity)),
+                "predicted_attainment": min(1.0, max(0.0, 1.7 - rate / capacity)),
+            }
+            for rate in (1.0, 2.0, 4.0, 6.0, 8.0)
+        ]
+        deps.append(
+            {
+                "name": name,
+                "goodput_per_gpu": capacity / 3,
+                "predicted_goodput_per_gpu": capacity / 2.7,
+                "curve": curve,
+            }
+        )
+    return deps
+
+
 def make_compare(seed: int = 0, names: tuple[str, str] = ("disaggregated", "colocated")) -> dict:
     disagg = make_serve(seed, "disaggregated", capacity=6.0)
     coloc = make_serve(seed + 1, "colocated", capacity=3.5, prediction=False)
@@ -253,11 +278,18 @@ def test_every_string_is_escaped(tmp_path: Path) -> None:
 def test_html_is_self_contained() -> None:
     html_text = render_html(make_compare())
     assert "<script" not in html_text and "<link" not in html_text and "@import" not in html_text
-    assert not re.search(r"\b(?:src|href)\s*=", html_text)
+    assert not re.search(r"\bsrc\s*=", html_text)
+    # matplotlib reuses markers through xlink:href="#id": in-page references only
+    assert re.findall(r"\bhref\s*=\s*\"(.)", html_text) and not re.search(
+        r"\bhref\s*=\s*\"(?!#)", html_text
+    )
     assert not re.search(r"url\((?!#)", html_text)  # only url(#clip-id) references
     assert "Content-Security-Policy" in html_text
-    # the only http URL is the SVG namespace name, which is never fetched
-    assert set(re.findall(r"https?://[^\"' ]+", html_text)) == {"http://www.w3.org/2000/svg"}
+    # the only http URLs are the SVG and XLink namespace names, which are never fetched
+    assert set(re.findall(r"https?://[^\"' ]+", html_text)) == {
+        "http://www.w3.org/2000/svg",
+        "http://www.w3.org/1999/xlink",
+    }
 
 
 def test_compare_renders_both_deployments_and_the_ratio(tmp_path: Path) -> None:
@@ -338,13 +370,26 @@ def test_failed_requests_cap_the_cdf_below_one() -> None:
     assert html_report.latency_samples([run], "tpots") == ([], 1)
 
 
-def test_nice_ticks() -> None:
-    assert html_report.nice_ticks(1.0) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
-    assert html_report.nice_ticks(6.3) == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
-    assert html_report.nice_ticks(3300.0) == [0.0, 500.0, 1000.0, 1500.0, 2000.0, 2500.0,
-                                              3000.0, 3500.0]  # fmt: skip
-    ticks = html_report.nice_ticks(0.0)
-    assert ticks[0] == 0.0 and ticks[-1] > 0
+def test_svgs_are_deterministic_and_their_ids_unique_in_the_page() -> None:
+    result = make_compare() | {"deployments": make_deployments()}
+    svgs = html_report.plot_svgs(result)
+    assert len(svgs) == 6 and svgs == html_report.plot_svgs(result)
+    for svg in svgs.values():  # no timestamp or version stamped into the file
+        assert "<metadata" not in svg and "Matplotlib v" not in svg and "dc:date" not in svg
+        assert "<text" in svg  # svg.fonttype none: text stays text, not glyph outlines
+    ids = re.findall(r'\bid="([^"]+)"', render_html(result))
+    assert len(ids) > 100 and len(ids) == len(set(ids))
+
+
+def test_names_that_look_like_tex_or_hidden_labels_are_drawn_verbatim(tmp_path: Path) -> None:
+    """Matplotlib would parse "$...$" as mathtext (and fail on bad TeX) and drops legend
+    labels that start with "_"."""
+    names = ("_under", r"$\frac{1}{$ & <x>")
+    result = make_compare(names=names) | {"deployments": make_deployments(names)}
+    render_all(result, tmp_path)
+    attainment = html_report.attainment_svg(result)
+    assert "_under measured" in attainment and r"$\frac{1}{$ &amp; &lt;x&gt; measured" in attainment
+    assert r"$\frac{1}{$ &amp; &lt;x&gt; predicted" in html_report.deployment_attainment_svg(result)
 
 
 def test_write_reports_links_resolve_and_leave_nothing_stale(tmp_path: Path) -> None:
@@ -509,3 +554,61 @@ def test_slo_scale_goodputs_are_in_the_summary():
     assert labels["Goodput at 0.5x SLOs (req/s)"] == "1.25"
     assert labels["Goodput at 2x SLOs (req/s)"] == "6.50"
     assert "Goodput at 2x SLOs" in html_report.render_html(result)
+
+
+# ---------------------------------------------------------------- placement deployments, emulation
+
+
+def test_deployments_get_their_plots_and_table(tmp_path: Path) -> None:
+    result = make_serve() | {"deployments": make_deployments()}
+    html_text, md_text = render_all(result, tmp_path)
+    assert html_text.count("<svg") == 6
+    for plot in ("deployment_attainment", "deployment_goodput"):
+        assert f'<figure id="{plot}">' in html_text and f"svg/{plot}.svg" in md_text
+    for text in (html_text, md_text):
+        assert "Deployments: measured vs predicted" in text
+        for dep in result["deployments"]:
+            ratio = dep["goodput_per_gpu"] / dep["predicted_goodput_per_gpu"]
+            for value in (dep["goodput_per_gpu"], dep["predicted_goodput_per_gpu"], ratio):
+                assert f"{value:.2f}" in text
+    attainment = html_report.deployment_attainment_svg(result)
+    for name in ("2P1D", "1P1D"):
+        assert f"{name} measured" in attainment and f"{name} predicted" in attainment
+    # dashed: one predicted curve per deployment and the target, which is result["slo"]'s
+    assert attainment.count("stroke-dasharray") >= 3 and "target 90%" in attainment
+    goodput = html_report.deployment_goodput_svg(result)
+    assert "measured" in goodput and "predicted" in goodput
+    assert f"{result['deployments'][0]['goodput_per_gpu']:.2f}" in goodput  # bar labels
+
+
+def test_deployments_alone_leave_out_the_serve_sections(tmp_path: Path) -> None:
+    """A placement check without runs; its target defaults to 90%; missing numbers are dashes."""
+    deps = make_deployments()
+    deps[1] |= {"goodput_per_gpu": None, "curve": [{"rate": 1.0, "attainment": None}, "junk"]}
+    result = {"model_id": "m", "deployments": deps + [{}, "junk"]}
+    html_text, md_text = render_all(result, tmp_path)
+    assert html_text.count("<svg") == 2 and "Runs" not in html_text and "Summary" not in md_text
+    assert "target 90%" in html_report.deployment_attainment_svg(result)
+    rows = html_report.deployment_rows(result)
+    assert rows[1][1:] == ["—", f"{deps[1]['predicted_goodput_per_gpu']:.2f}", "—"]
+    assert rows[2][0] == "deployment 3" and rows[3][1:] == ["—", "—", "—"]
+    result["slo"] = {"attainment": 0.75}
+    assert "target 75%" in html_report.deployment_attainment_svg(result)
+
+
+def test_emulated_numbers_are_labelled_everywhere(tmp_path: Path) -> None:
+    result = make_serve() | {"deployments": make_deployments()}
+    result["emulated"] = {"hardware": "A100-80GB", "time_scale": 8, "note": None}
+    label = "emulated A100-80GB, time scale 8"
+    assert html_report.emulation(result) == label
+    html_text, md_text = render_all(result, tmp_path)
+    assert f"<title>Goodput benchmark: tiny-llama-v1 ({label})</title>" in html_text
+    assert md_text.startswith(f"# Goodput benchmark: tiny-llama-v1 ({label})")
+    for text in (html_text, md_text):
+        for heading in ("Deployments: measured vs predicted", "Summary", "Runs"):
+            assert f"{heading} ({label})" in text
+        assert f"Not measured on real hardware: every number here is {label}." in text
+    for svg in html_report.plot_svgs(result).values():
+        assert label in svg
+    assert html_report.emulation(make_serve()) is None
+    assert "real hardware" not in render_html(make_serve())
