@@ -45,6 +45,7 @@ from cluster.workers.registry import RayKVRegistry
 _CACHE_KEYS = {f.name for f in dataclasses.fields(CacheConfig)}
 _SCHEDULER_KEYS = {f.name for f in dataclasses.fields(SchedulerConfig)}
 _ENGINE_KEYS = {
+    "emulation",
     "device",
     "dtype",
     "max_model_len",

@@ -20,6 +20,7 @@ import ray
 
 from cluster import logs, tracing
 from cluster.client import API_KEY_ENV
+from cluster.emulate import EmulationSettings, describe, emulate
 from cluster.launch import DeploymentConfig, start_ray
 from cluster.logs import FORMATS
 from cluster.router.grpc_server import start_grpc_server
@@ -31,6 +32,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="deployment YAML (model, pools, engine, transfer...)")
     parser.add_argument("--mode", choices=["disaggregated", "colocated"])
     parser.add_argument("--plan", help="placement plan file (JSON/YAML) from `placement plan`")
+    parser.add_argument(
+        "--emulate",
+        metavar="HARDWARE",
+        help="rehearse on this machine: every instance emulates its TP x PP devices of this "
+        "catalog hardware (e.g. A100-80GB) running --model (a preset such as OPT-13B, or a "
+        "config.json) at the latency model's step times; numbers are emulated",
+    )
+    parser.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        help="with --emulate: run this many times slower than the emulated hardware so that "
+        "this machine's CPUs keep up (>= 1)",
+    )
     parser.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of a new one")
     parser.add_argument("--host", help="listen address of both APIs (default 127.0.0.1)")
     parser.add_argument("--grpc-port", type=int)
@@ -68,12 +83,17 @@ def config_from_args(args: argparse.Namespace) -> DeploymentConfig:
         config.model = args.model
     if args.mode:
         config.mode = args.mode
-    if args.plan:
-        apply_plan(config, load_plan(args.plan))
+    plan = load_plan(args.plan) if args.plan else {}
+    if plan:
+        apply_plan(config, plan)
     for role in ("prefill", "decode", "colocated"):
         count = getattr(args, f"num_{role}")
         if count is not None:
             getattr(config, role).num_instances = count
+    if args.emulate:
+        if not args.model:
+            raise ValueError("--emulate needs --model: a preset (e.g. OPT-13B) or a config.json")
+        emulate(config, emulation_settings(args.emulate, args.model, args.time_scale, plan))
     if args.address:
         config.ray_address = args.address
     if args.host:
@@ -128,6 +148,16 @@ def apply_plan(config: DeploymentConfig, plan: dict) -> None:
                 spec.engine[key] = size
 
 
+def emulation_settings(hardware: str, model: str, time_scale: float, plan: dict):
+    """What emulation takes from a plan: its affinity and its per-pool batch limits."""
+    plan = plan.get("deployment", plan)
+    batch = {role: int(plan[role]["max_batch_tokens"]) for role in ("prefill", "decode",
+             "colocated") if isinstance(plan.get(role), dict) and plan[role].get(
+             "max_batch_tokens")}  # fmt: skip
+    return EmulationSettings(hardware, model, time_scale, plan.get("affinity") or "high",
+                             batch_tokens=batch)  # fmt: skip
+
+
 def _pool(config: DeploymentConfig, role: str) -> str:
     """'2 decode' or, for parallel instances, '2 decode (TP2 x PP2)'."""
     engine = config.engine_config(role)
@@ -169,6 +199,8 @@ async def serve(config: DeploymentConfig, ready: asyncio.Event | None = None) ->
         await router.shutdown()
         raise
     pools = " + ".join(_pool(config, role) for role in config.roles())
+    if config.engine_config(config.roles()[0]).emulation is not None:
+        pools = describe(config)
     print(
         f"pd-cluster serving {router.model_info.name!r} ({config.mode}: {pools}): "
         f"gRPC {config.grpc['host']}:{grpc_port}, "

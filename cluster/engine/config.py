@@ -200,6 +200,10 @@ class SchedulerConfig:
     max_num_seqs: int = 256  # effectively at most max_num_batched_tokens (one token per decode)
     long_prefill_token_threshold: int = 0
     policy: Literal["fcfs", "priority"] = "fcfs"
+    # False: vLLM v0's prefill-first scheduling (DistServe's colocated baseline): a step runs
+    # either whole prompts (as many as the budget takes) or, when none can start, every
+    # decode; never both. Every prompt must then fit the budget (the engine checks).
+    chunked_prefill: bool = True
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
@@ -224,7 +228,10 @@ class EngineConfig:
     attention_backend: str = "auto"
     # "model": the real forward pass. "noop": no model work at all (deterministic tokens,
     # KV untouched) to measure what serving around the engine costs (`cluster bench router`).
+    # "emulated": the step times, KV capacity and transfers of `emulation` (an Emulation or
+    # its dict: the model, device and TP x PP emulated; cluster/engine/emulation.py).
     model_runner: str = "model"
+    emulation: Any = None
     # Parallelism: this process is tensor-parallel rank `tensor_parallel_rank` of pipeline
     # stage `pipeline_parallel_rank` of an instance of tensor_parallel_size x
     # pipeline_parallel_size ranks meeting at `dist_init_method` (cluster/engine/parallel.py).
@@ -252,8 +259,16 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.role not in ("colocated", "prefill", "decode"):
             raise ValueError(f"role must be colocated, prefill or decode, got {self.role!r}")
-        if self.model_runner not in ("model", "noop"):
-            raise ValueError(f"model_runner must be model or noop, got {self.model_runner!r}")
+        if self.model_runner not in ("model", "noop", "emulated"):
+            raise ValueError(
+                f"model_runner must be model, noop or emulated, got {self.model_runner!r}"
+            )
+        if (self.model_runner == "emulated") != (self.emulation is not None):
+            raise ValueError("model_runner emulated and an emulation go together")
+        if self.emulation is not None:
+            from cluster.engine.emulation import Emulation
+
+            object.__setattr__(self, "emulation", Emulation.from_dict(self.emulation))
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be auto or one of {list(_DTYPES)}, got {self.dtype!r}")
         if not 0 <= self.tensor_parallel_rank < self.tensor_parallel_size:

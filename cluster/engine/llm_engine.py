@@ -13,6 +13,7 @@ timestamps. The same class plays every role:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -22,7 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from cluster.engine.block_manager import BlockManager
-from cluster.engine.config import EngineConfig, ModelConfig
+from cluster.engine.config import EngineConfig, ModelConfig, SchedulerConfig
+from cluster.engine.emulation import EmulatedModelRunner
 from cluster.engine.model_runner import ModelRunner, NoopModelRunner
 from cluster.engine.outputs import RequestMetrics, RequestOutput
 from cluster.engine.parallel import check_parallel
@@ -59,22 +61,43 @@ class _RequestState:
     num_emitted_tokens: int = 0
 
 
+_RUNNERS = {"model": ModelRunner, "noop": NoopModelRunner, "emulated": EmulatedModelRunner}
+
+
+def _check_prefill_first(scheduler: SchedulerConfig, max_model_len: int) -> None:
+    """Without chunked prefill a prompt runs whole in one step: the budget must hold any."""
+    if scheduler.chunked_prefill:
+        return
+    if scheduler.long_prefill_token_threshold:
+        raise ValueError("long_prefill_token_threshold needs chunked_prefill")
+    if scheduler.max_num_batched_tokens < max_model_len:
+        raise ValueError(
+            f"chunked_prefill=false runs each prompt whole: max_num_batched_tokens "
+            f"({scheduler.max_num_batched_tokens}) must be >= max_model_len ({max_model_len})"
+        )
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None):
         config = config or EngineConfig()
         model_dir = config.model or _default_model_dir()
         self.config = config
         self.model_config = ModelConfig.from_pretrained(model_dir)
+        if config.emulation is not None:  # the emulated model's context, this tokenizer
+            spec, _, _ = config.emulation.resolve()
+            self.model_config = dataclasses.replace(
+                self.model_config, max_position_embeddings=spec.max_position_embeddings
+            )
         self.max_model_len = config.resolve_max_model_len(self.model_config)
         check_parallel(self.model_config, config.tensor_parallel_size,
                        config.pipeline_parallel_size)  # fmt: skip
         self.tokenizer = Tokenizer.from_pretrained(model_dir)
-        runner_cls = NoopModelRunner if config.model_runner == "noop" else ModelRunner
-        self.runner = runner_cls(config, self.model_config, self.max_model_len)
+        self.runner = _RUNNERS[config.model_runner](config, self.model_config, self.max_model_len)
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
         self.max_model_len = self._fit_max_model_len(self.max_model_len)
+        _check_prefill_first(config.scheduler, self.max_model_len)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.eos_token_ids = tuple(
             sorted(set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids))

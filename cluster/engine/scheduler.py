@@ -110,6 +110,12 @@ class Scheduler:
         self.waiting.push(request)
 
     def schedule(self) -> SchedulerOutput:
+        if not self.config.chunked_prefill and self.waiting:
+            out = SchedulerOutput()
+            self._admit_waiting(self.config.max_num_batched_tokens, out, whole=True)
+            if out.num_scheduled_tokens:  # a prefill-only step
+                out.requests = [r for r in self.running if r.request_id in out.num_scheduled_tokens]
+                return out
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         # decodes first, then partial prefills; sorted() is stable, admission order kept
@@ -119,7 +125,7 @@ class Scheduler:
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             budget -= self._schedule_running(request, budget, out)
-        if not out.preempted_ids:
+        if not out.preempted_ids and self.config.chunked_prefill:
             self._admit_waiting(budget, out)
         out.requests = [r for r in self.running if r.request_id in out.num_scheduled_tokens]
         out.requests.sort(key=lambda r: r.is_prefilling)
@@ -144,7 +150,9 @@ class Scheduler:
         out.num_scheduled_tokens[request.request_id] = num_new
         return num_new - refunded
 
-    def _admit_waiting(self, budget: int, out: SchedulerOutput) -> None:
+    def _admit_waiting(self, budget: int, out: SchedulerOutput, whole: bool = False) -> None:
+        """Start waiting requests in order while the budget, the seats and the blocks last;
+        `whole`: only prompts that run to their end in this step (no chunking)."""
         bm = self.block_manager
         num_seats = self.max_num_running - len(self.remote)  # reserved requests hold seats
         while self.waiting and budget > 0 and len(self.running) < num_seats:
@@ -152,6 +160,8 @@ class Scheduler:
             cached_ids = bm.find_cached_prefix(request) if not request.num_computed_tokens else []
             num_cached = len(cached_ids) * bm.block_size
             num_new = self._chunk(request, budget, skip=num_cached)
+            if whole and num_new < request.num_pending_tokens - num_cached:
+                break
             if not bm.allocate_slots(request, num_new, cached_ids):
                 break
             self.waiting.pop()

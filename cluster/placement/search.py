@@ -49,6 +49,18 @@ class PlanningError(ValueError):
     """The inputs admit no plan; the message says why and what to change."""
 
 
+def kv_bandwidth(prefill: ParallelConfig, decode: ParallelConfig, affinity: str) -> float:
+    """Bytes/s of one request's KV transfer: every rank pulls its own shard, so the bandwidth
+    adds up over the ranks of the smaller side; NVLink when the stages share nodes (low
+    affinity), the network otherwise."""
+    if affinity == "low":
+        per_rank = prefill.hardware.intra_node_bandwidth
+    else:
+        per_rank = min(prefill.hardware.inter_node_bandwidth,
+                       decode.hardware.inter_node_bandwidth)  # fmt: skip
+    return per_rank * min(prefill.num_devices, decode.num_devices)
+
+
 @dataclass(slots=True, frozen=True)
 class SLO:
     ttft_s: float
@@ -181,14 +193,7 @@ class Planner:
         return instance_spec(self.model, config, self.source, role, tokens)
 
     def transfer_s(self, prefill: ParallelConfig, decode: ParallelConfig, affinity: str):
-        """Each request's KV transfer: every rank pulls its own shard, so the bandwidth adds
-        up over the ranks of the smaller side; NVLink when the stages share nodes."""
-        if affinity == "low":
-            per_rank = prefill.hardware.intra_node_bandwidth
-        else:
-            per_rank = min(prefill.hardware.inter_node_bandwidth,
-                           decode.hardware.inter_node_bandwidth)  # fmt: skip
-        bandwidth = per_rank * min(prefill.num_devices, decode.num_devices)
+        bandwidth = kv_bandwidth(prefill, decode, affinity)
         kv = self.model.kv_bytes_per_token
         return lambda reqs: TRANSFER_FIXED_S + reqs.input_lens * (kv / bandwidth)
 

@@ -46,6 +46,9 @@ class InstanceSpec:
     kv_capacity_tokens: int
     max_batch_tokens: int = 4096
     max_num_seqs: int = 256
+    # Colocated only. False: prefill-first without chunking (vLLM v0, DistServe's baseline):
+    # a step runs either whole prompts up to max_batch_tokens or every decode, never both.
+    chunked_prefill: bool = True
 
 
 @dataclass(slots=True, frozen=True)
@@ -116,8 +119,12 @@ def run_prefill(reqs: Requests, instances: list[InstanceSpec]) -> tuple[list, li
         for rid in batch:
             start[rid] = t
         busy[k] = True
-        # With pipeline parallelism the first stage takes the next batch after 1/pp of it.
-        heapq.heappush(events, (t + latency / spec.latency.pp, 1, seq, k, None))
+        # The next batch starts when this one is done, also with pipeline parallelism: our
+        # engine runs a step's micro-batches through every stage before the next step (a
+        # single prompt is one micro-batch), it does not overlap steps. (Until 2026-11-29 the
+        # first stage took the next batch after 1/pp of this one, as DistServe's system does;
+        # the emulated cluster showed the engine never does.)
+        heapq.heappush(events, (t + latency, 1, seq, k, None))
         heapq.heappush(events, (t + latency, 0, seq + 1, k, (batch, tokens)))
         seq += 2
 
@@ -232,7 +239,10 @@ class _Instance:
             heapq.heappush(self.running, (self.iteration + self.outs[rid] - 1, rid))
         self.joining.clear()
         self.version += 1
-        if self.prefilling:
+        if self.prefilling and not self.spec.chunked_prefill:
+            self.run = (t, 0)  # the decodes wait out the prefill step
+            self.end_s = t + self._prefill_step()
+        elif self.prefilling:
             self.run = (t, 1)
             self.end_s = t + self._mixed_step()
         elif self.batch_size:
@@ -282,6 +292,20 @@ class _Instance:
             if entry[1] == self.lens[rid]:
                 self.completed.append(rid)
         return self.spec.latency.mixed_time(chunk_tokens, pairs, self.batch_size, self.context_sum)
+
+    def _prefill_step(self) -> float:
+        """Prefill-first: whole admitted prompts, FCFS, while they fit the token budget (the
+        first always runs)."""
+        tokens, pairs, budget = 0, 0.0, self.spec.max_batch_tokens
+        self.completed = []
+        for rid, _ in self.prefilling:
+            n = self.lens[rid]
+            if self.completed and tokens + n > budget:
+                break
+            tokens += n
+            pairs += n * n / 2
+            self.completed.append(rid)
+        return self.spec.latency.mixed_time(tokens, pairs, 0, 0)
 
     def end(self, t: float) -> bool:
         """The step or run ends at t: count tokens, retire finished requests, go on."""

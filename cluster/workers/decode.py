@@ -26,6 +26,7 @@ from cluster import tracing
 from cluster.background import spawn
 from cluster.engine.async_engine import RequestAborted, RequestError
 from cluster.engine.config import EngineConfig
+from cluster.engine.emulation import EmulatedModelRunner
 from cluster.kv_transfer.agent_info import KVAgentInfo
 from cluster.kv_transfer.connector import (
     KVHandle,
@@ -264,7 +265,9 @@ class DecodeWorker(ColocatedWorker):
                 return None if remaining is None else remaining - (time.monotonic() - asked)
 
             reading = handoff.span.child("read", remote_agent=handle.agent_name, link="nixl")
+            read_start = time.monotonic()
             stats = await self._read(handle, request_id, block_ids, renewed)
+            await self._emulated_link(spec.num_tokens, read_start)
             reading.set(**stats.timing())
             reading.end()
         except BaseException as e:
@@ -276,6 +279,16 @@ class DecodeWorker(ColocatedWorker):
         timing = msgspec.structs.replace(timing, **stats.timing())
         async for chunk in self._stream(request_id, handle, timing, transfer_s):
             yield chunk
+
+    async def _emulated_link(self, num_tokens: int, since: float) -> None:
+        """An emulated instance pulled a stand-in of the KV: wait out the rest of what the
+        model's real KV bytes would take on the deployment's link (engine/emulation.py)."""
+        runner = self.llm.runner
+        if isinstance(runner, EmulatedModelRunner):
+            modelled = runner.transfer_delay_s(num_tokens) * runner.time_scale
+            left = modelled - (time.monotonic() - since)
+            if left > 0:
+                await asyncio.sleep(left)
 
     async def _wait_for_room(self, handoff: _Handoff, request_id: str, num_tokens: int) -> None:
         """Backpressure before any prefill runs: wait (bounded in time and in waiters) until

@@ -49,6 +49,8 @@ def actor_name(instance_id: str, rank: int) -> str:
 def agent_kwargs(llm) -> dict:
     """Which part of the model's KV an engine's pool holds, for NixlKVAgent."""
     c, m = llm.config, llm.model_config
+    if c.emulation is not None:  # one process holding a stand-in block (engine/emulation.py)
+        return {"model_layers": 1, "model_kv_heads": 1, "model_id": f"emulated:{c.emulation.model}"}
     return {
         "tp_rank": c.tensor_parallel_rank,
         "tp_size": c.tensor_parallel_size,
