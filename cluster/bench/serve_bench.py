@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime
 import json
 import math
@@ -101,6 +102,20 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per run")
     r.add_argument("--num-prompts", type=int, default=200, help="most requests per run")
     r.add_argument("--min-prompts", type=int, default=30, help="fewest requests per run")
+    e = parser.add_argument_group("emulated accelerators (numbers reported as emulated)")
+    e.add_argument(
+        "--emulate",
+        metavar="HARDWARE",
+        help="launch emulated instances of this catalog hardware running --model (a preset "
+        "such as OPT-13B or a config.json); with --target: the cluster there is emulated",
+    )
+    e.add_argument(
+        "--time-scale",
+        type=float,
+        default=None,
+        help="the emulated cluster runs this many times slower: rates are divided and SLOs "
+        "multiplied by it, results come back in real-world units (default 1; 8 for compare)",
+    )
     o = parser.add_argument_group("output")
     o.add_argument("--output-dir", help="write result.json, report.html, report.md here")
     o.add_argument("--plan", help="placement plan: draw the simulator's prediction")
@@ -139,6 +154,14 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=["grpc", "openai"], default="grpc")
     _launch_options(parser)
     add_common(parser)
+    e = parser.add_argument_group("compare --emulate: the planner's cluster")
+    e.add_argument("--nodes", type=int, default=1, help="emulated nodes")
+    e.add_argument("--gpus-per-node", type=int, help="default: the catalog's")
+    e.add_argument(
+        "--rate-fractions",
+        default="0.6,0.8,1.0,1.2,1.4",
+        help="each deployment runs at these multiples of its predicted goodput",
+    )
 
 
 def _launch_options(parser: argparse.ArgumentParser) -> None:
@@ -173,6 +196,8 @@ class Benchmark:
         self.slo = {"ttft_s": args.ttft, "tpot_s": args.tpot, "attainment": args.attainment}
         self.workload = workload_of(args)
         self.runs: list[dict] = []
+        self.time_scale = getattr(args, "time_scale", 1.0) or 1.0
+        self.last_plans: list = []
 
     def _requests(self, rate: float):
         a = self.args
@@ -211,13 +236,19 @@ class Benchmark:
             raise BenchError(f"the warm-up request failed: {record.error}")
 
     async def run_at(self, rate: float) -> dict:
-        plans = self._requests(rate)
-        cap = max(self.args.duration, plans[-1].arrival_s + 1.0)
+        """One run at `rate` (real-world req/s). On an emulated cluster running time_scale
+        times slower, requests leave that much further apart and the SLOs stretch with them;
+        the run comes back in real-world units (to_real_world)."""
+        k = self.time_scale
+        self.last_plans = self._requests(rate)
+        plans = [dataclasses.replace(p, arrival_s=p.arrival_s * k) for p in self.last_plans]
+        cap = max(self.args.duration * k, plans[-1].arrival_s + 1.0)
         records, duration = await run_open_loop(
             self.backend, plans, cap, progress=not self.args.no_progress
         )
         burstiness = 1.0 / self.args.cv**2 if self.args.arrival == "gamma" else 1.0
-        run = summarize_run(records, duration, rate, self.slo, burstiness)
+        slo = {**self.slo, "ttft_s": self.slo["ttft_s"] * k, "tpot_s": self.slo["tpot_s"] * k}
+        run = to_real_world(summarize_run(records, duration, rate / k, slo, burstiness), k)
         self.runs.append(run)
         print(
             f"  rate {rate:7.3f} req/s: {run['completed']}/{run['num_prompts']} done, "
@@ -230,6 +261,37 @@ class Benchmark:
             first = next((e for e in run["errors"] if e), "no response")
             raise BenchError(f"every request at {rate:g} req/s failed: {first}")
         return run
+
+
+_RATE_KEYS = ("request_throughput", "request_goodput", "output_throughput",
+              "total_token_throughput")  # fmt: skip
+
+
+def to_real_world(run: dict, k: float) -> dict:
+    """A run measured on a cluster emulated k times slower, in the emulated hardware's time:
+    rates and throughputs x k, durations and latencies / k; attainments stay."""
+    if k == 1:
+        return run
+
+    def scale(x):
+        if x is None:
+            return None
+        if isinstance(x, list):
+            return [scale(v) for v in x]
+        if isinstance(x, dict):
+            return {key: scale(v) for key, v in x.items()}
+        return x / k
+
+    out = dict(run)
+    out["request_rate"] = run["request_rate"] * k
+    out["duration"] = run["duration"] / k
+    for key in _RATE_KEYS:
+        out[key] = run[key] * k
+    for key, value in run.items():
+        if key.endswith("_ms") or key in ("ttfts", "tpots", "itls", "e2els", "breakdowns"):
+            out[key] = scale(value)
+    out["time_scale"] = k
+    return out
 
 
 async def goodput_search(
@@ -397,6 +459,20 @@ def _parse_target(target: str | None) -> tuple[str, str]:
 
 
 def _launch_config(args, mode: str) -> dict:
+    config = _plain_launch_config(args, mode)
+    if not args.emulate:
+        return config
+    from cluster.emulate import EmulationSettings, emulate
+    from cluster.launch import DeploymentConfig
+
+    if not args.model:
+        raise BenchError("--emulate needs --model: a preset (e.g. OPT-13B) or a config.json")
+    deployment = DeploymentConfig.from_dict(config)
+    emulate(deployment, EmulationSettings(args.emulate, args.model, args.time_scale or 1.0))
+    return dataclasses.asdict(deployment)
+
+
+def _plain_launch_config(args, mode: str) -> dict:
     config: dict = {"mode": mode}
     if args.model:
         config["model"] = args.model
@@ -410,11 +486,8 @@ def _launch_config(args, mode: str) -> dict:
 
 
 def _num_instances(config: dict) -> int:
-    return sum(
-        config[role]["num_instances"]
-        for role in ("prefill", "decode", "colocated")
-        if role in config
-    )
+    roles = ("colocated",) if config.get("mode") == "colocated" else ("prefill", "decode")
+    return sum(config[role]["num_instances"] for role in roles if role in config)
 
 
 def _finish(result: dict, args) -> None:
@@ -457,6 +530,10 @@ def run_serve(args) -> int:
 
 def run_compare(args) -> int:
     _validate(args)
+    if args.emulate:
+        from cluster.bench.emulated_bench import run_emulated_compare
+
+        return run_emulated_compare(args)
     from cluster.bench.local_cluster import LocalCluster
 
     results = {}

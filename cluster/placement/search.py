@@ -86,6 +86,9 @@ class Settings:
     arrival_cv: float = 1.0
     tolerance: float = 0.02  # relative width at which a goodput bisection stops
     chunk_tokens: int = 2048  # colocated step budget (vLLM's max_num_batched_tokens)
+    # Colocated scheduling: chunked prefill (vLLM today), or prefill-first without chunking
+    # (vLLM v0, DistServe's baseline).
+    chunked_prefill: bool = True
     prefill_max_tokens: int | None = None  # None: per shape, see prefill_batch_tokens
     tp: tuple[int, ...] | None = None  # restrict TP (both phases) to these
     pp: tuple[int, ...] | None = None
@@ -190,7 +193,10 @@ class Planner:
         tokens = self.settings.chunk_tokens if role == "colocated" else None
         tokens = self.settings.prefill_max_tokens if role == "prefill" else tokens
         tokens = (batch or {}).get(role, tokens)
-        return instance_spec(self.model, config, self.source, role, tokens)
+        spec = instance_spec(self.model, config, self.source, role, tokens)
+        if role == "colocated" and not self.settings.chunked_prefill:
+            spec = replace(spec, chunked_prefill=False)
+        return spec
 
     def transfer_s(self, prefill: ParallelConfig, decode: ParallelConfig, affinity: str):
         bandwidth = kv_bandwidth(prefill, decode, affinity)

@@ -322,6 +322,28 @@ def _exit_instance(error: BaseException) -> None:
     os._exit(70)
 
 
+def _emulation_families(summary: dict, labels: list[str], values: list[str]):
+    """The emulated runner against its own target: steps, modelled and achieved step time
+    (real seconds, so scaled by time_scale), and quantiles of achieved / modelled."""
+    for key, doc in (
+        ("num_steps", "Emulated engine steps."),
+        ("modelled_s", "Sum of modelled step times x time_scale (real seconds)."),
+        ("achieved_s", "Sum of achieved step times (real seconds)."),
+    ):
+        family = GaugeMetricFamily(f"pdcluster:emulated_{key}", doc, labels=labels)
+        family.add_metric(values, summary[key])
+        yield family
+    family = GaugeMetricFamily(
+        "pdcluster:emulated_step_ratio",
+        "Quantiles of achieved / modelled step time of the emulated runner.",
+        labels=[*labels, "quantile"],
+    )
+    for q in ("p50", "p99"):
+        if summary[f"ratio_{q}"] is not None:
+            family.add_metric([*values, q], summary[f"ratio_{q}"])
+    yield family
+
+
 class _EngineGauges:
     """Gauges read from the engine at scrape time (no lock: a scrape may be one step stale)."""
 
@@ -353,3 +375,6 @@ class _EngineGauges:
             family = GaugeMetricFamily(name, doc, labels=labels)
             family.add_metric(values, value)
             yield family
+        stats = getattr(w.llm.runner, "stats", None)  # an emulated runner (engine/emulation.py)
+        if stats is not None:
+            yield from _emulation_families(stats.summary(), labels, values)
