@@ -132,6 +132,11 @@ def plan_deployments(args) -> list[Deployment]:
     if args.plan:
         extra = Plan.load(args.plan)
         out.append(Deployment(f"plan {extra.mode}", candidate_of(extra), chunked))
+    if args.only:
+        wanted = [w.strip().lower() for w in args.only.split(",")]
+        out = [d for d in out if any(d.name.lower().startswith(w) for w in wanted)]
+        if not out:
+            raise BenchError(f"--only {args.only!r} matches no deployment")
     for dep in out:
         dep.planner_goodput_rps = dep.planner.goodput(dep.candidate).goodput_rps
     return out

@@ -162,6 +162,11 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
         default="0.6,0.8,1.0,1.2,1.4",
         help="each deployment runs at these multiples of its predicted goodput",
     )
+    e.add_argument(
+        "--only",
+        help="comma-separated deployments to measure (name prefixes, e.g. 'planner dis'); "
+        "default: all",
+    )
 
 
 def _launch_options(parser: argparse.ArgumentParser) -> None:
