@@ -77,6 +77,8 @@ def emulate(config: DeploymentConfig, settings: EmulationSettings) -> Deployment
         engine.update(model_runner="emulated", emulation=entry)
         if role in settings.batch_tokens:
             engine["max_num_batched_tokens"] = settings.batch_tokens[role]
+        if role == "prefill":  # whole prompts batched up to the limit, as the planner models
+            engine["chunked_prefill"] = False
         pool.engine = engine
     return config
 

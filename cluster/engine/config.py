@@ -200,9 +200,9 @@ class SchedulerConfig:
     max_num_seqs: int = 256  # effectively at most max_num_batched_tokens (one token per decode)
     long_prefill_token_threshold: int = 0
     policy: Literal["fcfs", "priority"] = "fcfs"
-    # False: vLLM v0's prefill-first scheduling (DistServe's colocated baseline): a step runs
-    # either whole prompts (as many as the budget takes) or, when none can start, every
-    # decode; never both. Every prompt must then fit the budget (the engine checks).
+    # False: no chunking, prefill first (vLLM v0, DistServe's colocated baseline and its
+    # prefill instances): a step runs either whole prompts, while they fit the budget (the
+    # first always runs, however long), or, when none can start, every decode; never both.
     chunked_prefill: bool = True
 
     def __post_init__(self) -> None:
@@ -212,6 +212,8 @@ class SchedulerConfig:
             raise ValueError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
         if self.long_prefill_token_threshold < 0:
             raise ValueError("long_prefill_token_threshold must be >= 0")
+        if self.long_prefill_token_threshold and not self.chunked_prefill:
+            raise ValueError("long_prefill_token_threshold caps chunks: it needs chunked_prefill")
 
 
 @dataclass(slots=True, frozen=True)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from cluster.engine.block_manager import BlockManager
-from cluster.engine.config import EngineConfig, ModelConfig, SchedulerConfig
+from cluster.engine.config import EngineConfig, ModelConfig
 from cluster.engine.emulation import EmulatedModelRunner
 from cluster.engine.model_runner import ModelRunner, NoopModelRunner
 from cluster.engine.outputs import RequestMetrics, RequestOutput
@@ -64,19 +64,6 @@ class _RequestState:
 _RUNNERS = {"model": ModelRunner, "noop": NoopModelRunner, "emulated": EmulatedModelRunner}
 
 
-def _check_prefill_first(scheduler: SchedulerConfig, max_model_len: int) -> None:
-    """Without chunked prefill a prompt runs whole in one step: the budget must hold any."""
-    if scheduler.chunked_prefill:
-        return
-    if scheduler.long_prefill_token_threshold:
-        raise ValueError("long_prefill_token_threshold needs chunked_prefill")
-    if scheduler.max_num_batched_tokens < max_model_len:
-        raise ValueError(
-            f"chunked_prefill=false runs each prompt whole: max_num_batched_tokens "
-            f"({scheduler.max_num_batched_tokens}) must be >= max_model_len ({max_model_len})"
-        )
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None):
         config = config or EngineConfig()
@@ -97,7 +84,6 @@ class LLMEngine:
             self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
         self.max_model_len = self._fit_max_model_len(self.max_model_len)
-        _check_prefill_first(config.scheduler, self.max_model_len)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.eos_token_ids = tuple(
             sorted(set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids))

@@ -152,7 +152,8 @@ class Scheduler:
 
     def _admit_waiting(self, budget: int, out: SchedulerOutput, whole: bool = False) -> None:
         """Start waiting requests in order while the budget, the seats and the blocks last;
-        `whole`: only prompts that run to their end in this step (no chunking)."""
+        `whole`: whole prompts only (no chunking), while they fit the budget; the first of the
+        step always runs, however long (DistServe's prefill batching)."""
         bm = self.block_manager
         num_seats = self.max_num_running - len(self.remote)  # reserved requests hold seats
         while self.waiting and budget > 0 and len(self.running) < num_seats:
@@ -160,8 +161,10 @@ class Scheduler:
             cached_ids = bm.find_cached_prefix(request) if not request.num_computed_tokens else []
             num_cached = len(cached_ids) * bm.block_size
             num_new = self._chunk(request, budget, skip=num_cached)
-            if whole and num_new < request.num_pending_tokens - num_cached:
-                break
+            if whole:
+                num_new = request.num_pending_tokens - num_cached
+                if num_new > budget and out.num_scheduled_tokens:
+                    break
             if not bm.allocate_slots(request, num_new, cached_ids):
                 break
             self.waiting.pop()

@@ -1,12 +1,13 @@
 """Discrete-event simulator of a cluster serving a list of requests.
 
 Disaggregated: requests arrive at the prefill pool (each goes to the instance with the fewest
-pending prompt tokens, as our router does), which batches them FCFS up to a token limit; a
-finished prefill ships its KV over the link between the two placements, then the request
-joins the decode instance with the least reserved KV. Decode instances batch continuously
-under their KV memory: a request reserves prompt + output tokens on admission (no
-preemption), its first token leaves as soon as it is admitted (the prefill sampled it), and
-every iteration gives each running request one more token. Colocated: one pool whose
+pending prompt tokens, as our router does), which batches them FCFS up to a token limit (the
+first prompt of a batch runs whole however long); a finished prefill ships its KV over the
+link between the two placements, then the request joins the decode instance with the least
+reserved KV. Decode instances batch continuously under their KV memory: a request reserves
+prompt + output tokens on admission (no preemption), its first token (the prefill sampled
+it) leaves when it joins the batch at the next iteration boundary, and every iteration gives
+each running request one more token. Colocated: one pool whose
 instances mix decodes and chunked prefills in each step under a token budget (vLLM's chunked
 prefill), the baseline.
 
@@ -219,12 +220,11 @@ class _Instance:
                 self._first_token(rid, t)
 
     def _first_token(self, rid: int, t: float) -> None:
-        self.first[rid] = t
         if self.outs[rid] == 1:
-            self.last[rid] = t
+            self.first[rid] = self.last[rid] = t
             self.kv_used -= self.lens[rid] + 1
         else:
-            self.joining.append(rid)
+            self.joining.append(rid)  # its first token leaves when it joins the batch
 
     def _duration(self, num_iterations: int) -> float:
         b = self.batch_size
@@ -234,6 +234,10 @@ class _Instance:
     def step(self, t: float) -> bool:
         """Start the next step (or run of steps) at t; False when there is nothing to do."""
         for rid in self.joining:
+            # At an iteration boundary: a decode instance takes a request in (its KV
+            # committed) between two steps, as our engine does under its lock; a colocated
+            # prompt finished in the step that ends here.
+            self.first[rid] = t
             self.batch_size += 1
             self.context_sum += self.lens[rid] + 1
             heapq.heappush(self.running, (self.iteration + self.outs[rid] - 1, rid))
@@ -258,6 +262,8 @@ class _Instance:
     def _cut(self, t: float) -> bool:
         """End the run in flight at the first iteration boundary after t."""
         start, num_iterations = self.run
+        if t <= start:  # the step starts at this very instant: the newcomer joins it
+            return self.step(t)
         if num_iterations <= 1:
             return False
         lo, hi = 0, num_iterations - 1  # iterations surely done by t: the largest q, start +

@@ -202,7 +202,8 @@ def test_disaggregated_simulation_accounts_every_phase():
 
 def test_decode_memory_limits_the_batch():
     """Each request reserves prompt + output tokens: with room for two at a time, the third
-    waits for one to finish before its first token."""
+    waits for one to finish before its first token. With room for all, a request waits at
+    most for the iteration in flight to end (it joins the batch at a boundary)."""
     lat = AnalyticLatency(PRESETS["Llama-3-8B"], A100, 1, 1)
     n = 3
     reqs = Requests(np.zeros(n), np.full(n, 100), np.full(n, 50))
@@ -210,7 +211,7 @@ def test_decode_memory_limits_the_batch():
                                  np.zeros(n))  # fmt: skip
     small = simulate_disaggregated(reqs, [InstanceSpec(lat, 10**6)], [InstanceSpec(lat, 300)],
                                    np.zeros(n))  # fmt: skip
-    assert big.decode_queue_s.max() < 1e-9
+    assert big.decode_queue_s.max() <= lat.decode_time(n, n * 150) + 1e-9
     assert small.decode_queue_s.max() > 0.4 * big.e2e_s.max()
 
 
