@@ -269,6 +269,7 @@ class LLMEngine:
             except Exception as e:  # noqa: BLE001 - isolated: the request fails alone
                 logger.exception("request %s failed in step(); stopped", request.request_id)
                 self._fail(request, e)
+        self.runner.step_done(self.has_unfinished())
         return outputs
 
     def _fail(self, request: Request, error: Exception) -> None:

@@ -116,6 +116,9 @@ class ModelRunner:
         return inp.sample_requests, self._sample(hidden[inp.sample_indices],
                                                  inp.sample_requests, generators)  # fmt: skip
 
+    def step_done(self, more_work: bool) -> None:
+        """The engine finished a step; `more_work`: it will step again at once."""
+
     def _sample(self, hidden: torch.Tensor, requests: list[Request], generators) -> SamplerOutput:
         logits = self.model.compute_logits(hidden)
         gens = [generators.get(r.request_id) for r in requests]
