@@ -14,6 +14,9 @@ prefill), the baseline.
     arrival ──queue──▶ prefill batch ──transfer──▶ decode wait ──▶ first token ─ ─ ─▶ last
              prefill_queue_s  prefill_s   transfer_s   decode_queue_s        TPOT × (out − 1)
 
+transfer_s includes the wait for the decode instance's next step boundary, where it reserves
+the blocks before pulling (as our decode worker does under the engine's step lock).
+
 Iterations are simulated, tokens are not: a running request is a (finish iteration, id) pair
 in a heap, so 10,000 requests take well under a second.
 """
@@ -166,7 +169,8 @@ class _Instance:
 
     __slots__ = ("spec", "decode", "lens", "outs", "first", "last", "waiting", "joining",
                  "prefilling", "running", "batch_size", "context_sum", "kv_used", "num_pending",
-                 "iteration", "busy", "version", "run", "end_s", "completed")  # fmt: skip
+                 "iteration", "busy", "version", "run", "end_s", "completed",
+                 "num_reserving")  # fmt: skip
 
     def __init__(self, spec: InstanceSpec, decode: bool, lens, outs, first, last):
         self.spec, self.decode = spec, decode
@@ -185,10 +189,28 @@ class _Instance:
         self.run = (0.0, 0)  # (start time, iterations) of the pure-decode run in flight
         self.end_s = 0.0
         self.completed: list[int] = []  # colocated: prompts finishing in this step
+        self.num_reserving = 0  # tokens of requests reserving or pulling KV (disaggregated)
 
     @property
     def load(self) -> int:
-        return self.kv_used + self.num_pending
+        return self.kv_used + self.num_pending + self.num_reserving
+
+    def next_boundary(self, t: float) -> float:
+        """The first iteration boundary at or after t (t itself when idle): where a KV
+        reservation, taken under the engine's step lock, goes through."""
+        if not self.busy:
+            return t
+        start, num_iterations = self.run
+        if num_iterations <= 1 or t <= start:
+            return max(t, self.end_s) if t > start else start
+        lo, hi = 0, num_iterations - 1  # iterations done by t
+        while lo < hi:
+            q = (lo + hi + 1) // 2
+            if start + self._duration(q) <= t:
+                lo = q
+            else:
+                hi = q - 1
+        return start + self._duration(lo + 1)
 
     def arrive(self, rid: int, t: float) -> bool:
         """Queue a request; True when the caller must (re)schedule this instance's event."""
@@ -336,31 +358,51 @@ class _Instance:
 
 
 def _run_pool(
-    times: list[float], order: list[int], lens: list, outs: list, specs, decode: bool
-) -> tuple[list, list]:
+    times: list[float],
+    order: list[int],
+    lens: list,
+    outs: list,
+    specs,
+    decode: bool,
+    transfer: list | None = None,
+) -> tuple[list, list, list]:
     """Requests reach the pool at times[rid], in `order`; each goes to the instance with the
-    least reserved + waiting tokens. Returns first and last token times."""
+    least reserved + waiting tokens. With `transfer` (disaggregated), times are when the
+    prefills finished: the decode instance reserves the KV at its next iteration boundary,
+    pulls it for transfer[rid], and takes the request in at the boundary after that (our
+    decode worker's reserve and commit both run under the engine's step lock). Returns first
+    and last token times, and when each request's KV was in (ready)."""
     n = len(lens)
     first, last = [0.0] * n, [0.0] * n
+    ready = [times[rid] for rid in range(n)]
     pool = [_Instance(spec, decode, lens, outs, first, last) for spec in specs]
-    events: list = []  # (end time, instance, version)
+    events: list = []  # (time, kind, instance, version or rid): kind 0 step end, 1 KV in
 
     def schedule(k: int) -> None:
-        heapq.heappush(events, (pool[k].end_s, k, pool[k].version))
+        heapq.heappush(events, (pool[k].end_s, 0, k, pool[k].version))
 
     i = 0
     while i < n or events:
         if events and (i >= n or events[0][0] <= times[order[i]]):
-            t, k, version = heapq.heappop(events)
-            if version == pool[k].version and pool[k].end(t):
+            t, kind, k, tag = heapq.heappop(events)
+            if kind == 1:  # a pull finished: the request reaches the instance
+                pool[k].num_reserving -= lens[tag] + outs[tag]
+                if pool[k].arrive(tag, t):
+                    schedule(k)
+            elif tag == pool[k].version and pool[k].end(t):
                 schedule(k)
             continue
         rid = order[i]
         i += 1
         k = min(range(len(pool)), key=lambda j: pool[j].load)
-        if pool[k].arrive(rid, times[rid]):
-            schedule(k)
-    return first, last
+        if transfer is None:
+            if pool[k].arrive(rid, times[rid]):
+                schedule(k)
+            continue
+        pool[k].num_reserving += lens[rid] + outs[rid]
+        ready[rid] = pool[k].next_boundary(times[rid]) + transfer[rid]
+        heapq.heappush(events, (ready[rid], 1, k, rid))
+    return first, last, ready
 
 
 def _result(reqs: Requests, first, last, prefill_start, prefill_done, ready) -> SimResult:
@@ -387,10 +429,10 @@ def simulate_disaggregated(
 ) -> SimResult:
     """`transfer_s`: each request's KV transfer time (from its length and the link)."""
     start, done = run_prefill(reqs, prefill)
-    ready = (np.asarray(done) + transfer_s).tolist()
-    order = sorted(range(len(ready)), key=ready.__getitem__)
+    order = sorted(range(len(done)), key=done.__getitem__)
     lens, outs = reqs.input_lens.tolist(), reqs.output_lens.tolist()
-    first, last = _run_pool(ready, order, lens, outs, decode, decode=True)
+    transfer = np.broadcast_to(np.asarray(transfer_s, dtype=float), len(done)).tolist()
+    first, last, ready = _run_pool(done, order, lens, outs, decode, True, transfer)
     return _result(reqs, first, last, start, done, ready)
 
 
@@ -411,7 +453,7 @@ def simulate_decode_only(reqs: Requests, decode: list[InstanceSpec]) -> SimResul
     """The decode pool alone, requests arriving with their KV already made."""
     ready = reqs.arrival_s.tolist()
     lens, outs = reqs.input_lens.tolist(), reqs.output_lens.tolist()
-    first, last = _run_pool(ready, list(range(len(ready))), lens, outs, decode, decode=True)
+    first, last, _ = _run_pool(ready, list(range(len(ready))), lens, outs, decode, decode=True)
     zeros = np.zeros(len(reqs))
     return _result(reqs, first, last, reqs.arrival_s, reqs.arrival_s, reqs.arrival_s + zeros)
 
@@ -424,6 +466,6 @@ def simulate_colocated(reqs: Requests, instances: list[InstanceSpec]) -> SimResu
     and fills the rest of the token budget with prompt chunks, FCFS."""
     arrival = reqs.arrival_s.tolist()
     lens, outs = reqs.input_lens.tolist(), reqs.output_lens.tolist()
-    first, last = _run_pool(arrival, list(range(len(arrival))), lens, outs, instances, False)
+    first, last, _ = _run_pool(arrival, list(range(len(arrival))), lens, outs, instances, False)
     first = np.asarray(first)
     return _result(reqs, first, last, reqs.arrival_s, first, first)
