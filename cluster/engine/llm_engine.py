@@ -247,6 +247,8 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         self.last_step_num_tokens = plan.total_num_tokens
         if plan.is_empty:
+            # Idle (e.g. every request waits for its KV): the next step is not back to back.
+            self.runner.step_done(False)
             return []
         tables = {r.request_id: self.block_manager.block_ids(r.request_id) for r in plan.requests}
         self.running_plan = plan  # for hooks inside the forward pass (layer-wise KV pulls)
