@@ -52,3 +52,24 @@ def ray_cluster():
         yield ray
     finally:
         ray.shutdown()
+
+
+# Leave without finalizing the interpreter once pytest has reported everything. Native
+# libraries (NIXL/UCX, Ray's core worker) keep daemon threads; one caught inside a call that
+# released the GIL when the interpreter finalizes aborts the process (exit 134) after every
+# test passed (seen on 2026-11-30 in CI). The workers also stop their own housekeeping at
+# exit (workers/base.py), but no library's threads are ours to join.
+_exit_status: list[int] = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _exit_status.append(int(exitstatus))
+
+
+def pytest_unconfigure(config):
+    if _exit_status and not os.environ.get("PD_CLUSTER_TEST_FINALIZE"):
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_exit_status[0])

@@ -230,6 +230,19 @@ def _randomize_biases_and_norms(model) -> None:
 
 
 @contextlib.contextmanager
+async def router_token_ids(router, prompt, params, streaming: asyncio.Event | None = None):
+    """A request's token ids through the router (in process); `streaming` is set at its first
+    chunk."""
+    from cluster.router.types import GenerateInput
+
+    ids = []
+    async for chunk in router.generate(GenerateInput(prompt=prompt, params=params)):
+        ids += chunk.token_ids
+        if streaming is not None:
+            streaming.set()
+    return ids
+
+
 def ray_router(config, loop: LoopThread | None = None):
     """A deployment config's pools as Ray actors behind a router on a loop thread (its own,
     or `loop`); yields (loop, router) and shuts the router (and its own loop) down after.

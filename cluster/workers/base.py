@@ -11,11 +11,13 @@ ready() and metrics, and stops it.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import os
 import socket
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 
 import ray
@@ -128,6 +130,7 @@ class EngineWorker:
         ).labels(self.role, instance_id)
         self.registry.register(_EngineGauges(self))
         self._closed = threading.Event()
+        self._housekeeping: list[threading.Thread] = []
         self.server: Server | None = None  # the data plane (started by ready())
         if self.rank_followers:
             # Often enough that idle followers, waiting in a broadcast, never time out.
@@ -297,7 +300,27 @@ class EngineWorker:
 
         thread = threading.Thread(target=loop, name=f"{self.role}-housekeeping", daemon=True)
         thread.start()
+        self._housekeeping.append(thread)
+        _LIVE.add(self)
         return thread
+
+    def _stop_housekeeping(self, timeout_s: float) -> None:
+        self._closed.set()
+        for thread in self._housekeeping:
+            thread.join(timeout_s)
+
+
+# Workers whose housekeeping threads may still run. At exit they are stopped and joined
+# before the interpreter finalizes: a daemon thread caught inside a NIXL call then would
+# retake the GIL during finalization and abort the whole process (seen at the end of a test
+# run whose in-process deployments were left up).
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all_housekeeping() -> None:
+    for worker in list(_LIVE):
+        worker._stop_housekeeping(timeout_s=2.0)
 
 
 def _data_plane_host() -> str:

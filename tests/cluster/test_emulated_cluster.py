@@ -35,10 +35,11 @@ from cluster.engine.emulation import Emulation  # noqa: E402
 from cluster.engine.llm_engine import LLMEngine  # noqa: E402
 from cluster.engine.sampling_params import SamplingParams  # noqa: E402
 from cluster.launch import DeploymentConfig, PoolSpec  # noqa: E402
-from cluster.router.types import GenerateInput, Unavailable  # noqa: E402
+from cluster.router.types import Unavailable  # noqa: E402
 from tests.helpers import (  # noqa: E402
     assert_all_blocks_free,
     ray_router,
+    router_token_ids,
     served_on_ray,
     token_prompts,
     wait_until,
@@ -130,12 +131,7 @@ def generate_ids(stub, prompt: list[int]) -> tuple[list[int], pb.Timing]:
 async def generate(router, prompt, max_tokens=MAX_TOKENS, streaming: asyncio.Event | None = None):
     """A request's token ids through the router; `streaming` is set at its first chunk."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    ids = []
-    async for chunk in router.generate(GenerateInput(prompt=prompt, params=params)):
-        ids += chunk.token_ids
-        if streaming is not None:
-            streaming.set()
-    return ids
+    return await router_token_ids(router, prompt, params, streaming)
 
 
 def serve_all(loop, router) -> list[list[int]]:

@@ -18,6 +18,7 @@ from tests.helpers import (
     assert_all_blocks_free,
     hf_greedy,
     ray_router,
+    router_token_ids,
     wait_healthy,
     wait_until,
 )
@@ -66,15 +67,9 @@ def _serving(loop, model_dir, mode="disaggregated", prefill=None, decode=None, c
 async def _generate(router, prompt, params=None, streaming: asyncio.Event | None = None):
     """The request's token ids; `streaming` is set at its first chunk."""
     from cluster.engine.sampling_params import SamplingParams
-    from cluster.router.types import GenerateInput
 
     params = params or SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
-    ids = []
-    async for chunk in router.generate(GenerateInput(prompt=prompt, params=params)):
-        ids += chunk.token_ids
-        if streaming is not None:
-            streaming.set()
-    return ids
+    return await router_token_ids(router, prompt, params, streaming)
 
 
 async def _start_streams(router, params) -> list[asyncio.Future]:
