@@ -229,7 +229,6 @@ def _randomize_biases_and_norms(model) -> None:
 # -- a deployment served on Ray (the module's `ray_cluster` fixture started Ray) -------------
 
 
-@contextlib.contextmanager
 async def router_token_ids(router, prompt, params, streaming: asyncio.Event | None = None):
     """A request's token ids through the router (in process); `streaming` is set at its first
     chunk."""
@@ -243,6 +242,7 @@ async def router_token_ids(router, prompt, params, streaming: asyncio.Event | No
     return ids
 
 
+@contextlib.contextmanager
 def ray_router(config, loop: LoopThread | None = None):
     """A deployment config's pools as Ray actors behind a router on a loop thread (its own,
     or `loop`); yields (loop, router) and shuts the router (and its own loop) down after.
