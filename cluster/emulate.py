@@ -15,7 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cluster.engine.emulation import Emulation
 from cluster.launch import DeploymentConfig
+from cluster.placement.search import kv_bandwidth
 
 PARALLEL_KEYS = ("tensor_parallel_size", "pipeline_parallel_size")
 
@@ -51,9 +53,6 @@ def emulate(config: DeploymentConfig, settings: EmulationSettings) -> Deployment
     """Turn every pool of `config` into emulated instances of its TP x PP (in place; also
     returned). ValueError for an unknown model or hardware, or a shape the model cannot take.
     """
-    from cluster.engine.emulation import Emulation
-    from cluster.placement.search import kv_bandwidth
-
     sizes = shapes(config)
     config.engine = {k: v for k, v in config.engine.items() if k not in PARALLEL_KEYS}
     config.model = None  # the tiny default's tokenizer; the emulated model is in `emulation`
