@@ -14,6 +14,9 @@ Freed blocks join at the back, a request's tail first, so a prefix outlives its 
 
 A hit is verified against the block's stored parent hash and token ids, so a hash collision
 can never hand out wrong KV; different salts never share a block.
+
+With `events` set (a kv_events.KVEventLog), every block published to the cache and every
+cached block evicted is recorded there, for the router's prefix index.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from cluster.engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventLog
 from cluster.engine.request import Request
 
 
@@ -55,6 +59,7 @@ class BlockManager:
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.cached_block_ids: dict[bytes, int] = {}
         self.req_block_ids: dict[str, list[int]] = {}
+        self.events: KVEventLog | None = None  # set: record cache events (kv_events.py)
 
     @property
     def num_blocks(self) -> int:
@@ -100,6 +105,7 @@ class BlockManager:
         self._extend_hashes(request)
         block_ids = self.req_block_ids[request.request_id]
         num_full = min(num_computed_tokens // self.block_size, len(request.block_hashes))
+        stored: list[int] = []  # indexes of the blocks published now
         for i in range(num_full):
             block = self.blocks[block_ids[i]]
             block_hash = request.block_hashes[i]
@@ -110,6 +116,19 @@ class BlockManager:
             block.parent_hash = request.block_hashes[i - 1] if i else root_hash(request.cache_salt)
             block.token_ids = tuple(request.all_token_ids[start : start + self.block_size])
             self.cached_block_ids[block_hash] = block.block_id
+            stored.append(i)
+        if stored and self.events is not None:
+            self._record_stored(request, stored)
+
+    def _record_stored(self, request: Request, indexes: list[int]) -> None:
+        """One BlockStored per run of consecutive blocks, each with its run's parent."""
+        hashes, start = request.block_hashes, 0
+        for k in range(1, len(indexes) + 1):
+            if k == len(indexes) or indexes[k] != indexes[k - 1] + 1:
+                first = indexes[start]
+                parent = hashes[first - 1] if first else None
+                self.events.append(BlockStored([hashes[i] for i in indexes[start:k]], parent))
+                start = k
 
     def _extend_hashes(self, request: Request) -> None:
         hashes = request.block_hashes
@@ -161,8 +180,18 @@ class BlockManager:
                 self.free_queue[block_id] = None
 
     def reset_prefix_cache(self) -> None:
-        for block_id in list(self.cached_block_ids.values()):
-            self._evict(block_id)
+        events, self.events = self.events, None  # one AllBlocksCleared, not a removal each
+        try:
+            for block_id in list(self.cached_block_ids.values()):
+                self._evict(block_id)
+        finally:
+            self.events = events
+        if events is not None:
+            events.append(AllBlocksCleared())
+
+    def cached_hashes(self) -> list[bytes]:
+        """Every block hash in the prefix cache now (a KV-events snapshot)."""
+        return list(self.cached_block_ids)
 
     def _num_free_needed(self, request: Request, num_new_tokens: int, cached_ids: list[int]) -> int:
         table = self.req_block_ids.get(request.request_id, [])
@@ -181,6 +210,8 @@ class BlockManager:
         block = self.blocks[block_id]
         if block.hash is not None and self.cached_block_ids.get(block.hash) == block_id:
             del self.cached_block_ids[block.hash]
+            if self.events is not None:
+                self.events.append(BlockRemoved([block.hash]))
         block.hash, block.parent_hash, block.token_ids = None, None, ()
 
     # -- integrity --------------------------------------------------------------------------

@@ -430,6 +430,12 @@ class LLMEngine:
             raise
         return block_ids
 
+    def num_remote_cached_blocks(self, request_id: str) -> int:
+        """Decode role: blocks of a reserved request's prompt found in this engine's prefix
+        cache (its first ones: the KV written from elsewhere goes after them)."""
+        request = self.scheduler.remote[request_id]
+        return request.num_computed_tokens // self.block_manager.block_size
+
     def commit_remote(
         self, request_id: str, first_token_id: int, first_logprob: float | None = None
     ) -> RequestOutput:

@@ -219,11 +219,19 @@ class Scheduler:
     def reserve_remote(self, request: Request) -> list[int] | None:
         """Allocate blocks for a prompt whose KV will be written from outside. None if the
         pool has no room now, or max_num_seqs is reached (the caller retries or goes
-        elsewhere)."""
+        elsewhere). A prefix this instance has cached (an earlier turn of the conversation)
+        is taken from the cache: only the blocks past it are to be written, and
+        `request.num_computed_tokens` says where they start."""
         if len(self.running) + len(self.remote) >= self.max_num_running:
             return None  # admit_remote bypasses _admit_waiting's max_num_seqs check
-        if not self.block_manager.allocate_slots(request, request.num_tokens):
+        bm = self.block_manager
+        cached_ids = bm.find_cached_prefix(request)
+        num_cached = len(cached_ids) * bm.block_size
+        if not bm.allocate_slots(request, request.num_tokens - num_cached, cached_ids):
             return None
+        self.num_prefix_query_tokens += request.num_tokens
+        self.num_prefix_hit_tokens += num_cached
+        request.num_computed_tokens = num_cached
         request.status = RequestStatus.WAITING_FOR_KV
         self.remote[request.request_id] = request
         return list(self.block_manager.block_ids(request.request_id))

@@ -197,7 +197,9 @@ class KVReceiver:
 
     def reserve(self, handle: KVHandle, request_id: str, prompt_token_ids, params, **kwargs):
         """First phase of pull(), the only one that needs the engine: the local blocks the
-        READ will fill. Raises TransferError (layout) or NoCapacity with nothing reserved."""
+        READ will fill (past any prefix this engine has cached: they match the tail of the
+        handle's blocks). Raises TransferError (layout) or NoCapacity with nothing
+        reserved."""
         return self.reserve_for(handle.layout_hash, handle.agent_name, request_id,
                                 prompt_token_ids, params, **kwargs)  # fmt: skip
 
@@ -211,7 +213,9 @@ class KVReceiver:
         if block_ids is None:
             self.metrics.failed(NoCapacity.reason)
             raise NoCapacity("decode instance has no free KV blocks for this prompt now")
-        return block_ids
+        # A prefix already cached here (an earlier turn) is not pulled again: the blocks to
+        # write are the tail past it, matched to the same tail of the prefill's blocks.
+        return block_ids[self.engine.num_remote_cached_blocks(request_id) :]
 
     def read(self, handle, request_id: str, block_ids, renew, deadline_s: float) -> PullStats:
         """Second phase: the READ, no engine involved (run it off the engine's thread). On a
@@ -230,7 +234,7 @@ class KVReceiver:
         """(monotonic time a pull must be done by, the TransferError class for missing it):
         renew the lease first; our view of it ends `remaining` after we asked, never later
         than the holder's, and never after the deadline."""
-        if len(block_ids) != len(handle.block_ids):
+        if not 0 < len(block_ids) <= len(handle.block_ids):
             raise TransferError(f"{len(handle.block_ids)} remote blocks for {len(block_ids)}")
         asked = time.monotonic()
         remaining = renew(handle.request_id)
@@ -247,7 +251,7 @@ class KVReceiver:
             notif = b"~dropped"  # a lost notification: the prefill frees on lease expiry
         try:
             xfer = self.agent.read_blocks(
-                handle.agent_name, list(handle.block_ids), block_ids, notif
+                handle.agent_name, remote_tail(handle, block_ids), block_ids, notif
             )
         except KVTransferError as e:  # e.g. the remote disconnected: nothing was posted
             raise RemoteTransferError(str(e)) from e
@@ -310,7 +314,7 @@ class KVReceiver:
     def _read_sharded(self, handle, infos, request_id, block_ids, renew, deadline_s, followers):
         until, late = self._window(handle, block_ids, renew, deadline_s)
         start = time.monotonic()
-        remote_ids = list(handle.block_ids)
+        remote_ids = remote_tail(handle, block_ids)
         wait = None
         if followers is not None:
             wait = followers.start_pull(infos, remote_ids, list(block_ids), until - start,
@@ -348,6 +352,12 @@ class KVReceiver:
                 return "TIMEOUT"
             time.sleep(self.poll_interval_s)
         return state if time.monotonic() <= until else "TIMEOUT"
+
+
+def remote_tail(handle: KVHandle, local_block_ids) -> list[int]:
+    """The prefill's blocks that `local_block_ids` receive: the last as many of the handle's
+    (the decode side's cached prefix, if any, covers the ones before)."""
+    return list(handle.block_ids[len(handle.block_ids) - len(local_block_ids) :])
 
 
 @dataclass(slots=True, frozen=True)

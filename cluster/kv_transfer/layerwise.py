@@ -113,9 +113,12 @@ class LayerPuller:
                 session = self._sessions.get(request_id)
                 if session is None or session.closed or layer in session.layers_posted:
                     continue
-                if len(remote_ids) != len(session.local_block_ids):
+                num_local = len(session.local_block_ids)
+                if len(remote_ids) < num_local:
                     continue  # finish() reads it whole
-                session.remote_name, session.remote_block_ids = agent_name, remote_ids
+                # (the tail: blocks before it are in the decode side's prefix cache)
+                session.remote_name = agent_name
+                session.remote_block_ids = remote_ids[len(remote_ids) - num_local :]
                 if self._post(session, [layer]):
                     self.num_early_layers += 1
 
@@ -136,9 +139,12 @@ class LayerPuller:
         start = time.monotonic()
         with self._lock:
             session = self._sessions[request_id]
-            session.remote_name, session.remote_block_ids = agent_name, list(remote_block_ids)
+            num_local = len(session.local_block_ids)
+            session.remote_name = agent_name
+            session.remote_block_ids = list(remote_block_ids)[len(remote_block_ids) - num_local :]
             missing = [i for i in range(self.num_layers) if i not in session.layers_posted]
-            if missing and self._post(session, missing):
+            fits = len(remote_block_ids) >= num_local
+            if missing and fits and self._post(session, missing):
                 self.num_late_layers += len(missing)
             complete = len(session.layers_posted) == self.num_layers
             session.closed = True

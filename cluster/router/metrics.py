@@ -144,6 +144,29 @@ class RouterMetrics:
             ["role"],
             registry=r,
         ).labels(_ROLE)
+        self._local_prefills = Counter(
+            "pdcluster:local_prefills",
+            "Prompts run on their decode instance itself (policy kv: the part it lacked was "
+            "short; no handoff).",
+            ["role"],
+            registry=r,
+        ).labels(_ROLE)
+        self._remote_prefills = Counter(
+            "pdcluster:remote_prefills",
+            "Prompts handed off to a prefill instance under policy kv.",
+            ["role"],
+            registry=r,
+        ).labels(_ROLE)
+        self._kv_hit_tokens = Counter(
+            "pdcluster:decode_kv_hit_tokens",
+            "Prompt tokens whose KV the decode instance had cached, so did not pull.",
+            ["role"],
+            registry=r,
+        ).labels(_ROLE)
+
+    def local_prefill(self, local: bool) -> None:
+        """policy kv, disaggregated: where a request's prompt ran."""
+        (self._local_prefills if local else self._remote_prefills).inc()
 
     def first_token(self, timing: Timing) -> None:
         self._ttft.observe(timing.ttft_s)
@@ -151,6 +174,8 @@ class RouterMetrics:
         self._prefill.observe(timing.prefill_s)
         if timing.transfer_s:
             self._transfer.observe(timing.transfer_s)
+        if timing.kv_hit_tokens:
+            self._kv_hit_tokens.inc(timing.kv_hit_tokens)
 
     def inter_token(self, gap_s: float, num_tokens: int) -> None:
         for _ in range(num_tokens):

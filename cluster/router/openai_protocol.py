@@ -339,7 +339,8 @@ def model_list(served: ServedModel) -> dict[str, Any]:
 
 def timing_dict(timing: Timing) -> dict[str, Any]:
     keys = ("queue_s", "prefill_s", "transfer_s", "first_decode_s", "ttft_s", "e2e_s",
-            "kv_bytes", "kv_reads", "kv_descriptors", "kv_read_s")  # fmt: skip
+            "kv_bytes", "kv_reads", "kv_descriptors", "kv_read_s", "kv_hit_tokens",
+            "local_prefill")  # fmt: skip
     return {key: getattr(timing, key) for key in keys}
 
 

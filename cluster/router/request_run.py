@@ -207,26 +207,59 @@ class RequestRun:
             return None
         return Resume(tuple(self.emitted), self.num_sent_chars)
 
+    def _hashes(self) -> list[bytes]:
+        """The block hashes of what the next attempt's prompt is (policy kv; else none)."""
+        return self.router.prompt_hashes(self.prompt_ids + self.emitted, self.inp.cache_salt)
+
     async def _whole(self, role: str, lost: set[str]) -> AsyncIterator[StreamChunk]:
         """Prompt and output on one instance of `role` (colocated, or a decode instance
         recomputing what was lost)."""
-        instance = await self.router.pick(role, lost)
-        async for chunk in self._follow(instance, lost):
+        blocks = self._blocks_needed()
+        instance, cached = await self.router.pick(role, lost, blocks, self._hashes())
+        async for chunk in self._local(instance, lost, cached, blocks):
             yield chunk
+
+    async def _local(self, instance: Instance, lost: set[str], cached_blocks: int,
+                     blocks: int) -> AsyncIterator[StreamChunk]:  # fmt: skip
+        """The prompt runs on `instance` itself; its uncached tokens count as queued there
+        until the first chunk."""
+        pending = len(self.prompt_ids) + len(self.emitted)
+        pending -= cached_blocks * self.router.model_info.block_size
+        instance.pending_prompt_tokens += pending
+        instance.num_recent_blocks += blocks - cached_blocks
+        try:
+            async for chunk in self._follow(instance, lost):
+                instance.pending_prompt_tokens -= pending
+                pending = 0
+                yield chunk
+        finally:
+            instance.pending_prompt_tokens -= pending
 
     async def _disaggregated(self, lost: set[str]) -> AsyncIterator[StreamChunk]:
         """Pick the pair; the decode instance drives the handoff (it calls the prefill
         instance, pulls the KV, streams): one router → decode stream, one decode → prefill
-        call, and the prefill call is also the lease's first renewal."""
+        call, and the prefill call is also the lease's first renewal. Under policy kv, a
+        prompt whose part the decode instance lacks is short runs there instead
+        (local_prefill.py)."""
         router = self.router
         num_tokens = len(self.prompt_ids) + len(self.emitted)
-        prefill = await router.pick("prefill", lost)
+        hashes = self._hashes()
         blocks = self._blocks_needed()
-        decode = await router.pick("decode", lost, need_blocks=blocks)
+        decode, decode_cached = await router.pick("decode", lost, blocks, hashes)
+        if self._prefill_locally(decode, num_tokens, decode_cached, blocks):
+            self.timing.local_prefill = True
+            router.metrics.local_prefill(True)
+            async for chunk in self._local(decode, lost, decode_cached, blocks):
+                yield chunk
+            return
+        if router.index is not None:
+            router.metrics.local_prefill(False)
+        prefill, prefill_cached = await router.pick("prefill", lost, hashes=hashes)
+        decode.num_recent_blocks += blocks - decode_cached
         rid = router.attempt_id(self.live.request_id)
         self.live.instances.append((prefill, rid))
         self.timing.prefill_instance = prefill.instance_id
-        pending = num_tokens
+        pending = num_tokens - prefill_cached * router.model_info.block_size
         prefill.pending_prompt_tokens += pending
         try:
             stream = self._follow(decode, lost, rid, prefill=prefill)
@@ -243,6 +276,21 @@ class RequestRun:
             raise
         finally:
             prefill.pending_prompt_tokens -= pending
+
+    def _prefill_locally(self, decode: Instance, num_tokens: int, cached_blocks: int,
+                         blocks: int) -> bool:  # fmt: skip
+        """Conditional disaggregation (local_prefill.py): the decode instance's uncached
+        part of the prompt, with what it already prefills itself, is within the threshold,
+        and it has KV room."""
+        router = self.router
+        uncached = num_tokens - cached_blocks * router.model_info.block_size
+        prefill = [i for i in router.pool("prefill") if i.healthy]
+        queue = min((i.pending_prompt_tokens for i in prefill), default=0)
+        threshold = router.local_prefill.threshold(queue)
+        if uncached + decode.pending_prompt_tokens > threshold:
+            return False
+        room = decode.free_blocks - decode.num_recent_blocks >= blocks - cached_blocks
+        return room and not decode.kv_queue_full
 
     async def _follow(self, instance: Instance, lost: set[str], rid: str | None = None,
                       prefill: Instance | None = None) -> AsyncIterator[StreamChunk]:  # fmt: skip
@@ -326,6 +374,9 @@ class RequestRun:
             self.timing.transfer_s = t.transfer_s
             self.timing.kv_bytes, self.timing.kv_reads = t.kv_bytes, t.kv_reads
             self.timing.kv_descriptors, self.timing.kv_read_s = t.kv_descriptors, t.kv_read_s
+            self.timing.kv_hit_tokens = t.kv_hit_tokens
+            computed = len(self.prompt_ids) + len(self.emitted) - t.num_cached_tokens
+            self.router.local_prefill.observe(t, computed)
 
     async def _next(self, stream, watched: tuple[Instance, ...], lost: set[str]):
         """The stream's next chunk, unless call_timeout_s passes (TimeoutError) or a watched

@@ -31,11 +31,14 @@ from pathlib import Path
 
 from cluster import tracing
 from cluster.background import spawn
+from cluster.engine.kv_events import KVEventBatch
 from cluster.engine.tokenizer import Tokenizer
 from cluster.router import policy as pairing
 from cluster.router import validation
 from cluster.router.instances import Instance, Live
+from cluster.router.local_prefill import LocalPrefill
 from cluster.router.metrics import RouterMetrics
+from cluster.router.prefix_index import PrefixIndex, prompt_hashes
 from cluster.router.request_run import OVERLOAD_RETRY_AFTER_S, RequestRun
 from cluster.router.settings import RouterSettings
 from cluster.router.types import (
@@ -46,11 +49,12 @@ from cluster.router.types import (
     StreamChunk,
     Unavailable,
 )
-from cluster.workers.protocol import Abort, Load, LoadQuery
+from cluster.workers.protocol import Abort, Load, LoadQuery, SubscribeKVEvents
 
 logger = logging.getLogger(__name__)
 _POLL_TIMEOUT_S = 5.0  # a load poll, an abort, a reconnect
 _INLINE_TOKENIZE_CHARS = 4096  # longer text prompts are tokenized on a thread
+_RESUBSCRIBE_S = 0.2  # a broken KV-event stream is opened again this often
 
 
 class Router:
@@ -90,11 +94,23 @@ class Router:
         self._attempt_ids = itertools.count()
         self._poller = asyncio.ensure_future(self._poll_loads())
         self._draining = False
+        # policy kv: the cluster's cached prefixes, from every instance's KV events
+        self.index: PrefixIndex | None = None
+        self._subscriptions: list[asyncio.Future] = []
+        if settings.policy == "kv":
+            self.index = PrefixIndex()
+            self._subscriptions = [
+                asyncio.ensure_future(self._follow_kv_events(i)) for i in instances
+            ]
+        local = settings.local_prefill_max_tokens
+        kv_disaggregated = settings.policy == "kv" and settings.mode == "disaggregated"
+        self.local_prefill = LocalPrefill(local if kv_disaggregated else 0)
 
     async def shutdown(self) -> None:
-        self._poller.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._poller
+        for task in (self._poller, *self._subscriptions):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if self._on_shutdown is not None:
             await self._on_shutdown()
 
@@ -266,14 +282,31 @@ class Router:
         """Instance-side id of one run (a retried request must not reuse a live id)."""
         return f"{request_id}#{next(self._attempt_ids)}"
 
-    async def pick(self, role: str, exclude: set[str] = frozenset(), need_blocks: int = 0):
-        """The instance of `role` to use now (policy.py); waits up to instance_wait_s for a
-        healthy one."""
+    def prompt_hashes(self, token_ids: list[int], cache_salt: str | None) -> list[bytes]:
+        """The prompt's block hashes as engines compute them (policy kv; else none)."""
+        if self.index is None:
+            return []
+        return prompt_hashes(token_ids, cache_salt, self.model_info.block_size)
+
+    async def pick(self, role: str, exclude: set[str] = frozenset(), need_blocks: int = 0,
+                   hashes: list[bytes] | None = None) -> tuple[Instance, int]:  # fmt: skip
+        """The instance of `role` to use now (policy.py) and how many of the prompt's
+        leading blocks (`hashes`, policy kv) it has cached; waits up to instance_wait_s for
+        a healthy one."""
         deadline = time.monotonic() + self.settings.instance_wait_s
+        settings = self.settings
+        weights = (settings.overlap_weight, settings.decode_overlap_weight)
         while True:
-            instance = pairing.pick(self.pool(role), role, exclude, need_blocks)
+            pool = self.pool(role)
+            overlap = None
+            if self.index is not None and hashes is not None:
+                overlap = self.index.overlap(hashes, [i.instance_id for i in pool])
+            instance = pairing.pick(
+                pool, role, exclude, need_blocks, overlap, len(hashes or ()), weights,
+                self.model_info.block_size,
+            )  # fmt: skip
             if instance is not None:
-                return instance
+                return instance, (overlap or {}).get(instance.instance_id, 0)
             if time.monotonic() > deadline:
                 raise Unavailable(
                     f"no healthy {role} instance (waited {self.settings.instance_wait_s:.0f} s)"
@@ -289,6 +322,8 @@ class Router:
         instance.healthy = False
         instance.client.disconnect(error)
         _ = instance.lost  # resolved now: streams waiting on this instance stop waiting
+        if self.index is not None:  # what it cached may be gone: never route on it
+            self.index.drop(instance.instance_id)
 
     async def _poll_loads(self) -> None:
         while True:
@@ -303,12 +338,33 @@ class Router:
             if not client.connected:
                 await client.connect(timeout=_POLL_TIMEOUT_S)
             instance.load = await client.request(LoadQuery(), Load, _POLL_TIMEOUT_S)
+            instance.num_recent_blocks = 0  # the new load counts them
         except Exception as e:  # noqa: BLE001 - any failure to answer is ill health
             self.mark_lost(instance, e)
             return
         if not instance.healthy:
             logger.warning("instance %s is back", instance.instance_id)
         instance.healthy = True
+
+    async def _follow_kv_events(self, instance: Instance) -> None:
+        """Keep the index up to date with one instance's cache: subscribe (a snapshot
+        first), apply its batches; when the stream breaks (the instance is lost, restarted,
+        or the router's connection dropped), forget what it held and subscribe again once
+        it answers: its snapshot rebuilds its entries."""
+        index = self.index
+        while True:
+            if instance.healthy and instance.client.connected:
+                try:
+                    stream = instance.client.stream(SubscribeKVEvents(), KVEventBatch)
+                    async with contextlib.aclosing(stream):
+                        async for batch in stream:
+                            index.apply(instance.instance_id, batch)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - any broken stream: start over
+                    logger.debug("KV events of %s stopped: %s", instance.instance_id, e)
+                index.drop(instance.instance_id)
+            await asyncio.sleep(_RESUBSCRIBE_S)
 
     async def _abort_everywhere(self, live: Live) -> None:
         async def abort(instance: Instance, instance_request_id: str) -> None:

@@ -21,10 +21,28 @@ class RouterSettings:
     # Shed load (429) when every prefill instance has more prompt tokens queued than this
     # (0: never); a request would only wait past any TTFT target.
     max_pending_prefill_tokens: int = 131072
+    # Routing (policy.py): load balances on queues alone; kv also on what each instance has
+    # cached (instances' KV events, prefix_index.py), and prefills short uncached suffixes
+    # on the decode instance itself (conditional disaggregation, local_prefill.py).
+    policy: str = "load"
+    overlap_weight: float = 1.0  # kv: a prompt block to compute, against a block queued
+    decode_overlap_weight: float = 1.0  # kv: a block to pull, against a block in use
+    # kv, disaggregated: never prefill more than this many uncached tokens on a decode
+    # instance (0: always hand off); below it, local_prefill.py's break-even decides.
+    local_prefill_max_tokens: int = 2048
 
     def __post_init__(self) -> None:
         if self.mode not in ("disaggregated", "colocated"):
             raise ValueError(f"mode must be disaggregated or colocated, got {self.mode!r}")
+        if self.policy not in ("load", "kv"):
+            raise ValueError(f"policy must be load or kv, got {self.policy!r}")
+        for name in ("overlap_weight", "decode_overlap_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.local_prefill_max_tokens < 0:
+            raise ValueError(
+                f"local_prefill_max_tokens must be >= 0, got {self.local_prefill_max_tokens}"
+            )
         if self.failure_policy not in FAILURE_POLICIES:
             raise ValueError(
                 f"failure_policy must be one of {', '.join(FAILURE_POLICIES)}, "

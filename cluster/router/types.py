@@ -110,6 +110,8 @@ class Timing:
     kv_reads: int = 0
     kv_descriptors: int = 0
     kv_read_s: float = 0.0
+    kv_hit_tokens: int = 0  # prompt tokens the decode instance had cached: not pulled
+    local_prefill: bool = False  # the prompt ran on the decode instance (policy kv)
 
 
 @dataclass(slots=True)

@@ -12,21 +12,24 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import itertools
 import logging
 import os
 import socket
 import threading
 import time
 import weakref
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 import ray
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from cluster import tracing
 from cluster.engine.async_engine import AsyncLLMEngine
 from cluster.engine.config import EngineConfig
+from cluster.engine.kv_events import AllBlocksCleared, BlockStored, KVEventBatch, KVEventLog
 from cluster.engine.llm_engine import LLMEngine
 from cluster.engine.outputs import RequestOutput
 from cluster.engine.replicated import LeaderEngine
@@ -39,7 +42,16 @@ from cluster.workers.ranks import agent_kwargs, start_followers
 from cluster.workers.registry import RayKVRegistry
 
 _HEARTBEAT_INTERVAL_S = 10.0  # an idle parallel instance's leader checks on its ranks
+_KV_EVENTS_INTERVAL_S = 0.005  # prefix-cache events go to subscribers this often
 _LATENCY_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass(slots=True, eq=False)
+class _Subscriber:
+    """One kv_events() stream: (seq, event) pairs not sent yet, and its wake-up."""
+
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    pending: list = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -132,6 +144,8 @@ class EngineWorker:
         self._closed = threading.Event()
         self._housekeeping: list[threading.Thread] = []
         self.server: Server | None = None  # the data plane (started by ready())
+        self._kv_subscribers: set[_Subscriber] = set()  # kv_events() streams open
+        self._kv_pump: asyncio.Future | None = None
         if self.rank_followers:
             # Often enough that idle followers, waiting in a broadcast, never time out.
             every = min(_HEARTBEAT_INTERVAL_S, engine_config.dist_timeout_s / 3)
@@ -170,7 +184,45 @@ class EngineWorker:
         return {
             protocol.LoadQuery: lambda _: self.load(),
             protocol.Abort: lambda m: self.abort(m.request_id),
+            protocol.SubscribeKVEvents: lambda _: self.kv_events(),
         }
+
+    async def kv_events(self) -> AsyncIterator[KVEventBatch]:
+        """This engine's prefix-cache events (engine/kv_events.py) for as long as the caller
+        reads: first a snapshot of the whole cache, then batches as blocks are stored and
+        evicted. Registered before the snapshot is taken, so no event falls between."""
+        bm = self.llm.block_manager
+        if bm.events is None:
+            bm.events = KVEventLog()
+            self._kv_pump = asyncio.ensure_future(self._pump_kv_events())
+        subscriber = _Subscriber()
+        self._kv_subscribers.add(subscriber)
+        try:
+            hashes, after = await self.engine.acall(
+                lambda: (bm.cached_hashes(), bm.events.last_seq)
+            )
+            yield KVEventBatch(0, [AllBlocksCleared(), BlockStored(hashes)], snapshot=True)
+            for seq in itertools.count(1):
+                await subscriber.wake.wait()
+                subscriber.wake.clear()
+                events = [e for n, e in subscriber.pending if n > after]
+                subscriber.pending.clear()
+                if events:
+                    yield KVEventBatch(seq, events)
+        finally:
+            self._kv_subscribers.discard(subscriber)
+
+    async def _pump_kv_events(self) -> None:
+        """Move the engine's events to every subscriber (none: they are dropped)."""
+        log = self.llm.block_manager.events
+        while True:
+            await asyncio.sleep(_KV_EVENTS_INTERVAL_S)
+            events = log.drain()
+            if not events:
+                continue
+            for subscriber in self._kv_subscribers:
+                subscriber.pending.extend(events)
+                subscriber.wake.set()
 
     async def load(self) -> Load:
         """What the router balances on; taken under the engine lock (off the event loop)."""
@@ -238,6 +290,8 @@ class EngineWorker:
 
     async def shutdown(self) -> None:
         self._closed.set()
+        if self._kv_pump is not None:
+            self._kv_pump.cancel()
         if self.server is not None:
             self.server.close()
         await asyncio.to_thread(self.engine.shutdown)
@@ -398,6 +452,23 @@ class _EngineGauges:
             family = GaugeMetricFamily(name, doc, labels=labels)
             family.add_metric(values, value)
             yield family
+        queries, hits = scheduler.num_prefix_query_tokens, scheduler.num_prefix_hit_tokens
+        for name, doc, value in (
+            ("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache "
+             "(decode: also prompts whose KV arrives from a prefill instance).", queries),
+            ("vllm:prefix_cache_hits", "Of those, tokens found cached (decode: not pulled).",
+             hits),
+        ):  # fmt: skip
+            family = CounterMetricFamily(name, doc, labels=labels)
+            family.add_metric(values, value)
+            yield family
+        family = GaugeMetricFamily(
+            "pdcluster:prefix_cache_hit_ratio",
+            "Prefix cache hits / queries since this instance started (tokens).",
+            labels=labels,
+        )
+        family.add_metric(values, hits / queries if queries else 0.0)
+        yield family
         stats = getattr(w.llm.runner, "stats", None)  # an emulated runner (engine/emulation.py)
         if stats is not None:
             yield from _emulation_families(stats.summary(), labels, values)

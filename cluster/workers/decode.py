@@ -264,10 +264,11 @@ class DecodeWorker(ColocatedWorker):
             def renewed(_: str) -> float | None:  # the READ's lease view
                 return None if remaining is None else remaining - (time.monotonic() - asked)
 
+            hit_tokens = self._hit_tokens(handle.block_ids, block_ids)
             reading = handoff.span.child("read", remote_agent=handle.agent_name, link="nixl")
             read_start = time.monotonic()
             stats = await self._read(handle, request_id, block_ids, renewed)
-            await self._emulated_link(spec.num_tokens, read_start)
+            await self._emulated_link(spec.num_tokens - hit_tokens, read_start)
             reading.set(**stats.timing())
             reading.end()
         except BaseException as e:
@@ -276,9 +277,13 @@ class DecodeWorker(ColocatedWorker):
             await self._abandon(handoff, request_id, handle, prefill)
             raise
         transfer_s = time.monotonic() - start
-        timing = msgspec.structs.replace(timing, **stats.timing())
+        timing = msgspec.structs.replace(timing, **stats.timing(), kv_hit_tokens=hit_tokens)
         async for chunk in self._stream(request_id, handle, timing, transfer_s):
             yield chunk
+
+    def _hit_tokens(self, remote_block_ids, local_block_ids) -> int:
+        """Prompt tokens this instance had cached (the blocks it did not pull)."""
+        return (len(remote_block_ids) - len(local_block_ids)) * self.llm.block_manager.block_size
 
     async def _emulated_link(self, num_tokens: int, since: float) -> None:
         """An emulated instance pulled a stand-in of the KV: wait out the rest of what the
@@ -450,7 +455,10 @@ class DecodeWorker(ColocatedWorker):
             self._handoffs.pop(request_id, None)
             await self._end_layerwise(request_id)
             raise
-        timing = msgspec.structs.replace(result.timing, prefill_call_s=ready - asked)
+        hit_tokens = self._hit_tokens(handle.block_ids, block_ids)
+        timing = msgspec.structs.replace(
+            result.timing, prefill_call_s=ready - asked, kv_hit_tokens=hit_tokens
+        )
         async for chunk in self._stream(request_id, handle, timing, time.monotonic() - ready):
             yield chunk
 

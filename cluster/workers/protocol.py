@@ -5,6 +5,7 @@ Data plane (dataplane.py: ZeroMQ, one persistent connection per pair of processe
     router ── Generate(spec, prefill=address) ─▶ decode/colocated ═▶ Chunk, Chunk, ...
     router ── LoadQuery ───────────────────────▶ any worker       ─▶ Load
     router ── Abort(request_id) ───────────────▶ any worker       ─▶ bool
+    router ── SubscribeKVEvents ───────────────▶ any worker       ═▶ KVEventBatch, ...
     decode ── Prefill(spec) ───────────────────▶ prefill          ─▶ PrefillResult
     decode ── Renew / Drop / Abandon / AgentInfoQuery ─▶ prefill
 
@@ -59,6 +60,7 @@ class EngineTiming(msgspec.Struct, omit_defaults=True):
     kv_reads: int = 0
     kv_descriptors: int = 0
     kv_read_s: float = 0.0
+    kv_hit_tokens: int = 0  # decode: prompt tokens whose KV was cached here, not pulled
 
 
 class Chunk(msgspec.Struct, omit_defaults=True):
@@ -166,12 +168,25 @@ class LoadQuery(msgspec.Struct, tag=True, frozen=True):
     pass  # -> Load
 
 
+class SubscribeKVEvents(msgspec.Struct, tag=True, frozen=True):
+    pass  # -> a stream of engine.kv_events.KVEventBatch, a snapshot first
+
+
 class AgentInfoQuery(msgspec.Struct, tag=True, frozen=True):
     pass  # -> KVAgentInfo
 
 
 Request = (
-    Generate | GenerateFrom | Prefill | Abort | Renew | Drop | Abandon | LoadQuery | AgentInfoQuery
+    Generate
+    | GenerateFrom
+    | Prefill
+    | Abort
+    | Renew
+    | Drop
+    | Abandon
+    | LoadQuery
+    | AgentInfoQuery
+    | SubscribeKVEvents
 )
 
 

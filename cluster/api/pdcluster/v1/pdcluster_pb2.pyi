@@ -85,7 +85,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class Timing(_message.Message):
-    __slots__ = ("queue_s", "prefill_s", "transfer_s", "first_decode_s", "ttft_s", "e2e_s", "prefill_instance", "decode_instance", "num_recomputes", "kv_bytes", "kv_reads", "kv_descriptors", "kv_read_s")
+    __slots__ = ("queue_s", "prefill_s", "transfer_s", "first_decode_s", "ttft_s", "e2e_s", "prefill_instance", "decode_instance", "num_recomputes", "kv_bytes", "kv_reads", "kv_descriptors", "kv_read_s", "kv_hit_tokens", "local_prefill")
     QUEUE_S_FIELD_NUMBER: _ClassVar[int]
     PREFILL_S_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_S_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,8 @@ class Timing(_message.Message):
     KV_READS_FIELD_NUMBER: _ClassVar[int]
     KV_DESCRIPTORS_FIELD_NUMBER: _ClassVar[int]
     KV_READ_S_FIELD_NUMBER: _ClassVar[int]
+    KV_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_PREFILL_FIELD_NUMBER: _ClassVar[int]
     queue_s: float
     prefill_s: float
     transfer_s: float
@@ -112,7 +114,9 @@ class Timing(_message.Message):
     kv_reads: int
     kv_descriptors: int
     kv_read_s: float
-    def __init__(self, queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., first_decode_s: _Optional[float] = ..., ttft_s: _Optional[float] = ..., e2e_s: _Optional[float] = ..., prefill_instance: _Optional[str] = ..., decode_instance: _Optional[str] = ..., num_recomputes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., kv_reads: _Optional[int] = ..., kv_descriptors: _Optional[int] = ..., kv_read_s: _Optional[float] = ...) -> None: ...
+    kv_hit_tokens: int
+    local_prefill: bool
+    def __init__(self, queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., first_decode_s: _Optional[float] = ..., ttft_s: _Optional[float] = ..., e2e_s: _Optional[float] = ..., prefill_instance: _Optional[str] = ..., decode_instance: _Optional[str] = ..., num_recomputes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., kv_reads: _Optional[int] = ..., kv_descriptors: _Optional[int] = ..., kv_read_s: _Optional[float] = ..., kv_hit_tokens: _Optional[int] = ..., local_prefill: _Optional[bool] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "token_ids", "text", "logprobs", "finish_reason", "stop_reason", "usage", "timing")
