@@ -362,11 +362,13 @@ def test_a_prefill_slower_than_the_lease_still_hands_off(served, stub, reference
 
 def test_decode_kv_exhaustion_is_429_then_recovers(served, stub, reference):
     long = pb.SamplingParams(max_tokens=300, temperature=0, ignore_eos=True)
-    prompt = list(range(3, 403))  # 400 tokens + 300 out: 44 of the decode's 48 blocks
+    # 400 tokens + 300 out: 44 of the decode's 48 blocks. Each prompt starts differently:
+    # the decode instance would share an identical prompt's cached blocks.
+    prompts = [[3 + i, *range(4, 403)] for i in range(9)]
 
-    def one(_):
+    def one(i):
         try:
-            generate_ids(stub, prompt, long)
+            generate_ids(stub, prompts[i], long)
             return "ok"
         except grpc.RpcError as e:
             return e.code(), dict(e.trailing_metadata() or ())
@@ -378,10 +380,10 @@ def test_decode_kv_exhaustion_is_429_then_recovers(served, stub, reference):
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes, codes
     assert set(codes) <= {"ok", grpc.StatusCode.RESOURCE_EXHAUSTED}, codes  # never INTERNAL
     assert all(r[1].get("retry-after") for r in results if r != "ok")
-    status, body, headers = None, None, None
+    status, headers = None, None
     with ThreadPoolExecutor(3) as pool:  # over HTTP: 429 with Retry-After
-        body = completion(prompt=prompt, max_tokens=300, ignore_eos=True)
-        answers = list(pool.map(lambda _: post(served, "/v1/completions", body), range(3)))
+        bodies = [completion(prompt=p, max_tokens=300, ignore_eos=True) for p in prompts[6:]]
+        answers = list(pool.map(lambda b: post(served, "/v1/completions", b), bodies))
     for status, payload, headers in answers:
         assert status in (200, 429), (status, payload)
         if status == 429:
