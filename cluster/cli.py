@@ -12,6 +12,7 @@ cluster bench layerwise [--json]     KV pulled layer by layer during prefill vs 
 cluster bench reshard [--json]       KV pulls across TP/PP layouts vs same-layout pulls
 cluster bench pipeline [--json]      pipeline-parallel micro-batching against PP=1
 cluster bench chaos [--json]         serving under killed/stopped actors and lost notifications
+cluster bench routing [--json]       KV-aware against load routing on multi-turn conversations
 cluster bench serve --ttft S --tpot S  SLO attainment vs rate, goodput per GPU, HTML report
 cluster bench compare --ttft S ...   the same, disaggregated against colocated, one report
 cluster deploy kuberay --plan PLAN   the KubeRay RayService (+ PodMonitor) that runs a plan
@@ -89,6 +90,7 @@ _MODULE_BENCHES = (  # `cluster bench NAME` runs cluster/bench/NAME_bench.py
     ("reshard", "KV pulls across TP/PP layouts vs same"),
     ("pipeline", "PP micro-batching against PP=1"),
     ("chaos", "serving under faults: hung, wrong, leaked blocks"),
+    ("routing", "KV-aware vs load routing, multi-turn sessions"),
 )
 
 

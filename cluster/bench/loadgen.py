@@ -40,6 +40,16 @@ class RequestRecord:
     num_output_tokens: int = 0
     error: str = ""
     breakdown_s: dict[str, float] | None = None  # the server's queue/prefill/transfer/...
+    # Over gRPC: the answer's token ids (a multi-turn session resends them) and what the
+    # server says about the prompt's KV; None where it does not report a figure.
+    output_ids: list[int] = field(default_factory=list)
+    cached_tokens: int | None = None  # prompt tokens the instance that ran it had cached
+    kv_hit_tokens: int | None = None  # prompt tokens the decode instance had: not pulled
+    kv_bytes: int | None = None  # KV bytes the decode instance pulled for this request
+    local_prefill: bool | None = None  # the prompt ran on the decode instance itself
+    session_id: str = ""  # multi-turn runs (multiturn.py): the conversation and its turn
+    turn: int = 0
+    send_delay_s: float = 0.0  # fixed-timing replay: sent this late, its previous turn unfinished
 
     @property
     def ok(self) -> bool:
@@ -149,18 +159,34 @@ class GrpcBackend:
                 now = time.perf_counter()
                 if response.token_ids:
                     _token(record, start, last, now, len(response.token_ids))
+                    record.output_ids.extend(response.token_ids)
                     last = now
+                if response.HasField("usage"):
+                    record.cached_tokens = response.usage.cached_tokens
                 if response.HasField("timing"):
-                    t = response.timing
-                    record.breakdown_s = {
-                        "queue": t.queue_s,
-                        "prefill": t.prefill_s,
-                        "transfer": t.transfer_s,
-                        "first_decode": t.first_decode_s,
-                    }
+                    _timing(record, response.timing)
         except grpc.aio.AioRpcError as e:
             record.error = f"{e.code().name}: {e.details()}"
         record.e2e_s = time.perf_counter() - start
+
+
+def _timing(record: RequestRecord, t) -> None:
+    record.breakdown_s = {
+        "queue": t.queue_s,
+        "prefill": t.prefill_s,
+        "transfer": t.transfer_s,
+        "first_decode": t.first_decode_s,
+    }
+    record.kv_bytes = t.kv_bytes
+    hit, local = _reported(t, "kv_hit_tokens"), _reported(t, "local_prefill")
+    record.kv_hit_tokens = None if hit is None else int(hit)
+    record.local_prefill = None if local is None else bool(local)
+
+
+def _reported(message, name: str):
+    """A field of the response, or None when this build's API has no such field (the
+    KV-aware routing fields arrived after kv_bytes)."""
+    return getattr(message, name) if name in message.DESCRIPTOR.fields_by_name else None
 
 
 class OpenAIBackend:
