@@ -180,14 +180,10 @@ class BlockManager:
                 self.free_queue[block_id] = None
 
     def reset_prefix_cache(self) -> None:
-        events, self.events = self.events, None  # one AllBlocksCleared, not a removal each
-        try:
-            for block_id in list(self.cached_block_ids.values()):
-                self._evict(block_id)
-        finally:
-            self.events = events
-        if events is not None:
-            events.append(AllBlocksCleared())
+        for block_id in list(self.cached_block_ids.values()):
+            self._evict(block_id, announce=False)  # one AllBlocksCleared, not a removal each
+        if self.events is not None:
+            self.events.append(AllBlocksCleared())
 
     def cached_hashes(self) -> list[bytes]:
         """Every block hash in the prefix cache now (a KV-events snapshot)."""
@@ -206,11 +202,11 @@ class BlockManager:
             del self.free_queue[block_id]
         block.ref_count += 1
 
-    def _evict(self, block_id: int) -> None:
+    def _evict(self, block_id: int, announce: bool = True) -> None:
         block = self.blocks[block_id]
         if block.hash is not None and self.cached_block_ids.get(block.hash) == block_id:
             del self.cached_block_ids[block.hash]
-            if self.events is not None:
+            if announce and self.events is not None:
                 self.events.append(BlockRemoved([block.hash]))
         block.hash, block.parent_hash, block.token_ids = None, None, ()
 

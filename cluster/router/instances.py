@@ -21,6 +21,7 @@ class Instance:
     load: Load | None = None
     pending_prompt_tokens: int = 0  # prefill: prompt tokens sent, not yet answered
     num_streams: int = 0  # decode/colocated: streams open through the router
+    num_active_blocks: int = 0  # decode/colocated: KV blocks those streams need (as routed)
     num_recent_blocks: int = 0  # KV blocks of requests routed here since the last load poll
     _lost: asyncio.Future | None = None
 

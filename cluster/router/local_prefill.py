@@ -8,12 +8,13 @@ The trade, per request (DistServe's, made at run time as Dynamo and llm-d's P/D 
     local      the decode instance's running requests wait for the suffix's compute in
                their steps: s x token_s
 
-Local wins while s x token_s <= handoff_s + queue_s, that is while s (plus the tokens this
-instance already prefills locally, so the extra work in its steps stays bounded) is at most
+Local wins while s x token_s <= handoff_s + queue_s, that is while s is at most
 
     threshold = handoff_s / token_s + the shortest remote prefill queue (tokens)
 
-capped by `local_prefill_max_tokens`, and only on an instance with KV room. Both terms are
+capped by `local_prefill_max_tokens`. The prompts the decode instance already prefills
+itself must be within the threshold too (queued ahead of this one, they must not make its
+first token later than a prefill instance would), and it must have KV room. Both terms are
 measured from the timings every handed-off request returns (moving averages):
 
     token_s    prefill_s / prompt tokens computed on the prefill instance

@@ -9,9 +9,10 @@ kv (cache-aware, after Dynamo's KV router; `overlap` from router/prefix_index.py
 KV blocks, the lowest wins:
     prefill    overlap_weight x blocks of the prompt it lacks + blocks queued on it
     decode     KV room first; then decode_overlap_weight x blocks it would pull
-               + blocks in use on it (as last polled, plus those routed since)
+               + blocks its open streams need (the router's own count: exact at once,
+               where a polled figure would lag behind requests routed or finished since)
     colocated  KV room first; then overlap_weight x blocks it lacks + blocks queued on it
-               + blocks in use on it
+               + blocks its open streams need
   The first term is the work a hit saves; the rest is the load the request waits behind.
 
 Ties are broken at random, so equal instances share the load.
@@ -58,10 +59,13 @@ def pick(
         return i.pending_prompt_tokens / block_size
 
     def in_use(i: Instance) -> int:
-        return i.info.num_blocks - i.free_blocks + i.num_recent_blocks
+        return i.num_active_blocks
 
     def no_room(i: Instance) -> bool:
-        return i.free_blocks - i.num_recent_blocks < need_blocks - overlap.get(i.instance_id, 0)
+        # Cached blocks count as free until a request takes them back, so a hit does not
+        # lower what must be free: need_blocks whole (when another request holds the hit
+        # blocks, this is strict by the overlap; the engine decides for good).
+        return i.free_blocks - i.num_recent_blocks < need_blocks
 
     if role == "prefill":
         return min(candidates, key=lambda i: w_compute * lacks(i) + queued(i))

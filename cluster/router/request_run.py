@@ -216,22 +216,25 @@ class RequestRun:
         recomputing what was lost)."""
         blocks = self._blocks_needed()
         instance, cached = await self.router.pick(role, lost, blocks, self._hashes())
-        async for chunk in self._local(instance, lost, cached, blocks):
-            yield chunk
+        async with contextlib.aclosing(self._local(instance, lost, cached, blocks)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     async def _local(self, instance: Instance, lost: set[str], cached_blocks: int,
                      blocks: int) -> AsyncIterator[StreamChunk]:  # fmt: skip
         """The prompt runs on `instance` itself; its uncached tokens count as queued there
-        until the first chunk."""
+        until the first chunk. (Each nested stream is closed as soon as its consumer stops,
+        not when collected: its bookkeeping of the instance's load ends with it.)"""
         pending = len(self.prompt_ids) + len(self.emitted)
         pending -= cached_blocks * self.router.model_info.block_size
         instance.pending_prompt_tokens += pending
-        instance.num_recent_blocks += blocks - cached_blocks
+        instance.num_recent_blocks += blocks
         try:
-            async for chunk in self._follow(instance, lost):
-                instance.pending_prompt_tokens -= pending
-                pending = 0
-                yield chunk
+            async with contextlib.aclosing(self._follow(instance, lost)) as chunks:
+                async for chunk in chunks:
+                    instance.pending_prompt_tokens -= pending
+                    pending = 0
+                    yield chunk
         finally:
             instance.pending_prompt_tokens -= pending
 
@@ -249,13 +252,15 @@ class RequestRun:
         if self._prefill_locally(decode, num_tokens, decode_cached, blocks):
             self.timing.local_prefill = True
             router.metrics.local_prefill(True)
-            async for chunk in self._local(decode, lost, decode_cached, blocks):
-                yield chunk
+            local = self._local(decode, lost, decode_cached, blocks)
+            async with contextlib.aclosing(local) as chunks:
+                async for chunk in chunks:
+                    yield chunk
             return
         if router.index is not None:
             router.metrics.local_prefill(False)
         prefill, prefill_cached = await router.pick("prefill", lost, hashes=hashes)
-        decode.num_recent_blocks += blocks - decode_cached
+        decode.num_recent_blocks += blocks
         rid = router.attempt_id(self.live.request_id)
         self.live.instances.append((prefill, rid))
         self.timing.prefill_instance = prefill.instance_id
@@ -263,10 +268,11 @@ class RequestRun:
         prefill.pending_prompt_tokens += pending
         try:
             stream = self._follow(decode, lost, rid, prefill=prefill)
-            async for chunk in stream:
-                prefill.pending_prompt_tokens -= pending
-                pending = 0
-                yield chunk
+            async with contextlib.aclosing(stream) as chunks:
+                async for chunk in chunks:
+                    prefill.pending_prompt_tokens -= pending
+                    pending = 0
+                    yield chunk
         except Recoverable as e:
             # (the decode instance gave the prefill's blocks back itself, if it could)
             if isinstance(e.__cause__, PrefillUnavailable):
@@ -279,17 +285,19 @@ class RequestRun:
 
     def _prefill_locally(self, decode: Instance, num_tokens: int, cached_blocks: int,
                          blocks: int) -> bool:  # fmt: skip
-        """Conditional disaggregation (local_prefill.py): the decode instance's uncached
-        part of the prompt, with what it already prefills itself, is within the threshold,
-        and it has KV room."""
+        """Conditional disaggregation (local_prefill.py): the part of the prompt the decode
+        instance lacks is within the threshold (its compute costs the running requests no
+        more than the handoff would cost this one), the prompts it already prefills itself
+        are too (this one's first token comes no later than from a prefill instance), and
+        it has KV room."""
         router = self.router
         uncached = num_tokens - cached_blocks * router.model_info.block_size
         prefill = [i for i in router.pool("prefill") if i.healthy]
         queue = min((i.pending_prompt_tokens for i in prefill), default=0)
         threshold = router.local_prefill.threshold(queue)
-        if uncached + decode.pending_prompt_tokens > threshold:
+        if uncached > threshold or decode.pending_prompt_tokens > threshold:
             return False
-        room = decode.free_blocks - decode.num_recent_blocks >= blocks - cached_blocks
+        room = decode.free_blocks - decode.num_recent_blocks >= blocks
         return room and not decode.kv_queue_full
 
     async def _follow(self, instance: Instance, lost: set[str], rid: str | None = None,
@@ -303,6 +311,8 @@ class RequestRun:
         rid = rid or router.attempt_id(self.live.request_id)
         self.live.instances.append((instance, rid))
         instance.num_streams += 1
+        active = self._blocks_needed()
+        instance.num_active_blocks += active
         if prefill is None:  # the prompt runs here too
             self.timing.prefill_instance = instance.instance_id
         self.timing.decode_instance = instance.instance_id
@@ -363,6 +373,7 @@ class RequestRun:
                 yield self._chunk(chunk)
         finally:
             instance.num_streams -= 1
+            instance.num_active_blocks -= active
             await stream.aclose()
 
     def _add_timing(self, t) -> None:

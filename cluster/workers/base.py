@@ -202,13 +202,14 @@ class EngineWorker:
                 lambda: (bm.cached_hashes(), bm.events.last_seq)
             )
             yield KVEventBatch(0, [AllBlocksCleared(), BlockStored(hashes)], snapshot=True)
-            for seq in itertools.count(1):
+            sent = itertools.count(1)
+            while True:
                 await subscriber.wake.wait()
                 subscriber.wake.clear()
                 events = [e for n, e in subscriber.pending if n > after]
                 subscriber.pending.clear()
                 if events:
-                    yield KVEventBatch(seq, events)
+                    yield KVEventBatch(next(sent), events)
         finally:
             self._kv_subscribers.discard(subscriber)
 

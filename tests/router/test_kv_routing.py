@@ -59,7 +59,10 @@ async def _run(router, prompt, salt=None):
     return ids, last
 
 
-def _conversation(loop, router, seed: int, turns: int, salt=None):
+def _conversation(loop, router, seed: int, turns: int, salt=None, settle: bool = False):
+    """`settle`: before each follow-up, wait until the index has every instance's events
+    (a user's think time; without it the next turn may race the last one's events, which
+    costs speed only)."""
     rng = random.Random(seed)
     history = [rng.randrange(3, 500) for _ in range(64)]  # a system prompt
     out = []
@@ -68,6 +71,8 @@ def _conversation(loop, router, seed: int, turns: int, salt=None):
         ids, last = loop.run(_run(router, list(history), salt))
         out.append((list(history), ids, last))
         history += ids
+        if settle and router.index is not None:
+            wait_until(lambda: _index_matches_caches(router), 10.0, message="index != caches")
     return out
 
 
@@ -81,14 +86,16 @@ def _index_matches_caches(router) -> bool:
 
 def test_multi_turn_output_is_unchanged_and_follow_ups_reuse_the_cache(served, reference):
     loop, router = served
+    follow_ups = []
     for seed in range(3):
-        for n, (prompt, ids, last) in enumerate(_conversation(loop, router, seed, turns=4)):
+        turns = _conversation(loop, router, seed, turns=4, settle=True)
+        for n, (prompt, ids, last) in enumerate(turns):
             assert ids == reference(prompt), f"conversation {seed}, turn {n}"
-            if n == 0:
-                continue
-            # a follow-up: prefilled where the history is, or pulled only in part
-            reused = last.timing.local_prefill or last.timing.kv_hit_tokens > 0
-            assert reused or last.usage.cached_tokens > 0, (n, last.timing, last.usage)
+            if n:  # served where the history is cached: computed or pulled only in part
+                t, cached = last.timing, last.usage.cached_tokens
+                follow_ups.append((cached > 0 or t.kv_hit_tokens > 0, t, last.usage))
+    misses = [f for f in follow_ups if not f[0]]
+    assert not misses, misses
     assert_all_blocks_free(loop, router.instances)
 
 
