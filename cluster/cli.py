@@ -4,6 +4,7 @@ cluster serve [--model DIR] [...]    serve the cluster: gRPC :50051, OpenAI HTTP
 cluster generate "prompt" [...]      stream from a running `cluster serve` (--local: no server)
 cluster status [--watch] [--json]    pools, instances, load and KV usage of a running cluster
 cluster model init-tiny DIR          write the deterministic tiny default model
+cluster model init-random DIR        a seeded random-weight Llama of a chosen size
 cluster bench engine [--json]        engine throughput against transformers
 cluster bench transfer [--json]      NIXL KV pull bandwidth against memcpy
 cluster bench router [--json]        serving overhead per request/token; TTFT P/D vs colocated
@@ -50,6 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("dir", help="output folder")
     init.add_argument("--seed", type=int, default=0)
     init.set_defaults(func=_init_tiny)
+    rand = model.add_parser(
+        "init-random", help="a seeded random-weight Llama of a chosen size (the tiny's tokenizer)"
+    )
+    rand.add_argument("dir", help="output folder")
+    rand.add_argument("--hidden-size", type=int, default=256)
+    rand.add_argument("--num-layers", type=int, default=8)
+    rand.add_argument("--num-heads", type=int, default=8)
+    rand.add_argument("--num-kv-heads", type=int, default=4)
+    rand.add_argument("--max-position-embeddings", type=int, default=4096)
+    rand.add_argument("--seed", type=int, default=0)
+    rand.set_defaults(func=_init_random)
 
     serve = sub.add_parser("serve", help="serve the disaggregated cluster (gRPC + HTTP)")
     _add_serve(serve)
@@ -171,6 +183,32 @@ def _init_tiny(args: argparse.Namespace) -> int:
 
     path = write_tiny_model(args.dir, seed=args.seed)
     print(f"wrote the tiny Llama to {path}")
+    return 0
+
+
+def _init_random(args: argparse.Namespace) -> int:
+    """Benchmarks that need prompt compute to matter on a CPU (the tiny model's is almost
+    free): a Llama whose size is chosen, random weights, the tiny model's vocabulary."""
+    from transformers import LlamaConfig
+
+    from cluster.engine.tiny import TINY_CONFIG, default_model_dir, save_random_checkpoint
+
+    if args.hidden_size % args.num_heads or args.num_heads % args.num_kv_heads:
+        print("error: --hidden-size must divide by --num-heads, and that by --num-kv-heads",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    config = LlamaConfig(
+        vocab_size=TINY_CONFIG["vocab_size"], hidden_size=args.hidden_size,
+        intermediate_size=-(-args.hidden_size * 11 // 4 // 64) * 64,
+        num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
+        num_key_value_heads=args.num_kv_heads,
+        max_position_embeddings=args.max_position_embeddings,
+        bos_token_id=TINY_CONFIG["bos_token_id"], eos_token_id=TINY_CONFIG["eos_token_id"],
+        pad_token_id=TINY_CONFIG.get("pad_token_id"), tie_word_embeddings=False,
+    )  # fmt: skip
+    path = save_random_checkpoint(config, args.dir, args.seed, default_model_dir())
+    print(f"wrote a random-weight Llama ({args.num_layers} layers, hidden {args.hidden_size}) "
+          f"to {path}")  # fmt: skip
     return 0
 
 
