@@ -1,27 +1,31 @@
 """Conditional disaggregation (policy kv): prefill a request on its decode instance itself
 when the part of its prompt that instance lacks is short, instead of handing it off.
 
-The trade, per request (DistServe's, made at run time as Dynamo and llm-d's P/D sidecar do):
+The trade, per request (DistServe's, made at run time as Dynamo and llm-d's P/D sidecar do),
+in prompt tokens' worth of prefill time (token_s each):
 
-    hand off   the request waits for the remote queue, the prefill call's round trip and
-               the KV pull: queue_s + handoff_s
-    local      the decode instance's running requests wait for the suffix's compute in
-               their steps: s x token_s
+    hand off   the best prefill instance first gets through its queue and the part of
+               this prompt it lacks (the kv policy's prefill cost: `remote_tokens`), then
+               the prefill call's round trip and the KV pull cost handoff_s
+    local      the decode instance gets through the prompts it already prefills itself
+               (`local_queue`) and the part of this prompt it lacks (`uncached`), in the
+               steps of its running requests, which wait that much longer
 
-Local wins while s x token_s <= handoff_s + queue_s, that is while s is at most
+Local wins while the first token comes no later than from a prefill instance:
 
-    threshold = handoff_s / token_s + the shortest remote prefill queue (tokens)
+    local_queue + uncached <= handoff_s / token_s + remote_tokens
 
-capped by `local_prefill_max_tokens`. The prompts the decode instance already prefills
-itself must be within the threshold too (queued ahead of this one, they must not make its
-first token later than a prefill instance would), and it must have KV room. Both terms are
-measured from the timings every handed-off request returns (moving averages):
+and `uncached` is at most `local_prefill_max_tokens` (what running requests may be made to
+wait in one go), on an instance with KV room. Both measured terms are moving averages of
+what handed-off requests report:
 
     token_s    prefill_s / prompt tokens computed on the prefill instance
     handoff_s  transfer_s + the prefill call's time outside the prefill engine
 
-so the rule holds on any hardware, emulated or not; until the first handoff is measured
-every request is handed off.
+so the rule is the latency model as measured on this deployment, emulated or not; until
+the first handoff is measured every request is handed off. A follow-up turn whose history
+the decode instance holds and no prefill instance does is the clearest local case: handing
+it off would recompute the history.
 """
 
 from __future__ import annotations
@@ -55,12 +59,22 @@ class LocalPrefill:
             outside = timing.prefill_call_s - engine
             self._handoff_s.add(timing.transfer_s + max(outside, 0.0))
 
-    def threshold(self, remote_queue_tokens: int) -> int:
-        """Uncached tokens a decode instance may prefill itself now (0: hand off)."""
+    def threshold(self, remote_tokens: int) -> int:
+        """What handing off costs, in prompt tokens: the handoff's measured time over the
+        prefill time per token, plus `remote_tokens` (0: off, or nothing measured yet)."""
         token_s, handoff_s = self._token_s.value, self._handoff_s.value
         if not self.max_tokens or token_s is None or handoff_s is None or token_s <= 0:
             return 0
-        return int(min(self.max_tokens, handoff_s / token_s + remote_queue_tokens))
+        return int(handoff_s / token_s + remote_tokens)
+
+    def local(self, uncached: int, local_queue: int, remote_tokens: int) -> bool:
+        """Whether a prompt runs on its decode instance: `uncached` tokens it lacks there,
+        `local_queue` prompt tokens that instance already prefills itself, `remote_tokens`
+        what the best prefill instance would get through first (its queue and the tokens
+        it lacks)."""
+        if uncached > self.max_tokens:
+            return False
+        return local_queue + uncached <= self.threshold(remote_tokens)
 
     def describe(self) -> dict:
         return {"token_s": self._token_s.value, "handoff_s": self._handoff_s.value,

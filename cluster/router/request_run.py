@@ -242,14 +242,17 @@ class RequestRun:
         """Pick the pair; the decode instance drives the handoff (it calls the prefill
         instance, pulls the KV, streams): one router → decode stream, one decode → prefill
         call, and the prefill call is also the lease's first renewal. Under policy kv, a
-        prompt whose part the decode instance lacks is short runs there instead
-        (local_prefill.py)."""
+        prompt whose first token comes sooner from the decode instance itself runs there
+        instead (local_prefill.py)."""
         router = self.router
         num_tokens = len(self.prompt_ids) + len(self.emitted)
         hashes = self._hashes()
         blocks = self._blocks_needed()
         decode, decode_cached = await router.pick("decode", lost, blocks, hashes)
-        if self._prefill_locally(decode, num_tokens, decode_cached, blocks):
+        prefill, prefill_cached = await router.pick("prefill", lost, hashes=hashes)
+        pending = num_tokens - prefill_cached * router.model_info.block_size
+        if self._prefill_locally(decode, num_tokens, decode_cached, blocks,
+                                 prefill.pending_prompt_tokens + pending):  # fmt: skip
             self.timing.local_prefill = True
             router.metrics.local_prefill(True)
             local = self._local(decode, lost, decode_cached, blocks)
@@ -259,12 +262,10 @@ class RequestRun:
             return
         if router.index is not None:
             router.metrics.local_prefill(False)
-        prefill, prefill_cached = await router.pick("prefill", lost, hashes=hashes)
         decode.num_recent_blocks += blocks
         rid = router.attempt_id(self.live.request_id)
         self.live.instances.append((prefill, rid))
         self.timing.prefill_instance = prefill.instance_id
-        pending = num_tokens - prefill_cached * router.model_info.block_size
         prefill.pending_prompt_tokens += pending
         try:
             stream = self._follow(decode, lost, rid, prefill=prefill)
@@ -284,18 +285,14 @@ class RequestRun:
             prefill.pending_prompt_tokens -= pending
 
     def _prefill_locally(self, decode: Instance, num_tokens: int, cached_blocks: int,
-                         blocks: int) -> bool:  # fmt: skip
-        """Conditional disaggregation (local_prefill.py): the part of the prompt the decode
-        instance lacks is within the threshold (its compute costs the running requests no
-        more than the handoff would cost this one), the prompts it already prefills itself
-        are too (this one's first token comes no later than from a prefill instance), and
-        it has KV room."""
+                         blocks: int, remote_tokens: int) -> bool:  # fmt: skip
+        """Conditional disaggregation (local_prefill.py): the first token comes no later from
+        the decode instance itself (the part of the prompt it lacks, after the prompts it
+        already prefills) than from the best prefill instance (`remote_tokens`: its queue
+        and the part it lacks, then the handoff), and the decode instance has KV room."""
         router = self.router
         uncached = num_tokens - cached_blocks * router.model_info.block_size
-        prefill = [i for i in router.pool("prefill") if i.healthy]
-        queue = min((i.pending_prompt_tokens for i in prefill), default=0)
-        threshold = router.local_prefill.threshold(queue)
-        if uncached > threshold or decode.pending_prompt_tokens > threshold:
+        if not router.local_prefill.local(uncached, decode.pending_prompt_tokens, remote_tokens):
             return False
         room = decode.free_blocks - decode.num_recent_blocks >= blocks
         return room and not decode.kv_queue_full

@@ -302,7 +302,7 @@ def test_local_prefill_is_off_until_measured_or_when_disabled():
     assert off.threshold(0) == 0 and off.threshold(10_000) == 0
 
 
-def test_local_prefill_threshold_grows_with_the_remote_queue_and_is_capped():
+def test_local_prefill_threshold_grows_with_what_the_prefill_side_must_do_first():
     local = LocalPrefill(max_tokens=2048)
     local.observe(TIMING, 64)
     assert local.threshold(0) == 64
@@ -310,11 +310,22 @@ def test_local_prefill_threshold_grows_with_the_remote_queue_and_is_capped():
     assert [local.threshold(q) for q in (0, 10, 500, 1000)] == sorted(
         local.threshold(q) for q in (0, 10, 500, 1000)
     )
-    assert local.threshold(10_000) == 2048
-    capped = LocalPrefill(max_tokens=100)
-    capped.observe(TIMING, 64)
-    assert capped.threshold(0) == 64 and capped.threshold(20) == 84
-    assert capped.threshold(37) == 100 and capped.threshold(5000) == 100
+
+
+def test_local_when_the_first_token_comes_no_later_and_the_suffix_is_within_the_cap():
+    local = LocalPrefill(max_tokens=100)
+    local.observe(TIMING, 64)  # a handoff costs 64 tokens' worth
+    assert local.local(uncached=64, local_queue=0, remote_tokens=0)
+    assert not local.local(uncached=65, local_queue=0, remote_tokens=0)
+    # the prefill instance lacks the history (500 tokens to recompute): local wins
+    assert local.local(uncached=90, local_queue=0, remote_tokens=500)
+    # ... unless the decode instance already prefills as much itself
+    assert not local.local(uncached=90, local_queue=480, remote_tokens=500)
+    # a suffix over the cap never runs locally, however long the remote side takes
+    assert not local.local(uncached=101, local_queue=0, remote_tokens=10_000)
+    off = LocalPrefill(max_tokens=0)
+    off.observe(TIMING, 64)
+    assert not off.local(uncached=1, local_queue=0, remote_tokens=10_000)
 
 
 def test_local_prefill_moves_with_new_measurements():
