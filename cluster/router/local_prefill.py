@@ -11,12 +11,14 @@ in prompt tokens' worth of prefill time (token_s each):
                (`local_queue`) and the part of this prompt it lacks (`uncached`), in the
                steps of its running requests, which wait that much longer
 
-Local wins while the first token comes no later than from a prefill instance:
+Local wins while the first token comes no later than from a prefill instance, and the
+decode instance has headroom: the prompt tokens it prefills itself at once stay within
+`local_prefill_max_tokens`, which bounds what its running requests' steps take on (their
+TPOT), and it has KV room:
 
-    local_queue + uncached <= handoff_s / token_s + remote_tokens
+    local_queue + uncached <= min(handoff_s / token_s + remote_tokens, max_tokens)
 
-and `uncached` is at most `local_prefill_max_tokens` (what running requests may be made to
-wait in one go), on an instance with KV room. Both measured terms are moving averages of
+Both measured terms are moving averages of
 what handed-off requests report:
 
     token_s    prefill_s / prompt tokens computed on the prefill instance
@@ -72,7 +74,7 @@ class LocalPrefill:
         `local_queue` prompt tokens that instance already prefills itself, `remote_tokens`
         what the best prefill instance would get through first (its queue and the tokens
         it lacks)."""
-        if uncached > self.max_tokens:
+        if local_queue + uncached > self.max_tokens:
             return False
         return local_queue + uncached <= self.threshold(remote_tokens)
 

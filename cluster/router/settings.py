@@ -27,9 +27,10 @@ class RouterSettings:
     policy: str = "load"
     overlap_weight: float = 1.0  # kv: a prompt block to compute, against a block queued
     decode_overlap_weight: float = 1.0  # kv: a block to pull, against a block in use
-    # kv, disaggregated: never prefill more than this many uncached tokens on a decode
-    # instance (0: always hand off); below it, local_prefill.py's break-even decides.
-    local_prefill_max_tokens: int = 2048
+    # kv, disaggregated: a decode instance prefills at most this many prompt tokens itself
+    # at once (its headroom: what its running requests' steps take on; 0: always hand off);
+    # within it, local_prefill.py's break-even decides.
+    local_prefill_max_tokens: int = 512
 
     def __post_init__(self) -> None:
         if self.mode not in ("disaggregated", "colocated"):

@@ -321,8 +321,10 @@ def test_local_when_the_first_token_comes_no_later_and_the_suffix_is_within_the_
     assert local.local(uncached=90, local_queue=0, remote_tokens=500)
     # ... unless the decode instance already prefills as much itself
     assert not local.local(uncached=90, local_queue=480, remote_tokens=500)
-    # a suffix over the cap never runs locally, however long the remote side takes
+    # the cap is its headroom: what it prefills at once, however long the remote side takes
     assert not local.local(uncached=101, local_queue=0, remote_tokens=10_000)
+    assert not local.local(uncached=60, local_queue=41, remote_tokens=10_000)
+    assert local.local(uncached=60, local_queue=40, remote_tokens=10_000)
     off = LocalPrefill(max_tokens=0)
     off.observe(TIMING, 64)
     assert not off.local(uncached=1, local_queue=0, remote_tokens=10_000)
