@@ -27,13 +27,7 @@ from cluster.engine.llm_engine import LLMEngine
 from cluster.engine.request import Request
 from cluster.engine.sampling_params import SamplingParams
 from cluster.router.prefix_index import PrefixIndex, prompt_hashes
-
-BS = 4  # block_size of the block-manager tests
-
-
-def make_request(request_id: str, token_ids, cache_salt: str | None = None) -> Request:
-    params = SamplingParams(max_tokens=16)
-    return Request(request_id, list(token_ids), params, cache_salt=cache_salt)
+from tests.engine.test_block_manager import BS, make_request
 
 
 def with_events(bm: BlockManager) -> BlockManager:
