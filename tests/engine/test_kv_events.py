@@ -27,7 +27,7 @@ from cluster.engine.llm_engine import LLMEngine
 from cluster.engine.request import Request
 from cluster.engine.sampling_params import SamplingParams
 from cluster.router.prefix_index import PrefixIndex, prompt_hashes
-from tests.engine.test_block_manager import BS, make_request
+from tests.engine.test_block_manager import BS, admit, compute, make_request
 
 
 def with_events(bm: BlockManager) -> BlockManager:
@@ -37,25 +37,6 @@ def with_events(bm: BlockManager) -> BlockManager:
 
 def drain(bm: BlockManager) -> list:
     return [event for _, event in bm.events.drain()]
-
-
-def compute(bm: BlockManager, request: Request, num_new_tokens: int) -> None:
-    """Allocate and 'run' num_new_tokens more of the request, then publish full blocks."""
-    assert bm.allocate_slots(request, num_new_tokens)
-    request.num_computed_tokens += num_new_tokens
-    bm.cache_full_blocks(request, request.num_computed_tokens)
-    bm.check_integrity()
-
-
-def admit(bm: BlockManager, request: Request) -> list[int]:
-    """As the scheduler admits a request: prefix hits, then the rest computed at once."""
-    hits = bm.find_cached_prefix(request)
-    num_cached = len(hits) * bm.block_size
-    assert bm.allocate_slots(request, request.num_tokens - num_cached, hits)
-    request.num_computed_tokens = request.num_tokens
-    bm.cache_full_blocks(request, request.num_computed_tokens)
-    bm.check_integrity()
-    return hits
 
 
 def replay(events: list, held: set[bytes]) -> None:
