@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -69,7 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text through a running cluster")
     gen.add_argument("prompt", nargs="+", help="one or more prompts")
     gen.add_argument("--target", default="127.0.0.1:50051", help="gRPC address of the router")
-    gen.add_argument("--api-key", default=None, help="bearer token, if the server wants one")
+    gen.add_argument(
+        "--api-key",
+        default=os.environ.get("PD_CLUSTER_API_KEY"),
+        help="bearer token, if the server wants one (or set PD_CLUSTER_API_KEY)",
+    )
+    gen.add_argument(
+        "--tls-ca",
+        help="PEM CA of the server's certificate: call it over TLS (or set PD_CLUSTER_TLS_CA)",
+    )
     gen.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     gen.add_argument("--local", action="store_true", help="run an engine here, no server")
     add_engine_arguments(gen)
@@ -217,7 +226,8 @@ def _generate(args: argparse.Namespace) -> int:
     if not args.local:
         from cluster.client import generate
 
-        return generate(args.target, args.prompt, params, args.api_key, args.json, args.timeout)
+        return generate(args.target, args.prompt, params, args.api_key, args.json, args.timeout,
+                        args.tls_ca)  # fmt: skip
     return _generate_local(args, params)
 
 

@@ -11,6 +11,7 @@ import grpc
 
 from cluster.api.pdcluster.v1 import pdcluster_pb2 as pb
 from cluster.api.pdcluster.v1 import pdcluster_pb2_grpc as pb_grpc
+from cluster.router.tls import client_channel
 
 API_KEY_ENV = "PD_CLUSTER_API_KEY"  # the bearer token: the server requires it, clients send it
 
@@ -33,10 +34,16 @@ def sampling_message(params) -> pb.SamplingParams:
 
 
 def generate(
-    target: str, prompts: list[str], params, api_key: str | None, as_json: bool, timeout_s: float
+    target: str,
+    prompts: list[str],
+    params,
+    api_key: str | None,
+    as_json: bool,
+    timeout_s: float,
+    tls_ca: str | None = None,
 ) -> int:
     metadata = [("authorization", f"Bearer {api_key}")] if api_key else []
-    with grpc.insecure_channel(target) as channel:
+    with client_channel(target, tls_ca) as channel:
         stub = pb_grpc.PDClusterStub(channel)
         for prompt in prompts:
             request = pb.GenerateRequest(text=prompt, sampling_params=sampling_message(params))

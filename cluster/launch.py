@@ -11,12 +11,16 @@
     router: {max_in_flight: 256, max_queued: 1024, failure_policy: retry}
     grpc: {host: 127.0.0.1, port: 50051}
     http: {host: 127.0.0.1, port: 8000}
+    auth_file: /etc/pd-cluster/auth.yaml   # tenants (router/tenants.py); api_key: one tenant
+    tls: {cert: tls.crt, key: tls.key, client_ca: ca.crt}    # PEM files (router/tls.py)
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
+import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +35,11 @@ from cluster.engine.config import CacheConfig, EngineConfig, ModelConfig, Schedu
 from cluster.engine.parallel import check_parallel
 from cluster.engine.tokenizer import Tokenizer
 from cluster.kv_transfer.layout import LayoutMismatchError
-from cluster.kv_transfer.registry import LocalKVRegistry
+from cluster.kv_transfer.registry import REGISTRY_ACTOR, AgentRegistry, LocalKVRegistry
 from cluster.router.router import Instance, Router
 from cluster.router.settings import RouterSettings
+from cluster.router.tenants import Auth
+from cluster.router.tls import TLSFiles
 from cluster.workers.base import TransferSettings
 from cluster.workers.clients import LocalClient, RayClient
 from cluster.workers.decode import ColocatedWorker, DecodeWorker
@@ -42,6 +48,7 @@ from cluster.workers.protocol import InstanceInfo
 from cluster.workers.ranks import RAY_NAMESPACE
 from cluster.workers.registry import RayKVRegistry
 
+AUTH_FILE_ENV = "PD_CLUSTER_AUTH_FILE"
 _CACHE_KEYS = {f.name for f in dataclasses.fields(CacheConfig)}
 _SCHEDULER_KEYS = {f.name for f in dataclasses.fields(SchedulerConfig)}
 _ENGINE_KEYS = {
@@ -93,7 +100,9 @@ class DeploymentConfig:
     router: dict[str, Any] = field(default_factory=dict)  # RouterSettings fields
     grpc: dict[str, Any] = field(default_factory=lambda: {"host": "127.0.0.1", "port": 50051})
     http: dict[str, Any] = field(default_factory=lambda: {"host": "127.0.0.1", "port": 8000})
-    api_key: str | None = None
+    api_key: str | None = None  # one tenant; or auth_file for several (router/tenants.py)
+    auth_file: str | None = None  # tenants YAML; else $PD_CLUSTER_AUTH_FILE
+    tls: dict[str, Any] = field(default_factory=dict)  # {cert, key, client_ca}: PEM files
     ray_address: str | None = None
     drain_timeout_s: float = 30.0  # on SIGTERM/SIGINT: finish in-flight requests this long
     log_format: str = "auto"  # json | text | auto (cluster/logs.py)
@@ -134,6 +143,19 @@ class DeploymentConfig:
         except (OSError, yaml.YAMLError) as e:
             raise ValueError(f"cannot read config {path}: {e}") from e
         return cls.from_dict(data)
+
+    def auth(self) -> Auth | None:
+        """Who may call the APIs: the auth file's tenants, or the one API key's, or nobody
+        named (no auth)."""
+        path = self.auth_file or os.environ.get(AUTH_FILE_ENV)
+        if path and self.api_key:
+            raise ValueError("give an auth file or an API key, not both (the key is one tenant)")
+        if path:
+            return Auth.from_file(path)
+        return Auth.single_key(self.api_key) if self.api_key else None
+
+    def tls_files(self) -> TLSFiles | None:
+        return TLSFiles.from_config(self.tls)
 
     def roles(self) -> tuple[str, ...]:
         return ("prefill", "decode") if self.mode == "disaggregated" else ("colocated",)
@@ -229,47 +251,40 @@ def _check_parallel(config: DeploymentConfig) -> None:
             raise ValueError(f"the {role} pool: {e}") from None
 
 
-async def start_ray(config: DeploymentConfig, settings=None, ready_timeout_s: float = 600.0):
+async def start_ray(config: DeploymentConfig, settings=None, ready_timeout_s: float = 600.0,
+                    detached_as: str | None = None):  # fmt: skip
     """Every instance as a Ray actor (restarted by Ray if it dies) in the current Ray
-    cluster; call ray.init() first."""
-    # The KV registry actor belongs to this process (it lives as long as the deployment),
-    # not to whichever worker would create it first and take it down when it dies.
+    cluster; call ray.init() first.
+
+    The actors belong to this process and die with it (`cluster serve`), unless `detached_as`
+    tags the pools (a tag stable for one deployment: deploy/serve_app.py makes it from the
+    Serve application and its config). Then they are detached actors named by the tag and
+    outlive this process: a later start_ray with the same tag re-attaches to the live ones
+    (and starts those that are gone), the router's shutdown only disconnects from them, and
+    `stop_detached(tag)` ends them."""
     _check_parallel(config)
-    registry = RayKVRegistry(namespace=RAY_NAMESPACE)
-    deployment_id = uuid.uuid4().hex[:6]
+    detached = detached_as is not None
+    # The KV registry actor is the deployment's, not whichever worker's would create it first
+    # (and take it down when it dies): this process's, or, detached, the cluster's.
+    registry = _detached_registry() if detached else RayKVRegistry(namespace=RAY_NAMESPACE).actor
+    deployment_id = detached_as if detached else uuid.uuid4().hex[:6]
     clients, groups = [], []
     for role in config.roles():
-        pool = getattr(config, role)
-        engine = config.engine_config(role)
-        num_gpus = pool.num_gpus
-        if num_gpus is None:
-            num_gpus = 1 if engine.device.startswith("cuda") else 0
         actor_cls = ray.remote(_worker_class(role))
-        for n in range(pool.num_instances):
+        for n in range(getattr(config, role).num_instances):
             instance_id = f"{role}-{n}-{deployment_id}"
-            placement = {}
-            if engine.world_size > 1:
-                pg = await _instance_placement_group(engine, pool, num_gpus)
-                groups.append(pg)
-                placement = {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, 0)}
-            actor = actor_cls.options(
-                runtime_env=_runtime_env(config),
-                name=f"pd-cluster-{instance_id}",
-                namespace=RAY_NAMESPACE,
-                num_cpus=pool.num_cpus,
-                num_gpus=num_gpus,
-                resources=dict(pool.resources),
-                max_restarts=-1,
-                max_task_retries=0,
-                **placement,
-            ).remote(*_worker_args(config, role, instance_id, "ray"))
-            clients.append((role, RayClient(actor)))
+            client, pg = await _start_instance(config, role, instance_id, actor_cls, detached)
+            clients.append((role, client))
+            groups += [] if pg is None else [pg]
 
     async def shutdown() -> None:
         for _, client in clients:
             client.close()
+        if detached:
+            return  # the pools outlive this router: stop_detached(tag) ends them
+        for _, client in clients:
             ray.kill(client.actor, no_restart=True)
-        ray.kill(registry.actor, no_restart=True)  # (this closure also keeps it alive)
+        ray.kill(registry, no_restart=True)  # (this closure also keeps it alive)
         for pg in groups:
             ray.util.remove_placement_group(pg)
 
@@ -277,7 +292,154 @@ async def start_ray(config: DeploymentConfig, settings=None, ready_timeout_s: fl
         return await asyncio.wait_for(_router(config, settings, clients, shutdown), ready_timeout_s)
     except BaseException:
         await shutdown()
+        if detached:  # no one else would end them: the caller never got a router
+            await asyncio.to_thread(stop_detached, detached_as)
         raise
+
+
+async def _start_instance(config: DeploymentConfig, role: str, instance_id: str, actor_cls,
+                          detached: bool):  # fmt: skip
+    """One instance's worker actor (rank 0; its placement group first when it has more ranks)
+    and the router's client of it. Detached, both are found by name when they run already."""
+    pool, engine = getattr(config, role), config.engine_config(role)
+    num_gpus = pool.num_gpus
+    if num_gpus is None:
+        num_gpus = 1 if engine.device.startswith("cuda") else 0
+    name = f"pd-cluster-{instance_id}"
+    pg, options = None, {}
+    if engine.world_size > 1:
+        pg = await _instance_placement_group(engine, pool, num_gpus, name if detached else None)
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, 0)
+    if detached:
+        options.update(lifetime="detached", get_if_exists=True)
+    actor = actor_cls.options(
+        runtime_env=_runtime_env(config),
+        name=name,
+        namespace=RAY_NAMESPACE,
+        num_cpus=pool.num_cpus,
+        num_gpus=num_gpus,
+        resources=dict(pool.resources),
+        max_restarts=-1,
+        max_task_retries=0,
+        **options,
+    )
+    args = _worker_args(config, role, instance_id, "ray")
+    if not detached:
+        return RayClient(actor.remote(*args)), pg
+    return _NamedClient(name, lambda: actor.remote(*args)), pg
+
+
+logger = logging.getLogger(__name__)
+
+
+class _NamedClient(RayClient):
+    """The client of a detached instance. Ray restarts a crashed one under its name; one
+    killed for good (`ray.kill(..., no_restart=True)`, or an old Serve replica's teardown
+    racing a new one's start) is started again here, at the router's next reconnect, so that
+    a pool does not stay short while its router lives."""
+
+    def __init__(self, name: str, start):
+        super().__init__(start())
+        self.name, self._start = name, start
+
+    async def connect(self, timeout: float | None = None) -> InstanceInfo:
+        try:
+            return await super().connect(timeout)
+        except Exception:
+            if not await asyncio.to_thread(_is_named_actor, self.name):
+                logger.warning("instance actor %s is gone for good: starting it again", self.name)
+                self.actor = await asyncio.to_thread(self._start)
+            raise
+
+
+def _is_named_actor(name: str) -> bool:
+    """Whether an actor of that name lives (or is restarting) in RAY_NAMESPACE."""
+    try:
+        ray.get_actor(name, namespace=RAY_NAMESPACE)
+    except ValueError:
+        return False
+    return True
+
+
+def _detached_registry():
+    """The cluster's KV registry actor, created detached unless it runs already: pools that
+    outlive their router must not lose their registry with it. It stays up while the Ray
+    cluster does (an idle actor of no resources): every deployment in the cluster shares it,
+    keyed by agent name."""
+    registry = ray.remote(num_cpus=0, max_restarts=-1)(AgentRegistry)
+    return registry.options(
+        name=REGISTRY_ACTOR, namespace=RAY_NAMESPACE, get_if_exists=True, lifetime="detached"
+    ).remote()
+
+
+def pool_tags() -> set[str]:
+    """The tags of the pools that run in this Ray cluster (start_ray's `detached_as`, or the
+    random id of a pool that belongs to its process)."""
+    return {tag for _, tag in _instances()}
+
+
+def stop_detached(tag: str) -> list[str]:
+    """End the pools that start_ray(detached_as=tag) started: their actors, placement groups
+    and entries in the KV registry (which stays: it is the cluster's). Returns their instance
+    ids."""
+    instance_ids = sorted(instance_id for instance_id, t in _instances() if t == tag)
+    for instance_id in instance_ids:
+        name = f"pd-cluster-{instance_id}"
+        try:
+            ray.kill(ray.get_actor(name, namespace=RAY_NAMESPACE), no_restart=True)
+        except ValueError:
+            pass  # gone already (or only its placement group was left)
+        pg = _named_placement_group(name)
+        if pg is not None:
+            ray.util.remove_placement_group(pg)
+    _forget_agents(set(instance_ids))
+    return instance_ids
+
+
+def _instances() -> set[tuple[str, str]]:
+    """(instance id, pool tag) of every instance named in this cluster: by its worker actor,
+    or by its placement group alone."""
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == RAY_NAMESPACE]  # fmt: skip
+    names += [
+        pg["name"]
+        for pg in ray.util.placement_group_table().values()
+        if pg.get("name") and pg.get("state") != "REMOVED"
+    ]
+    return {parsed for name in names if (parsed := _parse_instance_name(name)) is not None}
+
+
+def _parse_instance_name(name: str) -> tuple[str, str] | None:
+    """`pd-cluster-{role}-{n}-{tag}` -> (instance id, tag); None for any other name (a
+    follower rank's `pd-cluster-{instance id}-rank{r}` included: it goes with its worker)."""
+    if name.rpartition("-rank")[2].isdigit():
+        return None
+    for role in _WORKERS:
+        head = f"pd-cluster-{role}-"
+        if name.startswith(head):
+            n, _, tag = name[len(head) :].partition("-")
+            if n.isdigit() and tag:
+                return name.removeprefix("pd-cluster-"), tag
+    return None
+
+
+def _named_placement_group(name: str):
+    try:
+        return ray.util.get_placement_group(name)
+    except ValueError:
+        return None
+
+
+def _forget_agents(instance_ids: set[str]) -> None:
+    """Remove the KV agents of stopped instances from the registry (a killed worker cannot)."""
+    try:
+        registry = ray.get_actor(REGISTRY_ACTOR, namespace=RAY_NAMESPACE)
+        names = ray.get(registry.names.remote(), timeout=10)
+    except (ValueError, ray.exceptions.RayError):
+        return
+    for agent in names:  # rank 0's is the instance id; rank r's "{instance id}/rank{r}"
+        if agent.partition("/")[0] in instance_ids:
+            registry.remove.remote(agent)
 
 
 def _runtime_env(config: DeploymentConfig) -> dict | None:
@@ -287,16 +449,22 @@ def _runtime_env(config: DeploymentConfig) -> dict | None:
     return {"env_vars": {tracing.ENDPOINT_ENV: config.otlp_traces_endpoint}}
 
 
-async def _instance_placement_group(engine: EngineConfig, pool: PoolSpec, num_gpus: float):
+async def _instance_placement_group(engine: EngineConfig, pool: PoolSpec, num_gpus: float,
+                                    name: str | None = None):  # fmt: skip
     """One bundle per rank of a parallel instance, all on one node (STRICT_PACK: the ranks'
     process group and, on GPUs, NVLink); the worker (rank 0) goes in bundle 0 with the pool's
-    resources, its follower ranks in the others (ranks.py)."""
-    first = {"CPU": max(pool.num_cpus, _BUNDLE_CPU), **pool.resources}
-    rank = {"CPU": _BUNDLE_CPU}
-    if num_gpus:
-        first["GPU"] = num_gpus
-        rank["GPU"] = 1
-    pg = ray.util.placement_group([first] + [rank] * (engine.world_size - 1), "STRICT_PACK")
+    resources, its follower ranks in the others (ranks.py). Named: detached, and the one of
+    that name if it exists already."""
+    pg = _named_placement_group(name) if name else None
+    if pg is None:
+        first = {"CPU": max(pool.num_cpus, _BUNDLE_CPU), **pool.resources}
+        rank = {"CPU": _BUNDLE_CPU}
+        if num_gpus:
+            first["GPU"] = num_gpus
+            rank["GPU"] = 1
+        bundles = [first] + [rank] * (engine.world_size - 1)
+        lifetime = "detached" if name else None
+        pg = ray.util.placement_group(bundles, "STRICT_PACK", name=name or "", lifetime=lifetime)
     await asyncio.wrap_future(pg.ready().future())
     return pg
 

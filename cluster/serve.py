@@ -21,10 +21,11 @@ import ray
 from cluster import logs, tracing
 from cluster.client import API_KEY_ENV
 from cluster.emulate import EmulationSettings, describe, emulate
-from cluster.launch import DeploymentConfig, start_ray
+from cluster.launch import AUTH_FILE_ENV, DeploymentConfig, start_ray
 from cluster.logs import FORMATS
 from cluster.router.grpc_server import start_grpc_server
 from cluster.router.http_server import start_http_server, stop_http_server
+from cluster.router.tls import ENV as TLS_ENV
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +55,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--api-key",
         default=os.environ.get(API_KEY_ENV),
-        help=f"require 'Authorization: Bearer KEY' on both APIs (or set {API_KEY_ENV})",
+        help=f"require 'Authorization: Bearer KEY' on both APIs; prefer {API_KEY_ENV} or "
+        "--api-key-file: a key on the command line shows in the process list",
+    )
+    parser.add_argument("--api-key-file", help="read the API key from this file")
+    parser.add_argument(
+        "--auth-file",
+        help=f"tenants YAML (keys as SHA-256, limits, cache sharing; or set {AUTH_FILE_ENV}): "
+        "each request runs as its key's tenant, in its own prefix cache",
+    )
+    parser.add_argument(
+        "--tls-cert", help=f"PEM certificate: both APIs serve TLS only (or set {TLS_ENV['cert']})"
+    )
+    parser.add_argument("--tls-key", help=f"PEM private key of --tls-cert (or {TLS_ENV['key']})")
+    parser.add_argument(
+        "--tls-client-ca",
+        help=f"PEM CA: require client certificates it signed, mutual TLS ({TLS_ENV['client_ca']})",
     )
     parser.add_argument("--num-prefill", type=int, help="prefill instances")
     parser.add_argument("--num-decode", type=int, help="decode instances")
@@ -104,8 +120,16 @@ def config_from_args(args: argparse.Namespace) -> DeploymentConfig:
         config.http["port"] = args.http_port
     if args.served_model_name:
         config.served_model_name = args.served_model_name
-    if args.api_key:
+    if args.api_key_file:
+        config.api_key = _read_secret(args.api_key_file)
+    elif args.api_key:
         config.api_key = args.api_key
+    if args.auth_file:
+        config.auth_file = args.auth_file
+    for name in ("cert", "key", "client_ca"):
+        value = getattr(args, f"tls_{name}")
+        if value:
+            config.tls[name] = value
     if args.failure_policy:
         config.router["failure_policy"] = args.failure_policy
     if args.drain_timeout is not None:
@@ -116,6 +140,16 @@ def config_from_args(args: argparse.Namespace) -> DeploymentConfig:
         config.otlp_traces_endpoint = args.otlp_traces_endpoint
     config.__post_init__()  # re-check after the overrides
     return config
+
+
+def _read_secret(path: str) -> str:
+    try:
+        value = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}") from None
+    if not value:
+        raise ValueError(f"{path} is empty")
+    return value
 
 
 def load_plan(path: str) -> dict:
@@ -187,13 +221,14 @@ async def serve(config: DeploymentConfig, ready: asyncio.Event | None = None) ->
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+    auth, tls = config.auth(), config.tls_files()  # a bad file fails before any pool starts
     router = await start_ray(config)
     try:
         grpc_server, grpc_port = await start_grpc_server(
-            router, config.grpc["host"], config.grpc["port"], config.api_key
+            router, config.grpc["host"], config.grpc["port"], auth=auth, tls=tls
         )
         http_server, http_task, http_port = await start_http_server(
-            router, config.http["host"], config.http["port"], config.api_key
+            router, config.http["host"], config.http["port"], auth=auth, tls=tls
         )
     except BaseException:
         await router.shutdown()
@@ -204,8 +239,9 @@ async def serve(config: DeploymentConfig, ready: asyncio.Event | None = None) ->
     print(
         f"pd-cluster serving {router.model_info.name!r} ({config.mode}: {pools}): "
         f"gRPC {config.grpc['host']}:{grpc_port}, "
-        f"HTTP http://{config.http['host']}:{http_port}/v1"
-        + (" (API key required)" if config.api_key else "")
+        f"HTTP {'https' if tls else 'http'}://{config.http['host']}:{http_port}/v1"
+        + (f" ({len(auth.tenants)} tenant(s), API key required)" if auth else "")
+        + (" (mutual TLS)" if tls and tls.client_ca else "")
         + "; Ctrl-C stops",
         flush=True,
     )

@@ -19,6 +19,7 @@ import grpc
 from cluster.api.pdcluster.v1 import pdcluster_pb2 as pb
 from cluster.api.pdcluster.v1 import pdcluster_pb2_grpc as pb_grpc
 from cluster.client import API_KEY_ENV
+from cluster.router.tls import client_channel
 
 _CLEAR = "\033[H\033[2J"  # cursor home, clear screen
 _COLUMNS = ("ROLE", "INSTANCE", "HEALTHY", "RUNNING", "WAITING", "PENDING_TOKENS",
@@ -31,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--api-key",
         default=os.environ.get(API_KEY_ENV),
         help=f"bearer token, if the server wants one (or set {API_KEY_ENV})",
+    )
+    parser.add_argument(
+        "--tls-ca",
+        help="PEM CA of the server's certificate: call it over TLS (or set PD_CLUSTER_TLS_CA)",
     )
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
     shown = parser.add_mutually_exclusive_group()
@@ -49,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     if args.watch is not None and args.watch <= 0:
         raise ValueError(f"--watch takes a positive number of seconds, got {args.watch}")
     metadata = [("authorization", f"Bearer {args.api_key}")] if args.api_key else []
-    with grpc.insecure_channel(args.target) as channel:
+    with client_channel(args.target, args.tls_ca) as channel:
         stub = pb_grpc.PDClusterStub(channel)
         fetch = lambda: stub.GetClusterStatus(
             pb.GetClusterStatusRequest(), metadata=metadata, timeout=args.timeout

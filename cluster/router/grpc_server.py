@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 
@@ -26,6 +25,8 @@ from cluster.api.pdcluster.v1 import pdcluster_pb2_grpc as pb_grpc
 from cluster.background import spawn
 from cluster.engine.sampling_params import SamplingParams
 from cluster.router.router import Router
+from cluster.router.tenants import Auth, Tenant
+from cluster.router.tls import TLSFiles
 from cluster.router.types import (
     GenerateInput,
     InvalidRequest,
@@ -110,8 +111,16 @@ def merge_response(total: pb.CompleteResponse, part: pb.GenerateResponse) -> Non
 
 
 class PDClusterServicer(pb_grpc.PDClusterServicer):
-    def __init__(self, router: Router):
+    def __init__(self, router: Router, auth: Auth | None = None):
         self.router = router
+        self.auth = auth
+
+    def tenant(self, context) -> Tenant | None:
+        """The caller's tenant (the interceptor has already refused unknown keys)."""
+        if self.auth is None:
+            return None
+        metadata = dict(context.invocation_metadata() or ()) if context is not None else {}
+        return self.auth.authenticate(metadata.get("authorization"))
 
     async def Generate(self, request, context) -> None:
         # A coroutine that writes, not an async generator: a cancelled call then raises here,
@@ -128,12 +137,19 @@ class PDClusterServicer(pb_grpc.PDClusterServicer):
         return response
 
     async def Abort(self, request, context) -> pb.AbortResponse:
-        return pb.AbortResponse(found=await self.router.abort(request.request_id))
+        found = await self.router.abort(request.request_id, self.tenant(context))
+        return pb.AbortResponse(found=found)
 
     async def GetModelInfo(self, request, context) -> pb.ModelInfo:
         return pb.ModelInfo(**dataclasses.asdict(self.router.model_info))
 
     async def GetClusterStatus(self, request, context) -> pb.ClusterStatus:
+        tenant = self.tenant(context)
+        if tenant is not None and not tenant.admin:  # hosts and instance ids: operators only
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"tenant {tenant.name!r} may not read the cluster's status (needs admin: true)",
+            )
         return json_format.ParseDict(await self.router.cluster_status(), pb.ClusterStatus())
 
     @asynccontextmanager
@@ -143,6 +159,7 @@ class PDClusterServicer(pb_grpc.PDClusterServicer):
         try:
             inp = to_generate_input(request)
             inp.trace_context = _trace_context(context.invocation_metadata())
+            inp.tenant = self.tenant(context)
             async with aclosing(self.router.generate(inp)) as chunks:
                 yield chunks
         except RouterError as e:
@@ -220,17 +237,17 @@ def _lenient(handler):
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """Requires `authorization: Bearer <key>` on PDCluster methods; health checking and
-    reflection stay open (like vLLM's /health) so probes need no secret."""
+    """Requires `authorization: Bearer <key>` of a tenant on PDCluster methods; health
+    checking and reflection stay open (like vLLM's /health) so probes need no secret."""
 
-    def __init__(self, api_key: str):
-        self._expected = f"Bearer {api_key}".encode()
+    def __init__(self, auth: Auth):
+        self._auth = auth
 
     async def intercept_service(self, continuation, handler_call_details):
         if not handler_call_details.method.startswith(f"/{SERVICE_NAME}/"):
             return await continuation(handler_call_details)
         metadata = dict(handler_call_details.invocation_metadata or ())
-        if hmac.compare_digest(metadata.get("authorization", "").encode(), self._expected):
+        if self._auth.authenticate(metadata.get("authorization")) is not None:
             return await continuation(handler_call_details)
         return grpc.unary_unary_rpc_method_handler(_deny)
 
@@ -269,12 +286,19 @@ async def _track_health(router, servicer) -> None:
 
 
 async def start_grpc_server(
-    router: Router, host: str = "127.0.0.1", port: int = 50051, api_key: str | None = None
+    router: Router,
+    host: str = "127.0.0.1",
+    port: int = 50051,
+    api_key: str | None = None,
+    auth: Auth | None = None,
+    tls: TLSFiles | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Serve `router` on host:port (0 picks a free port); returns the started server and the
-    bound port. Stop it with `await server.stop(grace_s)`."""
-    server = grpc.aio.server(interceptors=[ApiKeyInterceptor(api_key)] if api_key else [])
-    _add_servicer(PDClusterServicer(router), server)
+    bound port. With `auth` (tenants) or `api_key` (one tenant) PDCluster methods need a
+    key; with `tls`, TLS only (mutual with a client CA). Stop with `await server.stop(s)`."""
+    auth = auth or (Auth.single_key(api_key) if api_key else None)
+    server = grpc.aio.server(interceptors=[ApiKeyInterceptor(auth)] if auth else [])
+    _add_servicer(PDClusterServicer(router, auth), server)
     health_servicer = health.aio.HealthServicer()
     await _set_health(health_servicer, router.is_ready())
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -282,6 +306,9 @@ async def start_grpc_server(
     services = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(services, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bound_port = server.add_insecure_port(address)
+    if tls is None:
+        bound_port = server.add_insecure_port(address)
+    else:
+        bound_port = server.add_secure_port(address, tls.grpc_credentials())
     await server.start()
     return server, bound_port

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 from collections.abc import AsyncGenerator, Awaitable
@@ -42,6 +41,8 @@ from cluster.router.openai_protocol import (
     parse_completion_request,
     router_error_body,
 )
+from cluster.router.tenants import Auth
+from cluster.router.tls import TLSFiles
 from cluster.router.types import (
     InvalidRequest,
     Overloaded,
@@ -55,6 +56,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 REQUEST_ID_HEADER = "X-Request-Id"
+TENANT_SCOPE_KEY = "pdcluster.tenant"  # the ASGI scope entry _Authenticate fills
 # What a 500 says: no exception text (it may carry hosts, actor ids, tracebacks); the log has it.
 INTERNAL_ERROR_MESSAGE = "internal server error: the server log has the details; retry the request"
 _CLIENT_CLOSED_STATUS = 499  # nginx's "client closed request": nobody reads it, logs do
@@ -63,9 +65,11 @@ _BODY_TIMEOUT_S = 30.0  # a body that trickles in slower than this is refused (4
 _INLINE_BODY_BYTES = 16 * 1024  # smaller bodies are parsed on the event loop, larger off it
 
 
-def build_http_app(router: Any, api_key: str | None = None) -> Starlette:
-    """The HTTP app over `router`. With `api_key`, /v1/* needs `Authorization: Bearer <key>`
-    (vLLM's --api-key); /health and /metrics stay open for probes and scrapers."""
+def build_http_app(router: Any, api_key: str | None = None, auth: Auth | None = None) -> Starlette:
+    """The HTTP app over `router`. With `auth` (tenants) or `api_key` (one tenant), /v1/* needs
+    `Authorization: Bearer <key>` (vLLM's --api-key) and each request runs as the key's
+    tenant; /health and /metrics stay open for probes and scrapers."""
+    auth = auth or (Auth.single_key(api_key) if api_key else None)
     api = _OpenAIRoutes(router)
     routes = [
         Route("/v1/completions", api.completions, methods=["POST"]),
@@ -74,7 +78,7 @@ def build_http_app(router: Any, api_key: str | None = None) -> Starlette:
         Route("/health", api.health, methods=["GET"]),
         Route("/metrics", api.metrics, methods=["GET"]),
     ]
-    middleware = [Middleware(_RequireApiKey, api_key=api_key)] if api_key else []
+    middleware = [Middleware(_Authenticate, auth=auth)] if auth else []
     handlers = {
         RouterError: _router_error_response,
         HTTPException: _http_error_response,
@@ -118,6 +122,7 @@ class _OpenAIRoutes:
 
     async def _generate(self, request: Request, parsed: OpenAIRequest) -> Response:
         parsed.input.trace_context = _trace_context(request.headers)
+        parsed.input.tenant = request.scope.get(TENANT_SCOPE_KEY)
         formatter = ResponseFormatter.for_request(parsed, self._served)
         headers = {REQUEST_ID_HEADER: parsed.request_id}
         chunks = self._router.generate(parsed.input)
@@ -322,29 +327,31 @@ async def _internal_error_response(request: Request, exc: Exception) -> Response
     return _json_error(error_body(INTERNAL_ERROR_MESSAGE, "InternalServerError", 500), 500)
 
 
-class _RequireApiKey:
-    """ASGI middleware: /v1/* needs `Authorization: Bearer <key>`, else a 401 error object."""
+class _Authenticate:
+    """ASGI middleware: /v1/* needs `Authorization: Bearer <key>` of a tenant (else a 401
+    error object); the tenant goes into the scope for the handler."""
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    def __init__(self, app: ASGIApp, auth: Auth) -> None:
         self._app = app
-        self._expected = f"Bearer {api_key}".encode()
+        self._auth = auth
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not self._allowed(scope):
-            body = error_body(
-                "invalid or missing API key: send 'Authorization: Bearer <key>'",
-                "AuthenticationError",
-                401,
-            )
-            await _json_error(body, 401)(scope, receive, send)
-            return
+        if scope["type"] == "http" and _needs_key(scope):
+            tenant = self._auth.authenticate(dict(scope["headers"]).get(b"authorization"))
+            if tenant is None:
+                body = error_body(
+                    "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                    "AuthenticationError",
+                    401,
+                )
+                await _json_error(body, 401)(scope, receive, send)
+                return
+            scope[TENANT_SCOPE_KEY] = tenant
         await self._app(scope, receive, send)
 
-    def _allowed(self, scope: Scope) -> bool:
-        if not scope["path"].startswith("/v1") or scope["method"] == "OPTIONS":
-            return True
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        return hmac.compare_digest(given, self._expected)
+
+def _needs_key(scope: Scope) -> bool:
+    return scope["path"].startswith("/v1") and scope["method"] != "OPTIONS"
 
 
 # -- serving -----------------------------------------------------------------------------------
@@ -359,12 +366,18 @@ class _Server(uvicorn.Server):
 
 
 async def start_http_server(
-    router: Any, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None
+    router: Any,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    auth: Auth | None = None,
+    tls: TLSFiles | None = None,
 ) -> tuple[uvicorn.Server, asyncio.Task, int]:
     """Serve the app in the running loop; returns (server, its task, the bound port) once it
-    accepts connections. port=0 picks a free port. Stop with `stop_http_server`."""
+    accepts connections. port=0 picks a free port; with `tls`, HTTPS only. Stop with
+    `stop_http_server`."""
     config = uvicorn.Config(
-        build_http_app(router, api_key),
+        build_http_app(router, api_key, auth),
         host=host,
         port=port,
         log_level="warning",
@@ -374,6 +387,7 @@ async def start_http_server(
         # flood of idle or slow connections cannot exhaust the process (probes keep room).
         limit_concurrency=_connection_limit(router),
         timeout_keep_alive=5,
+        **(tls.uvicorn_options() if tls else {}),
     )
     server = _Server(config)
     task = asyncio.create_task(_serve(server), name=f"http-server-{host}:{port}")

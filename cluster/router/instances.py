@@ -55,6 +55,7 @@ class Instance:
 class Live:
     """A request in flight: where it is now, so Abort and cancellation can reach it."""
 
-    request_id: str
+    request_id: str  # as the client named it (unique within its tenant)
+    tenant: str | None = None
     instances: list[tuple[Instance, str]] = field(default_factory=list)  # (where, its id)
     aborted: bool = False

@@ -131,6 +131,13 @@ class RouterMetrics:
             ["role"],
             registry=r,
         ).labels(_ROLE)
+        self._tenant_rejected = Counter(
+            "pdcluster:tenant_requests_rejected",
+            "Requests refused (429) by their tenant's own limits, by tenant and reason (rate: "
+            "its token bucket; in_flight: its cap).",
+            ["role", "tenant", "reason"],
+            registry=r,
+        )
         self._failed = Counter(
             "pdcluster:requests_failed",
             "Requests that ended in an error after admission, by reason (policy, poison, "
@@ -191,6 +198,9 @@ class RouterMetrics:
 
     def rejected(self) -> None:
         self._rejected.inc()
+
+    def tenant_rejected(self, tenant: str, reason: str) -> None:
+        self._tenant_rejected.labels(_ROLE, tenant, reason).inc()
 
     def failed(self, reason: str) -> None:
         self._failed.labels(_ROLE, reason).inc()

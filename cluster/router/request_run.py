@@ -453,7 +453,7 @@ class RequestRun:
             return  # no access log: build nothing on the hot path
         t, ms = self.timing, 1000.0
         logs.event(
-            "request", request_id=self.live.request_id, tenant=None, status="ok",
+            "request", request_id=self.live.request_id, tenant=self.live.tenant, status="ok",
             finish_reason=out.finish_reason, prompt_tokens=out.usage.prompt_tokens,
             completion_tokens=out.usage.completion_tokens,
             cached_tokens=out.usage.cached_tokens, queue_ms=t.queue_s * ms,

@@ -41,6 +41,7 @@ from cluster.router.metrics import RouterMetrics
 from cluster.router.prefix_index import PrefixIndex, prompt_hashes
 from cluster.router.request_run import OVERLOAD_RETRY_AFTER_S, RequestRun
 from cluster.router.settings import RouterSettings
+from cluster.router.tenants import Tenant, TenantLimits, TenantOverloaded
 from cluster.router.types import (
     GenerateInput,
     InvalidRequest,
@@ -55,6 +56,10 @@ logger = logging.getLogger(__name__)
 _POLL_TIMEOUT_S = 5.0  # a load poll, an abort, a reconnect
 _INLINE_TOKENIZE_CHARS = 4096  # longer text prompts are tokenized on a thread
 _RESUBSCRIBE_S = 0.2  # a broken KV-event stream is opened again this often
+
+
+def _live_key(tenant: Tenant | None, request_id: str) -> tuple[str, str]:
+    return (tenant.name if tenant is not None else "", request_id)
 
 
 class Router:
@@ -88,7 +93,8 @@ class Router:
         for instance in instances:  # a broken connection marks its instance lost at once
             instance.client.on_lost = functools.partial(self.mark_lost, instance)
         self.metrics = RouterMetrics()
-        self._live: dict[str, Live] = {}
+        self._live: dict[tuple[str, str], Live] = {}  # (tenant, request id) -> its state
+        self.tenant_limits = TenantLimits()
         self._slots = asyncio.Semaphore(settings.max_in_flight)
         self._num_queued = 0
         self._attempt_ids = itertools.count()
@@ -138,35 +144,58 @@ class Router:
         if self._draining:
             raise Unavailable("this server is draining (shutting down): send it elsewhere")
         prompt_ids, policy = await self._validate(inp)
+        tenant = inp.tenant
+        if tenant is not None:  # its priority cap and its own cache (tenants.py)
+            inp.priority = tenant.priority(inp.priority)
+            inp.cache_salt = tenant.salt(inp.cache_salt)
         self._shed()
         request_id = inp.request_id or uuid.uuid4().hex
-        if request_id in self._live:
+        key = _live_key(tenant, request_id)  # ids are the tenant's own: Abort reaches no other
+        if key in self._live:
             raise InvalidRequest(f"request id {request_id!r} is already in flight; use a new one")
-        live = self._live[request_id] = Live(request_id)
-        span = tracing.start(
-            "request", inp.trace_context, request_id=request_id, mode=self.settings.mode,
-            prompt_tokens=len(prompt_ids), failure_policy=policy,
-        )  # fmt: skip
-        admission = span.child("admission")
-        try:
-            async with self._admission():
+        with self._tenant_admission(tenant):
+            live = self._live[key] = Live(request_id, tenant.name if tenant else None)
+            span = tracing.start(
+                "request", inp.trace_context, request_id=request_id, mode=self.settings.mode,
+                prompt_tokens=len(prompt_ids), failure_policy=policy,
+            )  # fmt: skip
+            admission = span.child("admission")
+            try:
+                async with self._admission():
+                    admission.end()
+                    queued_s = time.monotonic() - arrival
+                    run = RequestRun(self, inp, live, prompt_ids, policy, arrival, queued_s, span)
+                    async for chunk in run.stream():
+                        if chunk.timing is not None and tenant is not None and not tenant.admin:
+                            # where it ran is the operator's to know, not a tenant's
+                            chunk.timing.prefill_instance = chunk.timing.decode_instance = ""
+                        yield chunk
+            except BaseException as e:
+                span.fail(e)
+                raise
+            finally:
                 admission.end()
-                queued_s = time.monotonic() - arrival
-                run = RequestRun(self, inp, live, prompt_ids, policy, arrival, queued_s, span)
-                async for chunk in run.stream():
-                    yield chunk
-        except BaseException as e:
-            span.fail(e)
-            raise
-        finally:
-            admission.end()
-            span.end()
-            del self._live[request_id]
-            if live.instances:  # stopped early (client gone, error): free it everywhere
-                spawn(self._abort_everywhere(live))
+                span.end()
+                del self._live[key]
+                if live.instances:  # stopped early (client gone, error): free it everywhere
+                    spawn(self._abort_everywhere(live))
 
-    async def abort(self, request_id: str) -> bool:
-        live = self._live.get(request_id)
+    @contextlib.contextmanager
+    def _tenant_admission(self, tenant):
+        try:
+            with self.tenant_limits.admit(tenant):
+                yield
+        except TenantOverloaded as e:
+            self.metrics.tenant_rejected(tenant.name, e.reason)
+            raise
+
+    def in_flight(self, request_id: str, tenant: Tenant | None = None) -> bool:
+        return _live_key(tenant, request_id) in self._live
+
+    async def abort(self, request_id: str, tenant: Tenant | None = None) -> bool:
+        """Abort the caller's own request `request_id` (its tenant's, when there are tenants);
+        False when it has none of that id in flight."""
+        live = self._live.get(_live_key(tenant, request_id))
         if live is None:
             return False
         live.aborted = True

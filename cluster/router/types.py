@@ -8,8 +8,12 @@ stream of chunks out, and typed errors that each front end maps to its status co
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from cluster.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from cluster.router.tenants import Tenant
 
 FAILURE_POLICIES = ("fail", "recompute", "retry")
 
@@ -84,6 +88,7 @@ class GenerateInput:
     cache_salt: str | None = None
     failure_policy: str | None = None  # None: the router's default
     trace_context: dict[str, str] | None = None  # W3C traceparent/tracestate from the client
+    tenant: Tenant | None = None  # who sends it (the front end authenticated it); None: no auth
 
 
 @dataclass(slots=True)

@@ -441,7 +441,7 @@ def test_abort_of_a_queued_request_stops_it_before_it_runs(tiny_model_dir):
             await anext(first)  # it holds the only slot
             queued = router.generate(GenerateInput(PROMPTS[1], long, request_id="queued"))
             pending = asyncio.ensure_future(anext(queued))
-            await wait_until_async(lambda: "queued" in router._live, timeout_s=30)
+            await wait_until_async(lambda: router.in_flight("queued"), timeout_s=30)
             assert await router.abort("queued")
             await first.aclose()  # frees the slot: the queued one is admitted, then stops
             chunk = await asyncio.wait_for(pending, 30)
