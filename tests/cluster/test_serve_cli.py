@@ -2,18 +2,22 @@
 whose prefill and decode layouts differ (prefill TP=2, decode PP=2: the KV is re-sharded on
 every transfer) and both APIs, says where it listens, serves `cluster generate` (the output
 of a one-rank engine) and the HTTP API, drains on SIGTERM (refuses new requests, finishes the
-ones in flight) and stops cleanly."""
+ones in flight) and stops cleanly. Its API key comes from a file and never shows in any
+process's command line or in any log."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +29,7 @@ pytest.importorskip("nixl")
 pytestmark = pytest.mark.slow  # ~25 s: a cluster start-up with TP=2 and PP=2 pools, a drain
 
 BIN = os.path.dirname(sys.executable)
+KEY = secrets.token_hex(16)
 
 
 def test_serve_generate_and_stop(tiny_model_dir, tmp_path):
@@ -39,12 +44,16 @@ def test_serve_generate_and_stop(tiny_model_dir, tmp_path):
         "prefill: {num_instances: 1, tensor_parallel_size: 2, pipeline_parallel_size: 1}\n"
         "decode: {num_instances: 1, tensor_parallel_size: 1, pipeline_parallel_size: 2}\n"
     )
+    key_file = tmp_path / "api-key"
+    key_file.write_text(KEY + "\n")
     env = {**os.environ, "RAY_ADDRESS": ""}
+    env.pop("PD_CLUSTER_API_KEY", None)
     serve = [f"{BIN}/cluster", "serve", "--config", str(config), "--plan", str(plan)]
+    log = tmp_path / "serve.log"
     server = subprocess.Popen(
-        [*serve, "--api-key", "k3y"],
+        [*serve, "--api-key-file", str(key_file)],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=log.open("w"),
         text=True,
         env=env,
     )
@@ -62,9 +71,8 @@ def test_serve_generate_and_stop(tiny_model_dir, tmp_path):
         args = generate + ["--target", f"127.0.0.1:{grpc_port}"]
         denied = subprocess.run(args, capture_output=True, text=True, timeout=60)
         assert denied.returncode == 1 and "UNAUTHENTICATED" in denied.stderr
-        done = subprocess.run(
-            args + ["--api-key", "k3y"], capture_output=True, text=True, timeout=60
-        )
+        keyed = {**env, "PD_CLUSTER_API_KEY": KEY}
+        done = subprocess.run(args, capture_output=True, text=True, timeout=60, env=keyed)
         assert done.returncode == 0, done.stderr
         result = json.loads(done.stdout)
         assert len(result["token_ids"]) == 8 and result["finish_reason"] == "length"
@@ -73,22 +81,44 @@ def test_serve_generate_and_stop(tiny_model_dir, tmp_path):
         assert local.returncode == 0, local.stderr
         assert result["token_ids"] == json.loads(local.stdout)["token_ids"]
         request = urllib.request.Request(
-            f"http://127.0.0.1:{http_port}/v1/models", headers={"Authorization": "Bearer k3y"}
+            f"http://127.0.0.1:{http_port}/v1/models", headers={"Authorization": f"Bearer {KEY}"}
         )
         with urllib.request.urlopen(request, timeout=30) as response:
             assert json.load(response)["data"][0]["id"] == tiny_model_dir.name
+        assert not _command_lines_with(KEY), "the API key shows in the process list"
         _check_drain(server, http_port, tiny_model_dir.name)
     finally:
         server.send_signal(signal.SIGINT)
         code = server.wait(timeout=60)
     assert code == 0
+    logs = [log, *_ray_session_logs()]
+    assert not [p for p in logs if KEY.encode() in p.read_bytes()], "the API key was logged"
+
+
+def _command_lines_with(text: str) -> list[str]:
+    """Every process's command line (what `ps` shows) that holds `text`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            line = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone, or not ours to read
+            continue
+        if text in line:
+            found.append(line)
+    return found
+
+
+def _ray_session_logs() -> list[Path]:
+    """The log files of the newest local Ray session (the one the server started)."""
+    logs = Path(tempfile.gettempdir()) / "ray" / "session_latest" / "logs"
+    return [p for p in logs.rglob("*") if p.is_file()] if logs.is_dir() else []
 
 
 def _post(http_port: str, body: dict):
     request = urllib.request.Request(
         f"http://127.0.0.1:{http_port}/v1/completions",
         data=json.dumps(body).encode(),
-        headers={"Authorization": "Bearer k3y", "Content-Type": "application/json"},
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
     )
     return urllib.request.urlopen(request, timeout=60)
 
