@@ -24,7 +24,7 @@ from jinja2.utils import Namespace
 from cluster.router.types import InvalidRequest
 from cluster.router.validation import MAX_MESSAGES, brief
 
-_TOOL_KEYS = ("tool_calls", "tool_call_id", "function_call")  # tools are not supported
+MAX_TOOLS = 128
 
 
 class ChatTemplate:
@@ -43,11 +43,22 @@ class ChatTemplate:
             return None
         return cls(source, getattr(tokenizer.hf, "special_tokens_map", {}))
 
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """The prompt for `messages` (already checked by `parse_messages`)."""
+    @property
+    def takes_tools(self) -> bool:
+        """Whether the template renders a `tools` list at all."""
+        return "tools" in self.source
+
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
+        """The prompt for `messages` (already checked by `parse_messages`) and `tools` (by
+        `parse_tools`)."""
         # tools/documents are passed as None, not left undefined, as Hugging Face does:
         # `tools is not none` is true of an undefined name.
-        variables = {**self._special_tokens, "messages": messages, "tools": None}
+        variables = {**self._special_tokens, "messages": messages, "tools": tools or None}
         variables.update(documents=None, add_generation_prompt=add_generation_prompt)
         try:
             return self._template.render(**variables)
@@ -72,10 +83,36 @@ def template_source(hf_tokenizer: Any) -> str | None:
     return source if isinstance(source, str) and source else None
 
 
+def parse_tools(tools: object) -> list[dict[str, Any]]:
+    """Check OpenAI `tools`: [{type: function, function: {name, description?, parameters?}}]."""
+    if not isinstance(tools, list) or not tools:
+        raise InvalidRequest("tools must be a non-empty list of {type: function, function}")
+    if len(tools) > MAX_TOOLS:
+        raise InvalidRequest(f"tools has {len(tools)} entries; the limit is {MAX_TOOLS}")
+    names = set()
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function":
+            raise InvalidRequest(f"{where} must be {{'type': 'function', 'function': {{...}}}}")
+        fn = tool.get("function")
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise InvalidRequest(f"{where}.function needs a name")
+        if fn["name"] in names:
+            raise InvalidRequest(f"{where}: two tools are named {fn['name']!r}")
+        names.add(fn["name"])
+        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+            raise InvalidRequest(f"{where}.function.parameters must be a JSON schema object")
+        if fn.get("description") is not None and not isinstance(fn["description"], str):
+            raise InvalidRequest(f"{where}.function.description must be a string")
+    return [{"type": "function", "function": tool["function"]} for tool in tools]
+
+
 def parse_messages(messages: object) -> list[dict[str, Any]]:
     """Check OpenAI chat `messages` and flatten each to {role, content[, name]} with string
     content (text parts joined with newlines, as vLLM does for string-content templates).
-    Other keys (reasoning_content, refusal...) are dropped; tool calls are refused."""
+    An assistant's `tool_calls` are kept with their arguments as objects (templates expect
+    them so; vLLM does the same), a tool result's `tool_call_id` too. Other keys
+    (reasoning_content, refusal...) are dropped."""
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("messages must be a non-empty list of {role, content} objects")
     if len(messages) > MAX_MESSAGES:
@@ -90,13 +127,45 @@ def _parse_message(index: int, message: object) -> dict[str, Any]:
     role = message.get("role")
     if not isinstance(role, str) or not role:
         raise InvalidRequest(f"{where}.role must be a non-empty string, got {brief(role)}")
-    parsed: dict[str, Any] = {"role": role, "content": _content_text(where, message.get("content"))}
+    calls = message.get("tool_calls")
+    content = message.get("content")
+    if content is None and calls:  # an assistant turn that only called tools
+        content = ""
+    parsed: dict[str, Any] = {"role": role, "content": _content_text(where, content)}
     if isinstance(message.get("name"), str):
         parsed["name"] = message["name"]
-    unsupported = [k for k in _TOOL_KEYS if message.get(k)]
-    if unsupported:
-        raise InvalidRequest(f"{where}: {', '.join(unsupported)} not supported (no tool calling)")
+    if calls:
+        parsed["tool_calls"] = _tool_calls(where, calls)
+    if message.get("tool_call_id") is not None:
+        if not isinstance(message["tool_call_id"], str):
+            raise InvalidRequest(f"{where}.tool_call_id must be a string")
+        parsed["tool_call_id"] = message["tool_call_id"]
+    if message.get("function_call"):
+        raise InvalidRequest(f"{where}: function_call is deprecated; send tool_calls")
     return parsed
+
+
+def _tool_calls(where: str, calls: object) -> list[dict[str, Any]]:
+    if not isinstance(calls, list):
+        raise InvalidRequest(f"{where}.tool_calls must be a list")
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise InvalidRequest(f"{where}.tool_calls[{j}] needs function.name and arguments")
+        arguments = fn.get("arguments", "{}")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments or "{}")
+            except ValueError:
+                raise InvalidRequest(
+                    f"{where}.tool_calls[{j}].function.arguments is not valid JSON"
+                ) from None
+        entry = {"type": "function", "function": {"name": fn["name"], "arguments": arguments}}
+        if isinstance(call.get("id"), str):
+            entry["id"] = call["id"]
+        out.append(entry)
+    return out
 
 
 def _content_text(where: str, content: object) -> str:
