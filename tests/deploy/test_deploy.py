@@ -3,16 +3,27 @@ against the Kubernetes schemas (kubernetes-validate), the KubeRay RayService CRD
 tests/deploy/k8s/crds (its openAPIV3Schema, with jsonschema) and, for the PodMonitor, the Prometheus
 Operator's schema (the @kubernetes-models npm package, run with node); heterogeneous, CPU-only
 and oversized-TP plans; the Grafana dashboard's ConfigMap beside the PodMonitor; and the
-embedded serveConfigV2, given to Ray Serve here, serves the same output as the engine."""
+embedded serveConfigV2, given to Ray Serve here with its tenants file, serves the same output
+as the engine. The manifests' security is tested in test_deploy_security.py.
+
+Ray runs here in its own process group and temp dir, stopped by killing that group: `ray stop`
+would end every Ray on the machine, other sessions' too."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
+import itertools
 import json
 import os
+import secrets
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import jsonschema
@@ -21,7 +32,7 @@ import pytest
 import yaml
 
 from cluster.cli import main
-from cluster.deploy.kuberay import generate
+from cluster.deploy.kuberay import generate, to_yaml
 from cluster.engine.parallel import free_port
 from cluster.placement.hardware import load_catalog
 from cluster.placement.plan import Plan, PlanError
@@ -248,7 +259,8 @@ def test_planner_output_round_trips_into_a_valid_manifest(tmp_path, capsys):
     assert cluster["enableInTreeAutoscaling"] is True
     (group,) = cluster["workerGroupSpecs"]
     assert group["maxReplicas"] == 2 * group["minReplicas"]
-    assert group["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == "models"
+    volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
+    assert volumes["models"]["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
 
 
 def test_example_manifest_validates():
@@ -257,6 +269,21 @@ def test_example_manifest_validates():
     (config_map,) = [o for o in objects if o["kind"] == "ConfigMap"]
     # Regenerate the example when the dashboard changes.
     assert json.loads(config_map["data"]["pd-cluster.json"]) == json.loads(DASHBOARD.read_text())
+
+
+def test_example_is_what_the_generator_writes(tmp_path):
+    """The example is the default plan's output (1 prefill + 1 decode on CPU, every default),
+    under its annotated header. After a change to the generator, rewrite it with
+    `PD_CLUSTER_WRITE_EXAMPLE=1 pytest tests/deploy/test_deploy.py -k generator_writes`."""
+    text = EXAMPLE.read_text()
+    lines = text.splitlines(keepends=True)
+    header = "".join(itertools.takewhile(lambda line: line.startswith("#"), lines))
+    ray_version = next(yaml.safe_load_all(text))["spec"]["rayClusterConfig"]["rayVersion"]
+    plan = _plan(tmp_path, {"prefill": ("CPU", 1, 1), "decode": ("CPU", 1, 1)}, ["CPU"])
+    expected = header + to_yaml(generate(plan, ray_version=ray_version))
+    if os.environ.get("PD_CLUSTER_WRITE_EXAMPLE"):
+        EXAMPLE.write_text(text := expected)
+    assert text == expected, "the example is stale: rewrite it (see this test's docstring)"
 
 
 def test_dashboard_config_map_beside_the_pod_monitor(tmp_path):
@@ -283,6 +310,63 @@ def test_dashboard_config_map_beside_the_pod_monitor(tmp_path):
 # --- the serveConfigV2, run by Ray Serve here ------------------------------------------------
 
 
+def kuberay_flags(params: dict[str, str]) -> str:
+    """rayStartParams as KubeRay v1.7 writes them into `ray start` (convertParamMap in
+    ray-operator/controllers/ray/common/pod.go): sorted, ` --key=value `; "true" a bare flag,
+    "false" dropped, except for the options that take an explicit boolean."""
+    explicit = {"log-color", "include-dashboard", "include-log-monitor"}
+    flags = []
+    for key, value in sorted(params.items()):
+        if value.lower() in ("true", "false") and key not in explicit:
+            flags.append(f" --{key} " if value.lower() == "true" else "")
+        else:
+            flags.append(f" --{key}={value} ")
+    return "".join(flags)
+
+
+@contextlib.contextmanager
+def ray_head(params: dict[str, str], env: dict[str, str]) -> Iterator[str]:
+    """`ray start --head --block` with `params` (rayStartParams), run as KubeRay runs it: the
+    flags written by kuberay_flags, under `bash -c`. In a new process group and its own temp
+    dir, which it yields; it stops only what it started."""
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths
+    flags = kuberay_flags({**params, "temp-dir": temp_dir, "block": "true"})
+    bin_dir = Path(sys.executable).parent
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **env}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    head = subprocess.Popen(
+        ["/bin/bash", "-c", "--", f"ray start --head {flags}"],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield temp_dir
+    finally:
+        _stop_ray(head, temp_dir)
+
+
+def _stop_ray(head: subprocess.Popen, temp_dir: str) -> None:
+    import psutil
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(head.pid, signal.SIGKILL)
+    head.wait(timeout=30)
+    # Anything that left the group (workers, Serve's actors) names the temp dir.
+    for process in psutil.process_iter(["cmdline"]):
+        if any(temp_dir in arg for arg in process.info["cmdline"] or ()):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _tenants_file(path: Path, key: str) -> Path:
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    path.write_text(yaml.safe_dump({"tenants": {"tester": {"key_sha256": digest, "admin": True}}}))
+    return path
+
+
 @pytest.mark.slow
 def test_serve_config_starts_the_application(tmp_path, tiny_model_dir):
     pytest.importorskip("ray.serve")
@@ -292,48 +376,52 @@ def test_serve_config_starts_the_application(tmp_path, tiny_model_dir):
     service = generate(plan, model_path=str(tiny_model_dir))[0]
     config = yaml.safe_load(service["spec"]["serveConfigV2"])
     ServeDeploySchema.model_validate(config)  # Serve's own schema for `serve deploy`
-    http, grpc_port = free_port(), free_port()
+    http, grpc_port, gcs = free_port(), free_port(), free_port()
     config["http_options"].update(host="127.0.0.1", port=http)  # loopback here
     config["grpc_options"]["port"] = grpc_port
+    # The Secret's file, at a path of this machine: the args name it, as in the pods.
+    args = config["applications"][0]["args"]
+    assert args["auth_file"] == "/etc/pd-cluster/auth/auth.yaml"
+    key = "sk-test-serve"
+    args["auth_file"] = str(_tenants_file(tmp_path / "auth.yaml", key))
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    bin_dir = Path(sys.executable).parent
     # The worker group's `ray start`: the custom resource that pins the pools.
-    subprocess.run(
-        [
-            bin_dir / "ray",
-            "start",
-            "--head",
-            "--num-cpus",
-            "8",
-            "--resources",
-            '{"pdc-CPU": 2}',
-            "--include-dashboard",
-            "false",
-        ],
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    server = subprocess.Popen(
-        [bin_dir / "serve", "run", "--address", "auto", str(path)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        _check_served(http, grpc_port, tiny_model_dir)
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
-        subprocess.run(
-            [bin_dir / "ray", "stop", "--force"], env=env, capture_output=True, timeout=120
+    params = {
+        "port": str(gcs),
+        "num-cpus": "8",
+        "resources": "'{\"pdc-CPU\": 2}'",
+        "include-dashboard": "false",
+        "dashboard-agent-listen-port": str(free_port()),
+        "metrics-export-port": str(free_port()),
+    }
+    bin_dir = Path(sys.executable).parent
+    address = f"127.0.0.1:{gcs}"
+    # Ray's token auth on, as KubeRay sets it for authOptions.mode token.
+    ray_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_urlsafe(32),
+               "RAY_USAGE_STATS_ENABLED": "0"}  # fmt: skip
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **ray_env}
+    with ray_head(params, ray_env):
+        wait_until(lambda: _ray_up(address, env), 60, interval_s=1, message="no Ray head came up")
+        server = subprocess.Popen(
+            [bin_dir / "serve", "run", "--address", address, str(path)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
+        try:
+            _check_served(http, grpc_port, tiny_model_dir, key)
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
 
 
-def _check_served(http: int, grpc_port: int, model_dir: Path) -> None:
+def _ray_up(address: str, env: dict[str, str]) -> bool:
+    status = [Path(sys.executable).parent / "ray", "status", "--address", address]
+    return subprocess.run(status, env=env, capture_output=True).returncode == 0
+
+
+def _check_served(http: int, grpc_port: int, model_dir: Path, key: str) -> None:
     import urllib.request
 
     import grpc
@@ -376,13 +464,14 @@ def _check_served(http: int, grpc_port: int, model_dir: Path) -> None:
                 sampling_params=pb.SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
             ),
             timeout=120,
+            metadata=[("authorization", f"Bearer {key}")],
         )
         assert list(reply.token_ids) == list(expected)
         assert reply.timing.transfer_s > 0  # disaggregated: the KV moved
     request = urllib.request.Request(
         f"http://127.0.0.1:{http}/v1/completions",
         data=body,
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
     )
     with urllib.request.urlopen(request, timeout=120) as response:
         text = json.load(response)["choices"][0]["text"]
