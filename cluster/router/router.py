@@ -127,6 +127,16 @@ class Router:
             return False
         return all(any(i.healthy for i in self.pool(role)) for role in self._roles)
 
+    def liveness_problem(self) -> str | None:
+        """Why this router cannot work any longer (None: it can): one of its background tasks
+        ended, such as the load poller that notices instances coming back. A draining router,
+        or one with no healthy instance in a pool, is alive (that is readiness: is_ready)."""
+        for task in (self._poller, *self._subscriptions):
+            if task.done():
+                error = "cancelled" if task.cancelled() else repr(task.exception())
+                return f"the router's task {task.get_coro().__qualname__} ended: {error}"
+        return None
+
     async def drain(self, timeout_s: float) -> int:
         """Stop admitting (new requests get UNAVAILABLE / 503, readiness goes false) and wait
         up to timeout_s for the requests in flight to finish. Returns how many were still

@@ -422,6 +422,7 @@ def _ray_up(address: str, env: dict[str, str]) -> bool:
 
 
 def _check_served(http: int, grpc_port: int, model_dir: Path, key: str) -> None:
+    import urllib.error
     import urllib.request
 
     import grpc
@@ -468,6 +469,13 @@ def _check_served(http: int, grpc_port: int, model_dir: Path, key: str) -> None:
         )
         assert list(reply.token_ids) == list(expected)
         assert reply.timing.transfer_s > 0  # disaggregated: the KV moved
+        with pytest.raises(grpc.RpcError) as denied:  # the tenants file holds under Serve
+            stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+        assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    keyless = urllib.request.Request(f"http://127.0.0.1:{http}/v1/models")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(keyless, timeout=30)
+    assert refused.value.code == 401
     request = urllib.request.Request(
         f"http://127.0.0.1:{http}/v1/completions",
         data=body,
