@@ -205,11 +205,12 @@ class RouterMetrics:
     def failed(self, reason: str) -> None:
         self._failed.labels(_ROLE, reason).inc()
 
-    def render(self, num_in_flight: int, num_queued: int, per_instance: list[list]) -> bytes:
+    def render(self, num_in_flight: int, num_queued: int, per_instance: list[list],
+               health: list[tuple[str, str, bool]] = ()) -> bytes:  # fmt: skip
         """One exposition: families with one name from several sources are merged (the
-        text format allows each name once)."""
+        text format allows each name once). `health`: (role, instance id, healthy) each."""
         merged: dict[str, object] = {}
-        sources = [list(self.registry.collect()), _gauges(num_in_flight, num_queued)]
+        sources = [list(self.registry.collect()), _gauges(num_in_flight, num_queued, health)]
         for families in [*sources, *per_instance]:
             for family in families:
                 known = merged.get(family.name)
@@ -220,7 +221,7 @@ class RouterMetrics:
         return generate_latest(_Families(list(merged.values())))
 
 
-def _gauges(num_in_flight: int, num_queued: int) -> list:
+def _gauges(num_in_flight: int, num_queued: int, health=()) -> list:
     running = GaugeMetricFamily(
         "vllm:num_requests_running", "Requests in flight.", labels=["role", "instance"]
     )
@@ -229,7 +230,15 @@ def _gauges(num_in_flight: int, num_queued: int) -> list:
         "vllm:num_requests_waiting", "Requests waiting for admission.", labels=["role", "instance"]
     )
     waiting.add_metric([_ROLE, ""], num_queued)
-    return [running, waiting]
+    healthy = GaugeMetricFamily(
+        "pdcluster:instance_healthy",
+        "1 while the router can use the instance, 0 while it is lost (readiness of each pool: "
+        "a pool with none healthy makes /health 503).",
+        labels=["role", "instance"],
+    )
+    for role, instance, ok in health:
+        healthy.add_metric([role, instance], 1.0 if ok else 0.0)
+    return [running, waiting, healthy]
 
 
 class _Families:

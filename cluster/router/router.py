@@ -251,7 +251,8 @@ class Router:
                 return []
 
         per_instance = await asyncio.gather(*(families(i) for i in self.instances))
-        return self.metrics.render(len(self._live), self._num_queued, per_instance)
+        health = [(i.role, i.instance_id, i.healthy) for i in self.instances]
+        return self.metrics.render(len(self._live), self._num_queued, per_instance, health)
 
     # -- internals --------------------------------------------------------------------------
 

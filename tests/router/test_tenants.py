@@ -327,6 +327,7 @@ def test_rate_limit_is_a_429_with_retry_after(served):
     metrics = served.call(served.router.metrics_text()).decode()
     assert 'pdcluster:tenant_requests_rejected_total{reason="rate",role="router",tenant="slow"}' \
         in metrics  # fmt: skip
+    assert metrics.count("pdcluster:instance_healthy{") == len(served.router.instances)
 
 
 def test_in_flight_cap_is_per_tenant(served):
