@@ -4,6 +4,8 @@ decode / colocated, and the `vllm:nixl_*` transfer metrics) into one exposition.
 
 from __future__ import annotations
 
+import copy
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
@@ -214,8 +216,9 @@ class RouterMetrics:
         for families in [*sources, *per_instance]:
             for family in families:
                 known = merged.get(family.name)
-                if known is None:
-                    merged[family.name] = family
+                if known is None:  # a copy: the sources' own families stay as they were
+                    merged[family.name] = copy.copy(family)
+                    merged[family.name].samples = list(family.samples)
                 else:
                     known.samples.extend(family.samples)
         return generate_latest(_Families(list(merged.values())))

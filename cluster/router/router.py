@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 _POLL_TIMEOUT_S = 5.0  # a load poll, an abort, a reconnect
 _INLINE_TOKENIZE_CHARS = 4096  # longer text prompts are tokenized on a thread
 _RESUBSCRIBE_S = 0.2  # a broken KV-event stream is opened again this often
+_METRICS_TTL_S = 1.0  # instances' metrics are fetched at most this often (an open endpoint)
 
 
 def _live_key(tenant: Tenant | None, request_id: str) -> tuple[str, str]:
@@ -95,6 +96,7 @@ class Router:
         self.metrics = RouterMetrics()
         self._live: dict[tuple[str, str], Live] = {}  # (tenant, request id) -> its state
         self.tenant_limits = TenantLimits()
+        self._instance_metrics: tuple[float, asyncio.Future] | None = None  # (when, families)
         self._slots = asyncio.Semaphore(settings.max_in_flight)
         self._num_queued = 0
         self._attempt_ids = itertools.count()
@@ -242,19 +244,27 @@ class Router:
         }
 
     async def metrics_text(self) -> bytes:
-        """Prometheus exposition: the router's metrics plus every reachable instance's."""
+        """Prometheus exposition: the router's metrics plus every reachable instance's. The
+        instances' are fetched at most once per _METRICS_TTL_S, however many scrape (the
+        endpoint is open: it must not let anyone fan out calls to every instance)."""
+        now = time.monotonic()
+        if self._instance_metrics is None or now - self._instance_metrics[0] > _METRICS_TTL_S:
+            fetch = asyncio.ensure_future(self._fetch_instance_metrics())
+            self._instance_metrics = (now, fetch)
+        per_instance = await asyncio.shield(self._instance_metrics[1])
+        health = [(i.role, i.instance_id, i.healthy) for i in self.instances]
+        return self.metrics.render(len(self._live), self._num_queued, per_instance, health)
 
+    # -- internals --------------------------------------------------------------------------
+
+    async def _fetch_instance_metrics(self) -> list[list]:
         async def families(i: Instance) -> list:
             try:
                 return await i.client.call("metrics", timeout=2.0)
             except Exception:  # noqa: BLE001 - a dead instance has no metrics to give
                 return []
 
-        per_instance = await asyncio.gather(*(families(i) for i in self.instances))
-        health = [(i.role, i.instance_id, i.healthy) for i in self.instances]
-        return self.metrics.render(len(self._live), self._num_queued, per_instance, health)
-
-    # -- internals --------------------------------------------------------------------------
+        return await asyncio.gather(*(families(i) for i in self.instances))
 
     @property
     def _roles(self) -> tuple[str, ...]:
