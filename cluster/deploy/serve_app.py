@@ -45,6 +45,7 @@ from cluster.background import spawn
 from cluster.launch import DeploymentConfig, pool_tags, start_ray, stop_detached
 from cluster.router.grpc_server import (
     PDClusterServicer,
+    complete_response,
     merge_response,
     to_generate_input,
     to_response,
@@ -137,10 +138,10 @@ class PDClusterIngress:
             _fail(grpc_context, e.grpc_code, str(e))
 
     async def Complete(self, request: pb.GenerateRequest, grpc_context=None):
-        response = pb.CompleteResponse()
+        choices: dict[int, pb.CompleteResponse] = {}
         async for part in self.Generate(request, grpc_context):
-            merge_response(response, part)
-        return response
+            merge_response(choices.setdefault(part.index, pb.CompleteResponse()), part)
+        return complete_response(choices)
 
     async def Abort(self, request: pb.AbortRequest, grpc_context=None):
         return await self._unary("Abort", request, grpc_context, pb.AbortResponse)

@@ -63,12 +63,20 @@ class AsyncLLMEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Stream one request's outputs; the last has finished=True. ValueError for bad input."""
         request_id = request_id or uuid.uuid4().hex
+        await self.compile_grammar(params)
 
         def start() -> None:
             self.engine.add_request(request_id, prompt, params, **kwargs)
 
         async for out in self.follow(request_id, start):
             yield out
+
+    async def compile_grammar(self, params: SamplingParams | None) -> None:
+        """Compile the grammar of `params` (structured outputs) on a thread, without the
+        engine lock, so that add_request finds it cached and no step waits for a compile.
+        ValueError if it is invalid."""
+        if params is not None and params.structured_outputs is not None:
+            await asyncio.to_thread(self.engine.compile_grammar, params)
 
     async def follow(
         self, request_id: str, start: Callable[[], RequestOutput | None]
@@ -204,4 +212,6 @@ def _merge(older: RequestOutput, newer: RequestOutput) -> RequestOutput:
     """One output standing for two consecutive ones of a request."""
     newer.new_token_ids = older.new_token_ids + newer.new_token_ids
     newer.delta_text = older.delta_text + newer.delta_text
+    if newer.prompt_logprobs is None:  # only the first output has them
+        newer.prompt_logprobs = older.prompt_logprobs
     return newer

@@ -13,7 +13,10 @@ What is emulated and what is real:
                    the decode side then waits what the model's KV bytes would take on the
                    deployment's link (transfer_delay_s)
     tokens         deterministic: a hash of the prompt and the position, so every mode and
-                   instance shape produces the same text for the same prompt
+                   instance shape produces the same text for the same prompt; under a
+                   grammar (structured outputs) the next token the grammar allows from
+                   there. Penalties, logit_bias and min_tokens are ignored (no logits);
+                   every reported logprob, prompt logprobs included, is 0
     processes      one per instance whatever its TP x PP (no ranks, no process group)
 
 Kernel speed is what it does not show: these are the step times of an engine that runs at
@@ -33,9 +36,8 @@ import torch
 
 from cluster.engine.config import EngineConfig, ModelConfig
 from cluster.engine.kv_pool import allocate_kv_pool
-from cluster.engine.model_runner import ModelRunner
+from cluster.engine.model_runner import ModelRunner, follow_grammar, made_up_output
 from cluster.engine.parallel import PPStage, TPGroup
-from cluster.engine.sampler import SamplerOutput
 
 STANDIN_HEAD_DIM = 4  # fp32 stand-in: 2 (K, V) x block_size x 4 x 4 bytes = 512 B a block
 
@@ -151,7 +153,7 @@ class EmulatedModelRunner(ModelRunner):
     def step_done(self, more_work: bool) -> None:
         self._continuing = more_work
 
-    def execute(self, plan, block_tables, generators):
+    def execute(self, plan, block_tables, generators, grammar=None):
         """Sleep to the step's deadline. Steps that follow each other at once are timed
         back to back from the end of the previous one, so the engine's own time between
         steps (scheduling, outputs, streaming: this CPU's, not the emulated device's) is
@@ -165,15 +167,12 @@ class EmulatedModelRunner(ModelRunner):
             end = request.num_computed_tokens + plan.num_scheduled_tokens[request.request_id]
             if end == request.num_tokens:
                 sampled.append(request)
-        token_ids = [self.token(r) for r in sampled]
+        token_ids = follow_grammar([self.token(r) for r in sampled], sampled, grammar)
         _sleep_until(start + modelled)
         self._last_end = end = time.perf_counter()
         self._continuing = False
         self.stats.add(modelled, end - start)
-        if not sampled:
-            return [], None
-        n = len(sampled)
-        return sampled, SamplerOutput(token_ids, [0.0] * n, [[] for _ in range(n)])
+        return made_up_output(plan, sampled, token_ids)
 
     def token(self, request) -> int:
         """The token at this request's next position: a hash of its prompt (length, first

@@ -31,7 +31,8 @@ from cluster.engine.parallel import check_parallel
 from cluster.engine.request import Request, RequestStatus
 from cluster.engine.sampler import skip_one_draw
 from cluster.engine.sampling_params import SamplingParams
-from cluster.engine.scheduler import Scheduler
+from cluster.engine.scheduler import Scheduler, SchedulerOutput
+from cluster.engine.structured import BitmaskFiller, Grammar, GrammarBitmask, GrammarCache
 from cluster.engine.tiny import default_model_dir
 from cluster.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from cluster.faults import Faults
@@ -52,13 +53,15 @@ class Resume:
 
 @dataclass(slots=True)
 class _RequestState:
-    """Per-request bookkeeping that is not scheduling data: text and randomness."""
+    """Per-request bookkeeping that is not scheduling data: text, grammar and randomness."""
 
     request: Request
     detokenizer: IncrementalDetokenizer
     text: str = ""  # all text so far, before the stop-string hold-back
     num_emitted_chars: int = 0
     num_emitted_tokens: int = 0
+    grammar: Grammar | None = None  # structured outputs: where the output is in its grammar
+    min_tokens_text_len: int = 0  # len(text) at min_tokens output tokens: stops match after
 
 
 _RUNNERS = {"model": ModelRunner, "noop": NoopModelRunner, "emulated": EmulatedModelRunner}
@@ -90,6 +93,11 @@ class LLMEngine:
         )
         self._states: dict[str, _RequestState] = {}
         self._generators: dict[str, torch.Generator] = {}
+        self._grammars: dict[str, Grammar] = {}  # the states' grammars, by request id
+        self.grammars = GrammarCache(
+            self.tokenizer.hf, self.model_config.vocab_size, self.eos_token_ids
+        )
+        self._bitmask_filler = BitmaskFiller()
         self._pinned: dict[str, Request] = {}
         self._failed: list[tuple[str, str]] = []  # stopped by their own failure in step()
         self._ids = itertools.count()
@@ -142,9 +150,18 @@ class LLMEngine:
         request = self._new_request(
             request_id, prompt, params, arrival_time, priority, cache_salt, resume
         )
+        if request.params.prompt_logprobs is not None:  # computed here (not on a decode)
+            request.prompt_logprobs = [None] * request.num_prompt_tokens
         self._track(request, resume)
         self.scheduler.add_request(request)
         return request.request_id
+
+    def compile_grammar(self, params: SamplingParams | None) -> None:
+        """Compile (and cache) the grammar of `params`, if it has one; ValueError if invalid.
+        Thread-safe and needs no engine lock: callers run it first, off the step loop, so
+        that add_request finds the grammar compiled."""
+        if params is not None and params.structured_outputs is not None:
+            self.grammars.compile(params.structured_outputs)
 
     def _new_request(self, request_id, prompt, params, arrival_time, priority, cache_salt,
                      resume=None):  # fmt: skip
@@ -163,6 +180,7 @@ class LLMEngine:
                 raise ValueError(f"{name} is not valid Unicode (a lone surrogate): send UTF-8")
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ValueError(f"priority must be an integer, got {priority!r}")
+        self._check_model_fields(params)
         prompt_ids = self._prompt_token_ids(prompt)
         request = Request(
             request_id=request_id,
@@ -177,6 +195,17 @@ class LLMEngine:
         if resume is not None:
             self._resume(request, resume)
         return request
+
+    def _check_model_fields(self, params: SamplingParams) -> None:
+        """What SamplingParams cannot check alone: token ids against this vocabulary, the
+        grammar against this tokenizer (compiled now, or found in the cache)."""
+        vocab = self.model_config.vocab_size
+        outside = sorted(t for t in params.logit_bias or {} if t >= vocab)
+        if outside:
+            raise ValueError(
+                f"logit_bias has token ids outside the vocabulary [0, {vocab}): {outside[:10]}"
+            )
+        self.compile_grammar(params)
 
     def _resume(self, request: Request, resume: Resume) -> None:
         """The tokens already streamed become output again (they count to max_tokens, stop
@@ -220,9 +249,14 @@ class LLMEngine:
         detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids)
         state = _RequestState(request, detok)
         params = request.params
+        if params.structured_outputs is not None:
+            state.grammar = Grammar(self.grammars.compile(params.structured_outputs))
         if resume is not None:
-            for token_id in request.output_token_ids:  # one by one, as the failed run did
-                state.text += detok.append([token_id])
+            # one by one, as the failed run did; the grammar goes where that output took it
+            for num_output, token_id in enumerate(request.output_token_ids, 1):
+                self._append_text(state, token_id, num_output)
+                if state.grammar is not None:
+                    state.grammar.accept(token_id)
             state.num_emitted_chars = min(resume.num_sent_chars, len(state.text))
             state.num_emitted_tokens = request.num_output_tokens
             if params.logprobs is not None:  # placeholders: those were reported already
@@ -236,6 +270,19 @@ class LLMEngine:
         self._states[request.request_id] = state
         if gen is not None:
             self._generators[request.request_id] = gen
+        if state.grammar is not None:
+            self._grammars[request.request_id] = state.grammar
+
+    def _drop_state(self, request_id: str) -> None:
+        self._states.pop(request_id, None)
+        self._generators.pop(request_id, None)
+        self._grammars.pop(request_id, None)
+
+    def _append_text(self, state: _RequestState, token_id: int, num_output: int) -> None:
+        """Detokenize one more output token (the `num_output`-th)."""
+        state.text += state.detokenizer.append([token_id])
+        if num_output == state.request.params.min_tokens:
+            state.min_tokens_text_len = len(state.text)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -251,14 +298,17 @@ class LLMEngine:
             self.runner.step_done(False)
             return []
         tables = {r.request_id: self.block_manager.block_ids(r.request_id) for r in plan.requests}
+        grammar = self._grammar_bitmask(plan)
         self.running_plan = plan  # for hooks inside the forward pass (layer-wise KV pulls)
         try:
             if self.faults.enabled:
                 self.faults.hit("engine.forward", " ".join(r.request_id for r in plan.requests))
-            sampled, result = self.runner.execute(plan, tables, self._generators)
+            sampled, result = self.runner.execute(plan, tables, self._generators, grammar)
         finally:
             self.running_plan = None
         self.scheduler.update_after_step(plan)
+        if result is not None and result.prompt_logprobs:
+            self._record_prompt_logprobs(plan, result.prompt_logprobs)
         outputs = []
         now = time.time()
         for i, request in enumerate(sampled):
@@ -267,6 +317,7 @@ class LLMEngine:
             try:  # one request's failure must not end the others' step
                 self.faults.hit("engine.request", request.request_id)
                 self._record_logprobs(request, result, i)
+                self._advance_grammar(request.request_id, result.token_ids[i])
                 outputs.append(self._process_token(request, result.token_ids[i]))
             except Exception as e:  # noqa: BLE001 - isolated: the request fails alone
                 logger.exception("request %s failed in step(); stopped", request.request_id)
@@ -274,14 +325,40 @@ class LLMEngine:
         self.runner.step_done(self.has_unfinished())
         return outputs
 
+    def _grammar_bitmask(self, plan: SchedulerOutput) -> GrammarBitmask | None:
+        """The allowed next tokens of the requests that sample this step under a grammar."""
+        if not self._grammars:
+            return None
+        rows = [
+            (r.request_id, grammar)
+            for r in plan.requests
+            if (grammar := self._grammars.get(r.request_id)) is not None
+            and r.num_computed_tokens + plan.num_scheduled_tokens[r.request_id] == r.num_tokens
+        ]
+        return self._bitmask_filler.fill(rows, self.model_config.vocab_size) if rows else None
+
+    def _advance_grammar(self, request_id: str, token_id: int) -> None:
+        """The mask makes a refused token impossible; one anyway fails its request alone."""
+        grammar = self._grammars.get(request_id)
+        if grammar is not None:
+            grammar.accept(token_id)
+
+    def _record_prompt_logprobs(self, plan: SchedulerOutput, found: dict) -> None:
+        """Prompt logprobs computed this step go to their places (a recomputed position,
+        after a preemption, is overwritten with the same value)."""
+        for request in plan.requests:
+            entry = found.get(request.request_id)
+            if entry is not None and request.prompt_logprobs is not None:
+                first, values = entry
+                request.prompt_logprobs[first : first + len(values)] = values
+
     def _fail(self, request: Request, error: Exception) -> None:
         """Stop a request whose processing raised: free its blocks, report it once."""
         if request.is_finished:  # it raised after finishing (e.g. pinned): free all of it
             self.release(request.request_id)
         else:
             self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
-        self._states.pop(request.request_id, None)
-        self._generators.pop(request.request_id, None)
+        self._drop_state(request.request_id)
         self._failed.append((request.request_id, f"{type(error).__name__}: {error}"))
 
     def take_failed(self) -> list[tuple[str, str]]:
@@ -296,10 +373,13 @@ class LLMEngine:
         request.output_top_logprobs.append(result.top_logprobs[i])
 
     def _process_token(self, request: Request, token_id: int) -> RequestOutput:
+        """Take a sampled token (its grammar, if any, has accepted it)."""
         request.append_output_token(token_id)
         state = self._states[request.request_id]
-        state.text += state.detokenizer.append([token_id])
+        self._append_text(state, token_id, request.num_output_tokens)
         status = self._check_stop(request, state)
+        if status is None and self._ends_grammar(state, token_id):
+            status = RequestStatus.FINISHED_STOPPED
         if status is None and self.role == "prefill":
             status = RequestStatus.FINISHED_PREFILLED
         if status is not None:
@@ -307,6 +387,11 @@ class LLMEngine:
             self._check_stop_strings(request, state, final=True)
             self._finish(request, status)
         return self._output(state)
+
+    def _ends_grammar(self, state: _RequestState, token_id: int) -> bool:
+        """The grammar ended: it took its stop token (an EOS id; with ignore_eos too)."""
+        grammar = state.grammar
+        return grammar is not None and token_id in self.eos_token_ids and grammar.is_terminated
 
     def _check_stop(self, request: Request, state: _RequestState) -> RequestStatus | None:
         token_id = request.all_token_ids[-1]
@@ -325,12 +410,21 @@ class LLMEngine:
         return None
 
     def _check_stop_strings(self, request: Request, state: _RequestState, final: bool) -> bool:
-        """Cut the text at the first stop string; True if one matched."""
+        """Cut the text at the first stop string; True if one matched. As vLLM does, a stop
+        string matches only past min_tokens output tokens, and must end in the text that
+        came after them."""
         stops = request.params.stop
         if not stops or request.stop_reason is not None:
             return False
+        if request.num_output_tokens <= request.params.min_tokens:
+            return False
         search_from = max(0, state.num_emitted_chars - max(len(s) for s in stops) + 1)
-        hits = [(i, s) for s in stops if (i := state.text.find(s, search_from)) >= 0]
+        boundary = state.min_tokens_text_len
+        hits = [
+            (i, s)
+            for s in stops
+            if (i := state.text.find(s, max(search_from, boundary - len(s) + 1))) >= 0
+        ]
         if not hits:
             return False
         index, stop = min(hits)
@@ -356,6 +450,7 @@ class LLMEngine:
         new_ids = request.output_token_ids[state.num_emitted_tokens :]
         state.num_emitted_tokens = request.num_output_tokens
         wants_logprobs = request.params.logprobs is not None
+        prompt_logprobs, request.prompt_logprobs = request.prompt_logprobs, None  # first only
         out = RequestOutput(
             request_id=request.request_id,
             prompt_token_ids=request.prompt_token_ids,
@@ -373,10 +468,10 @@ class LLMEngine:
             if request.status is RequestStatus.FINISHED_PREFILLED
             else [],
             metrics=_metrics(request),
+            prompt_logprobs=prompt_logprobs,
         )
         if finished:
-            self._states.pop(request.request_id, None)
-            self._generators.pop(request.request_id, None)
+            self._drop_state(request.request_id)
         return out
 
     # -- control ----------------------------------------------------------------------------
@@ -386,10 +481,10 @@ class LLMEngine:
         if request_id in self._pinned:
             self.release(request_id)
             return True
-        state = self._states.pop(request_id, None)
+        state = self._states.get(request_id)
         if state is None:
             return False
-        self._generators.pop(request_id, None)
+        self._drop_state(request_id)
         self.scheduler.finish(state.request, RequestStatus.FINISHED_ABORTED)
         return True
 
@@ -448,6 +543,11 @@ class LLMEngine:
             raise ValueError(f"first_token_id must be an integer, got {first_token_id!r}")
         if not 0 <= first_token_id < vocab:
             raise ValueError(f"first_token_id {first_token_id} is outside [0, {vocab})")
+        try:  # the grammar state the prefill's token implies
+            self._advance_grammar(request_id, first_token_id)
+        except ValueError:
+            self.abort(request_id)
+            raise
         request = self.scheduler.admit_remote(request_id)
         if request_id in self._generators:  # the prefill spent one draw on this token
             skip_one_draw(self._generators[request_id], vocab, request.params)
@@ -471,9 +571,13 @@ class LLMEngine:
             params = [params] * len(prompts)
         ids = [self.add_request(None, p, sp) for p, sp in zip(prompts, params, strict=True)]
         final: dict[str, RequestOutput] = {}
+        prompt_logprobs = {}  # come with the first output only
         while len(final) < len(ids):
             for out in self.step():
+                if out.prompt_logprobs is not None:
+                    prompt_logprobs[out.request_id] = out.prompt_logprobs
                 if out.finished:
+                    out.prompt_logprobs = prompt_logprobs.get(out.request_id)
                     final[out.request_id] = out
             for request_id, error in self.take_failed():
                 raise RuntimeError(f"request {request_id!r} failed: {error}")

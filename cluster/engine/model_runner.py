@@ -16,7 +16,7 @@ rank's pool holds only its heads and its stage's layers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,10 +26,35 @@ from cluster.engine.kv_pool import allocate_kv_pool
 from cluster.engine.models.loader import load_model
 from cluster.engine.parallel import init_parallel, world_min
 from cluster.engine.request import Request
-from cluster.engine.sampler import Sampler, SamplerOutput
+from cluster.engine.sampler import PromptLogprob, Sampler, SamplerOutput
 from cluster.engine.scheduler import SchedulerOutput
+from cluster.engine.structured import GrammarBitmask
 
 _CPU_DEFAULT_KV_BYTES = 512 * 1024**2
+_PROMPT_LOGPROB_ROWS = 256  # prompt positions turned into logits at once (caps the memory)
+
+
+@dataclass(slots=True)
+class PromptLogprobRows:
+    """Rows of a step's batch whose logits give prompt logprobs: the logits at position q
+    score prompt token q + 1. `spans`: per request, (its id, the index of the first prompt
+    token covered, how many), in row order."""
+
+    indices: list[int] = field(default_factory=list)
+    targets: list[int] = field(default_factory=list)  # the actual next prompt token
+    top_n: list[int] = field(default_factory=list)
+    spans: list[tuple[str, int, int]] = field(default_factory=list)
+
+    def add(self, request: Request, q_start: int, start: int, end: int) -> None:
+        """The part of one request's chunk (positions [start, end) at batch rows from
+        q_start) that scores prompt tokens."""
+        last = min(end, request.num_prompt_tokens - 1)
+        if last <= start:
+            return
+        self.indices.extend(range(q_start, q_start + last - start))
+        self.targets.extend(request.all_token_ids[start + 1 : last + 1])
+        self.top_n.extend([request.params.prompt_logprobs] * (last - start))
+        self.spans.append((request.request_id, start + 1, last - start))
 
 
 @dataclass(slots=True)
@@ -39,6 +64,7 @@ class ModelInput:
     meta: AttentionMetadata
     sample_indices: torch.Tensor  # rows of the batch whose logits are sampled
     sample_requests: list[Request]
+    prompt_rows: PromptLogprobRows | None = None  # requests that asked for prompt_logprobs
 
 
 class ModelRunner:
@@ -105,26 +131,59 @@ class ModelRunner:
         plan: SchedulerOutput,
         block_tables: dict[str, list[int]],
         generators: dict[str, torch.Generator],
+        grammar: GrammarBitmask | None = None,
     ) -> tuple[list[Request], SamplerOutput | None]:
-        """Run one step; return the requests that got a token and what was sampled."""
+        """Run one step; return the requests that got a token and what was sampled (None
+        when nothing was, nor any prompt logprob). `grammar`: the allowed tokens of the
+        requests that sample under one."""
         if self.pp.size > 1:
-            return self._execute_pipelined(plan, block_tables, generators)
+            return self._execute_pipelined(plan, block_tables, generators, grammar)
         inp = self.prepare(plan, block_tables)
         hidden = self.model(inp.input_ids, inp.positions, self.kv_layers, inp.meta)
+        prompt = self._prompt_logprobs(hidden, inp.prompt_rows)
         if not inp.sample_requests:
-            return [], None
-        return inp.sample_requests, self._sample(hidden[inp.sample_indices],
-                                                 inp.sample_requests, generators)  # fmt: skip
+            return [], SamplerOutput([], None, None, prompt) if prompt else None
+        result = self._sample(hidden[inp.sample_indices], inp.sample_requests, generators, grammar)
+        result.prompt_logprobs = prompt
+        return inp.sample_requests, result
 
     def step_done(self, more_work: bool) -> None:
         """The engine finished a step; `more_work`: it will step again at once."""
 
-    def _sample(self, hidden: torch.Tensor, requests: list[Request], generators) -> SamplerOutput:
+    def _sample(self, hidden: torch.Tensor, requests: list[Request], generators,
+                grammar: GrammarBitmask | None = None) -> SamplerOutput:  # fmt: skip
         logits = self.model.compute_logits(hidden)
         gens = [generators.get(r.request_id) for r in requests]
-        return self.sampler(logits, [r.params for r in requests], gens)
+        masks = grammar.select([r.request_id for r in requests]) if grammar else None
+        return self.sampler(logits, [r.params for r in requests], gens, requests, masks)
 
-    def _execute_pipelined(self, plan, block_tables, generators):
+    def _prompt_logprobs(self, hidden: torch.Tensor, rows: PromptLogprobRows | None
+                         ) -> dict[str, tuple[int, list[PromptLogprob]]] | None:  # fmt: skip
+        """Each asking request's prompt logprobs in this step's chunk, under the raw model
+        distribution; logits for a bounded number of positions at a time."""
+        if rows is None:
+            return None
+        entries: list[PromptLogprob] = []
+        targets = torch.tensor(rows.targets, dtype=torch.long, device=self.device)
+        indices = torch.tensor(rows.indices, dtype=torch.long, device=self.device)
+        k = max(rows.top_n)
+        for i in range(0, len(rows.indices), _PROMPT_LOGPROB_ROWS):
+            part = slice(i, i + _PROMPT_LOGPROB_ROWS)
+            logprobs = self.model.compute_logits(hidden[indices[part]]).float().log_softmax(-1)
+            actual = logprobs.gather(1, targets[part].unsqueeze(1)).squeeze(1).tolist()
+            top_values, top_ids = logprobs.topk(k, dim=-1) if k else (None, None)
+            top_values = top_values.tolist() if k else [[]] * len(actual)
+            top_ids = top_ids.tolist() if k else [[]] * len(actual)
+            for j, n in enumerate(rows.top_n[part]):
+                entries.append((actual[j], list(zip(top_ids[j][:n], top_values[j][:n],
+                                                    strict=True))))  # fmt: skip
+        out, pos = {}, 0
+        for request_id, first, count in rows.spans:
+            out[request_id] = (first, entries[pos : pos + count])
+            pos += count
+        return out
+
+    def _execute_pipelined(self, plan, block_tables, generators, grammar=None):
         """This stage's part of one step, micro-batch by micro-batch (parallel.py): receive,
         run the stage's layers, send on without waiting; the last stage samples and every
         rank gets the tokens."""
@@ -132,7 +191,7 @@ class ModelRunner:
         parts = split_microbatches(plan, max(num, 1))
         inputs = [self.prepare(mb, block_tables) for mb in parts]
         hidden_size = self.model_config.hidden_size
-        sends, last_hidden = [], []
+        sends, last_hidden, prompt = [], [], {}
         for inp in inputs:
             x = None
             if not self.pp.is_first:
@@ -140,16 +199,21 @@ class ModelRunner:
             h = self.model(inp.input_ids, inp.positions, self.kv_layers, inp.meta, hidden=x)
             if not self.pp.is_last:
                 sends.append(self.pp.send(h))
-            elif len(inp.sample_indices):
+                continue
+            if len(inp.sample_indices):
                 last_hidden.append(h[inp.sample_indices])
+            prompt.update(self._prompt_logprobs(h, inp.prompt_rows) or {})
         for work in sends:
             work.wait()
         requests = [r for inp in inputs for r in inp.sample_requests]
-        if not requests:
+        if not requests and not any(inp.prompt_rows for inp in inputs):
             return [], None
         result = None
         if self.pp.is_last:
-            result = self._sample(torch.cat(last_hidden), requests, generators)
+            result = SamplerOutput([], None, None)
+            if requests:
+                result = self._sample(torch.cat(last_hidden), requests, generators, grammar)
+            result.prompt_logprobs = prompt or None
         return requests, self.pp.broadcast_from_last(result)
 
     def prepare(self, plan: SchedulerOutput, block_tables: dict[str, list[int]]) -> ModelInput:
@@ -162,6 +226,7 @@ class ModelRunner:
         prefills: list[tuple[int, int, int, list[int]]] = []
         sample_indices: list[int] = []
         sample_requests: list[Request] = []
+        prompt_rows = PromptLogprobRows()
         bs = self.block_size
         for request in plan.requests:
             num_new = plan.num_scheduled_tokens[request.request_id]
@@ -180,6 +245,8 @@ class ModelRunner:
             if end == request.num_tokens:
                 sample_indices.append(len(token_ids) - 1)
                 sample_requests.append(request)
+            if request.prompt_logprobs is not None:
+                prompt_rows.add(request, q_start, start, end)
         pos = torch.tensor(positions, dtype=torch.long)
         meta = AttentionMetadata(
             slot_block_ids=torch.tensor(slot_blocks, dtype=torch.long, device=self.device),
@@ -195,6 +262,7 @@ class ModelRunner:
             meta=meta,
             sample_indices=torch.tensor(sample_indices, dtype=torch.long, device=self.device),
             sample_requests=sample_requests,
+            prompt_rows=prompt_rows if prompt_rows.spans else None,
         )
 
     def _decode_meta(self, meta: AttentionMetadata, tables: list[list[int]], ctx_lens: list[int]):
@@ -277,7 +345,7 @@ class NoopModelRunner(ModelRunner):
     one (deterministic, never a special id below 3). Scheduling, blocks and the KV pool are
     real, so what this measures is everything around the forward pass."""
 
-    def execute(self, plan, block_tables, generators):
+    def execute(self, plan, block_tables, generators, grammar=None):
         sampled = []
         for request in plan.requests:
             end = request.num_computed_tokens + plan.num_scheduled_tokens[request.request_id]
@@ -285,7 +353,33 @@ class NoopModelRunner(ModelRunner):
                 sampled.append(request)
         vocab = self.model_config.vocab_size
         token_ids = [3 + (r.all_token_ids[-1] * 31 + 7) % (vocab - 3) for r in sampled]
-        if not sampled:
-            return [], None
-        n = len(sampled)
-        return sampled, SamplerOutput(token_ids, [0.0] * n, [[] for _ in range(n)])
+        token_ids = follow_grammar(token_ids, sampled, grammar)
+        return made_up_output(plan, sampled, token_ids)
+
+
+def made_up_output(plan: SchedulerOutput, sampled: list[Request], token_ids: list[int]):
+    """execute()'s result for runners without logits: every logprob 0, prompt ones too."""
+    prompt = {}
+    for request in plan.requests:
+        if request.prompt_logprobs is not None:
+            rows = PromptLogprobRows()
+            end = request.num_computed_tokens + plan.num_scheduled_tokens[request.request_id]
+            rows.add(request, 0, request.num_computed_tokens, end)
+            prompt.update({rid: (first, [(0.0, [])] * n) for rid, first, n in rows.spans})
+    if not sampled and not prompt:
+        return [], None
+    n = len(sampled)
+    return sampled, SamplerOutput(token_ids, [0.0] * n, [[] for _ in range(n)], prompt or None)
+
+
+def follow_grammar(token_ids: list[int], requests: list[Request],
+                   grammar: GrammarBitmask | None) -> list[int]:  # fmt: skip
+    """For runners that make tokens up: a request under a grammar gets its made-up token if
+    the grammar allows it, else the next token id the grammar allows (deterministic)."""
+    masks = grammar.select([r.request_id for r in requests]) if grammar else None
+    if masks is None:
+        return token_ids
+    token_ids = list(token_ids)
+    for k, row in enumerate(masks.rows):
+        token_ids[row] = masks.pick(k, token_ids[row])
+    return token_ids

@@ -44,4 +44,7 @@ class RequestOutput:
     top_logprobs: list[list[tuple[int, float]]] | None = None
     num_cached_tokens: int = 0
     kv_block_ids: list[int] = field(default_factory=list)  # prefill role: the pinned blocks
+    # First output only, when asked for: per prompt token, None for the first, else (logprob
+    # of the token, top-N (token id, logprob)) under the raw model distribution.
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
     metrics: RequestMetrics | None = None

@@ -51,6 +51,9 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of full blocks
     output_logprobs: list[float] = field(default_factory=list)
     output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # One entry per prompt token (None for the first) while they are being computed here;
+    # None when not asked for, computed elsewhere, or already handed out.
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
     stop_reason: str | int | None = None
 
     def __post_init__(self) -> None:

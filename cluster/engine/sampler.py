@@ -1,19 +1,32 @@
 """Turns a batch of next-token logits into token ids, one row per request.
 
-Greedy rows take the argmax; random rows go through temperature, top-k, top-p and min-p as
-batched tensor ops, then draw by the exponential race with the row's own generator when it has
-one, so a seeded request samples the same tokens whatever it is batched with. Log-probabilities
-are reported under the raw (unmodified) model distribution.
+Rows that ask for it first have their logits processed, in this order (vLLM v1's):
+
+    logit_bias ─ repetition, frequency, presence penalties ─ grammar mask ─ min_tokens
+
+(logits_processor.py, structured.py). Then greedy rows take the argmax of the processed
+logits; random rows go through temperature, top-k, top-p and min-p as batched tensor ops,
+then draw by the exponential race with the row's own generator when it has one, so a seeded
+request samples the same tokens whatever it is batched with. Log-probabilities are reported
+under the raw (unmodified) model distribution, before any processing or temperature.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from cluster.engine.logits_processor import (
+    TokenHistory,
+    apply_logit_bias,
+    apply_min_tokens,
+    apply_penalties,
+)
 from cluster.engine.sampling_params import SamplingParams
+from cluster.engine.structured import RowMasks
 
 # fp32 cumulative sums land a few ulps either side of the exact value; without this slack a
 # distribution whose prefix sums to exactly top_p would sometimes keep one token too many.
@@ -22,33 +35,70 @@ _TOP_P_SLACK = 1e-6
 _MIN_EXPONENTIAL = 1e-20
 
 
+# One prompt position's entry: (logprob of the actual token, top-N (token id, logprob)).
+PromptLogprob = tuple[float, list[tuple[int, float]]]
+
+
 @dataclass(slots=True)
 class SamplerOutput:
-    """Per-row results; ``logprobs``/``top_logprobs`` are None when no row asked for them."""
+    """Per-row results; ``logprobs``/``top_logprobs`` are None when no row asked for them.
+    ``prompt_logprobs``: request id -> (index of the first prompt token covered, entries for
+    it and the ones after), for the requests of the step that asked (model_runner.py)."""
 
     token_ids: list[int]
     logprobs: list[float] | None
     top_logprobs: list[list[tuple[int, float]]] | None
+    prompt_logprobs: dict[str, tuple[int, list[PromptLogprob]]] | None = None
 
 
 class Sampler:
-    """Stateless: every call samples one token for each row of ``logits``."""
+    """Stateless: every call samples one token for each row of ``logits``.
+
+    `histories` (one per row: its prompt and output token ids, its EOS ids) is read only
+    for rows with penalties or min_tokens; `masks` are the grammar rows' allowed tokens."""
 
     def __call__(
         self,
         logits: torch.Tensor,
         params: list[SamplingParams],
         generators: list[torch.Generator | None],
+        histories: Sequence[TokenHistory] | None = None,
+        masks: RowMasks | None = None,
     ) -> SamplerOutput:
         if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(generators):
             raise ValueError(
                 f"logits {tuple(logits.shape)} must be [rows, vocab] with one params and one "
                 f"generator per row (got {len(params)} params, {len(generators)} generators)"
             )
-        logits = logits.float()
+        raw = logits.float()
+        logits = _process(raw, params, histories, masks)
         token_ids = _pick_tokens(logits, params, generators)
-        logprobs, top_logprobs = _raw_logprobs(logits, token_ids, params)
+        logprobs, top_logprobs = _raw_logprobs(raw, token_ids, params)
         return SamplerOutput(token_ids.tolist(), logprobs, top_logprobs)
+
+
+def _process(
+    raw: torch.Tensor,
+    params: list[SamplingParams],
+    histories: Sequence[TokenHistory] | None,
+    masks: RowMasks | None,
+) -> torch.Tensor:
+    """The logits the rows sample from: `raw` itself when no row asks for processing, else a
+    processed copy (the raw ones still give the reported log-probabilities)."""
+    processing = any(p.needs_logits_processing for p in params)
+    if not processing and masks is None:
+        return raw
+    if histories is None and any(p.has_penalties or p.min_tokens for p in params):
+        raise ValueError("penalties and min_tokens need each row's token history")
+    logits = raw.clone()
+    if processing:
+        apply_logit_bias(logits, params)
+        apply_penalties(logits, params, histories)
+    if masks is not None:
+        masks.apply(logits)
+    if processing:
+        apply_min_tokens(logits, params, histories)
+    return logits
 
 
 def _pick_tokens(

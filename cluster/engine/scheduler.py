@@ -158,7 +158,9 @@ class Scheduler:
         num_seats = self.max_num_running - len(self.remote)  # reserved requests hold seats
         while self.waiting and budget > 0 and len(self.running) < num_seats:
             request = self.waiting.peek()
-            cached_ids = bm.find_cached_prefix(request) if not request.num_computed_tokens else []
+            # A request that wants its prompt's logprobs computes every position (vLLM too).
+            use_cache = not request.num_computed_tokens and request.prompt_logprobs is None
+            cached_ids = bm.find_cached_prefix(request) if use_cache else []
             num_cached = len(cached_ids) * bm.block_size
             num_new = self._chunk(request, budget, skip=num_cached)
             if whole:

@@ -34,9 +34,11 @@ from cluster.router.types import (
     RouterError,
     StreamChunk,
 )
+from cluster.router.validation import MAX_LOGIT_BIAS
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PDCluster"].full_name  # pdcluster.v1.PDCluster
-_OPTIONAL_PARAMS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "logprobs")
+_OPTIONAL_PARAMS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "logprobs",
+                    "repetition_penalty", "prompt_logprobs")  # fmt: skip
 
 
 # -- proto -> router ------------------------------------------------------------------------
@@ -55,12 +57,19 @@ def to_generate_input(request: pb.GenerateRequest) -> GenerateInput:
         priority=request.priority,
         cache_salt=request.cache_salt or None,
         failure_policy=request.failure_policy or None,
+        n=request.n or 1,
+        best_of=request.best_of if request.HasField("best_of") else None,
     )
 
 
 def to_sampling_params(msg: pb.SamplingParams) -> SamplingParams:
     """Unset optional fields keep SamplingParams' defaults."""
     given = {name: getattr(msg, name) for name in _OPTIONAL_PARAMS if msg.HasField(name)}
+    if len(msg.logit_bias) > MAX_LOGIT_BIAS:
+        raise InvalidRequest(
+            f"sampling_params: logit_bias has {len(msg.logit_bias)} entries; the limit is "
+            f"{MAX_LOGIT_BIAS}"
+        )
     try:
         return SamplingParams(
             **given,
@@ -68,9 +77,30 @@ def to_sampling_params(msg: pb.SamplingParams) -> SamplingParams:
             stop_token_ids=list(msg.stop_token_ids),
             ignore_eos=msg.ignore_eos,
             include_stop_str_in_output=msg.include_stop_str_in_output,
+            presence_penalty=msg.presence_penalty,
+            frequency_penalty=msg.frequency_penalty,
+            logit_bias=dict(msg.logit_bias) or None,
+            min_tokens=msg.min_tokens,
+            structured_outputs=_structured_outputs(msg),
         )
     except ValueError as e:
         raise InvalidRequest(f"sampling_params: {e}") from None
+
+
+def _structured_outputs(msg: pb.SamplingParams):
+    from cluster.engine.sampling_params import StructuredOutputs  # TODO(top) once it lands
+
+    if not msg.HasField("structured_outputs"):
+        return None
+    so = msg.structured_outputs
+    kind = so.WhichOneof("kind")
+    if kind is None:
+        raise InvalidRequest("sampling_params.structured_outputs: set one of its kinds")
+    if kind == "json_schema":
+        return StructuredOutputs(json=so.json_schema)
+    if kind == "choice":
+        return StructuredOutputs(choice=list(so.choice.choices))
+    return StructuredOutputs(**{kind: getattr(so, kind)})
 
 
 # -- router -> proto ------------------------------------------------------------------------
@@ -86,7 +116,22 @@ def to_response(chunk: StreamChunk) -> pb.GenerateResponse:
         stop_reason="" if chunk.stop_reason is None else str(chunk.stop_reason),
         usage=pb.Usage(**dataclasses.asdict(chunk.usage)) if chunk.usage else None,
         timing=pb.Timing(**dataclasses.asdict(chunk.timing)) if chunk.timing else None,
+        prompt_logprobs=_prompt_logprobs(chunk),
+        index=chunk.index,
     )
+
+
+def _prompt_logprobs(chunk: StreamChunk) -> list[pb.TokenLogprob]:
+    """One entry per prompt token; the first (which has no logprob) is empty."""
+    if chunk.prompt_logprobs is None:
+        return []
+    return [
+        pb.TokenLogprob()
+        if entry is None
+        else pb.TokenLogprob(logprob=entry[0],
+                             top=[pb.TopLogprob(token_id=t, logprob=x) for t, x in entry[1]])
+        for entry in chunk.prompt_logprobs
+    ]  # fmt: skip
 
 
 def _token_logprobs(chunk: StreamChunk) -> list[pb.TokenLogprob]:
@@ -97,6 +142,16 @@ def _token_logprobs(chunk: StreamChunk) -> list[pb.TokenLogprob]:
         pb.TokenLogprob(logprob=lp, top=[pb.TopLogprob(token_id=t, logprob=x) for t, x in top])
         for lp, top in zip(chunk.logprobs, tops, strict=True)
     ]
+
+
+def complete_response(choices: dict[int, pb.CompleteResponse]) -> pb.CompleteResponse:
+    """One choice: itself. n > 1: choice 0's fields, and every choice under `choices`."""
+    if len(choices) <= 1:
+        return next(iter(choices.values()), pb.CompleteResponse())
+    response = pb.CompleteResponse()
+    response.CopyFrom(choices[min(choices)])
+    response.choices.extend(choices[i] for i in sorted(choices))
+    return response
 
 
 def merge_response(total: pb.CompleteResponse, part: pb.GenerateResponse) -> None:
@@ -130,11 +185,12 @@ class PDClusterServicer(pb_grpc.PDClusterServicer):
                 await context.write(to_response(chunk))
 
     async def Complete(self, request, context) -> pb.CompleteResponse:
-        response = pb.CompleteResponse()
+        choices: dict[int, pb.CompleteResponse] = {}
         async with self._stream(request, context) as chunks:
             async for chunk in chunks:
-                merge_response(response, to_response(chunk))
-        return response
+                merge_response(choices.setdefault(chunk.index, pb.CompleteResponse()),
+                               to_response(chunk))  # fmt: skip
+        return complete_response(choices)
 
     async def Abort(self, request, context) -> pb.AbortResponse:
         found = await self.router.abort(request.request_id, self.tenant(context))

@@ -59,3 +59,4 @@ class Live:
     tenant: str | None = None
     instances: list[tuple[Instance, str]] = field(default_factory=list)  # (where, its id)
     aborted: bool = False
+    children: list[Live] = field(default_factory=list)  # n > 1: one per choice

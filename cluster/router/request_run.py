@@ -65,8 +65,12 @@ class RequestRun:
     """One request through the router, across however many attempts the policy allows."""
 
     def __init__(self, router: Router, inp: GenerateInput, live: Live, prompt_ids: list[int],
-                 policy: str, arrival: float, queued_s: float, span=None):  # fmt: skip
+                 policy: str, arrival: float, queued_s: float, span=None,
+                 pin: Instance | None = None):  # fmt: skip
         self.router: Router = router
+        # n > 1: the instance whose cache holds this prompt's KV (the first choice's): the
+        # first attempt runs there, its prompt's full blocks a prefix-cache hit
+        self.pin = pin
         self.span: tracing.Span = span or tracing.NOOP  # the request's
         self.attempt_span: tracing.Span = tracing.NOOP
         self.inp: GenerateInput = inp
@@ -79,6 +83,7 @@ class RequestRun:
         self.num_sent_chars = 0  # characters of their text streamed
         self.num_cached_tokens = 0
         self.last_token_time: float | None = None
+        self.sent_prompt_logprobs = False  # a later attempt's are not sent again
 
     async def stream(self) -> AsyncIterator[StreamChunk]:
         """The attempts' chunks; an error that ends the request is counted and logged."""
@@ -111,7 +116,10 @@ class RequestRun:
             self.attempt_span.end()
             self.attempt_span = self.span.child(f"attempt {attempt + 1}", attempt=attempt + 1)
             try:
-                if router.settings.mode == "colocated":
+                pin, self.pin = self.pin, None  # (only the first attempt)
+                if pin is not None and pin.healthy and pin.instance_id not in lost:
+                    chunks = self._local(pin, lost, 0, self._blocks_needed())
+                elif router.settings.mode == "colocated":
                     chunks = self._whole("colocated", lost)
                 elif recompute:
                     chunks = self._whole("decode", lost)
@@ -439,6 +447,9 @@ class RequestRun:
             finish_reason=chunk.finish_reason if chunk.finished else None,
             stop_reason=chunk.stop_reason,
         )
+        if chunk.prompt_logprobs is not None and not self.sent_prompt_logprobs:
+            out.prompt_logprobs = chunk.prompt_logprobs
+            self.sent_prompt_logprobs = True
         if chunk.finished:
             self._finish(out)
         return out

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import itertools
 import logging
@@ -32,6 +33,7 @@ from pathlib import Path
 from cluster import tracing
 from cluster.background import spawn
 from cluster.engine.kv_events import KVEventBatch
+from cluster.engine.sampling_params import SamplingParams
 from cluster.engine.tokenizer import Tokenizer
 from cluster.router import policy as pairing
 from cluster.router import validation
@@ -57,6 +59,49 @@ _POLL_TIMEOUT_S = 5.0  # a load poll, an abort, a reconnect
 _INLINE_TOKENIZE_CHARS = 4096  # longer text prompts are tokenized on a thread
 _RESUBSCRIBE_S = 0.2  # a broken KV-event stream is opened again this often
 _METRICS_TTL_S = 1.0  # instances' metrics are fetched at most this often (an open endpoint)
+
+
+async def _pump(index: int, chunks: AsyncIterator[StreamChunk], queue: asyncio.Queue) -> None:
+    """One choice's chunks into the shared queue, indexed; then its index (it ended), or the
+    error that ended it."""
+    try:
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                chunk.index = index
+                await queue.put(chunk)
+        await queue.put(index)
+    except asyncio.CancelledError:
+        raise
+    except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+        await queue.put(e)
+
+
+def _choice_params(params: SamplingParams, i: int, want_logprobs: bool) -> SamplingParams:
+    """Choice i's sampling: its own random stream (seed + i, vLLM's rule), and logprobs
+    when best_of must rank the choices."""
+    changes = {}
+    if params.seed is not None and i:
+        changes["seed"] = (params.seed + i) % 2**63
+    if want_logprobs:
+        changes["logprobs"] = 0
+    return dataclasses.replace(params, **changes) if changes else params
+
+
+def _best(results: list[list[StreamChunk]], n: int, strip_logprobs: bool) -> list[StreamChunk]:
+    """best_of: the n choices of highest cumulative logprob, as index 0..n-1."""
+
+    def score(chunks: list[StreamChunk]) -> float:
+        return sum(lp for c in chunks for lp in c.logprobs or ())
+
+    ranked = sorted(range(len(results)), key=lambda i: score(results[i]), reverse=True)[:n]
+    out = []
+    for new_index, i in enumerate(sorted(ranked)):
+        for chunk in results[i]:
+            chunk.index = new_index
+            if strip_logprobs:
+                chunk.logprobs = chunk.top_logprobs = None
+            out.append(chunk)
+    return out
 
 
 def _live_key(tenant: Tenant | None, request_id: str) -> tuple[str, str]:
@@ -176,12 +221,18 @@ class Router:
                 async with self._admission():
                     admission.end()
                     queued_s = time.monotonic() - arrival
-                    run = RequestRun(self, inp, live, prompt_ids, policy, arrival, queued_s, span)
-                    async for chunk in run.stream():
-                        if chunk.timing is not None and tenant is not None and not tenant.admin:
-                            # where it ran is the operator's to know, not a tenant's
-                            chunk.timing.prefill_instance = chunk.timing.decode_instance = ""
-                        yield chunk
+                    args = (inp, live, prompt_ids, policy, arrival, queued_s, span)
+                    if inp.n == 1 and inp.best_of in (None, 1):
+                        chunks = RequestRun(self, *args).stream()
+                    else:
+                        chunks = self._choices(*args)
+                    async with contextlib.aclosing(chunks):
+                        async for chunk in chunks:
+                            if chunk.timing is not None and tenant is not None \
+                                    and not tenant.admin:  # fmt: skip
+                                # where it ran is the operator's to know, not a tenant's
+                                chunk.timing.prefill_instance = chunk.timing.decode_instance = ""
+                            yield chunk
             except BaseException as e:
                 span.fail(e)
                 raise
@@ -189,8 +240,67 @@ class Router:
                 admission.end()
                 span.end()
                 del self._live[key]
-                if live.instances:  # stopped early (client gone, error): free it everywhere
+                if live.instances or live.children:  # stopped early: free it everywhere
                     spawn(self._abort_everywhere(live))
+
+    async def _choices(self, inp: GenerateInput, live: Live, prompt_ids: list[int],
+                       policy: str, arrival: float, queued_s: float,
+                       span) -> AsyncIterator[StreamChunk]:  # fmt: skip
+        """n > 1 / best_of: the first choice runs as any request (one prefill, one handoff);
+        once its first token is out, its KV is in its instance's cache and the other choices
+        start there, pinned: the prompt's full blocks are prefix-cache hits, shared, and only
+        the last partial block is computed again per choice. Their chunks interleave, each
+        with its index. best_of: all run, the n with the highest cumulative logprob are
+        returned (after the last one ends)."""
+        count = inp.best_of or inp.n
+        want_logprobs = inp.best_of is not None and inp.params.logprobs is None
+        params = [_choice_params(inp.params, i, want_logprobs) for i in range(count)]
+        live.children = [Live(live.request_id, live.tenant) for _ in range(count)]
+        queue: asyncio.Queue = asyncio.Queue()
+
+        runs: list[RequestRun] = []
+
+        def start(i: int, pin: Instance | None) -> asyncio.Future:
+            child = dataclasses.replace(inp, params=params[i], n=1, best_of=None)
+            runs.append(RequestRun(self, child, live.children[i], prompt_ids, policy, arrival,
+                                   queued_s, span, pin=pin))  # fmt: skip
+            return asyncio.ensure_future(_pump(i, runs[-1].stream(), queue))
+
+        tasks = [start(0, None)]
+        leader_instance: Instance | None = None
+        num_done, started = 0, False
+        results: list[list[StreamChunk]] = [[] for _ in range(count)]
+        try:
+            while num_done < len(tasks):
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, int):  # choice `item` ended
+                    num_done += 1
+                    if item != 0 or started:
+                        continue
+                    item = None  # the first ended before its first token: start the rest
+                elif not started and item.index == 0:  # where the first choice's KV is
+                    leader_instance = self._instance(runs[0].timing.decode_instance)
+                if not started and (item is None or item.index == 0):
+                    started = True
+                    tasks += [start(i, leader_instance) for i in range(1, count)]
+                if item is None:
+                    continue
+                if inp.best_of is None:
+                    yield item
+                else:
+                    results[item.index].append(item)
+            if inp.best_of is not None:
+                for chunk in _best(results, inp.n, strip_logprobs=want_logprobs):
+                    yield chunk
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _instance(self, instance_id: str) -> Instance | None:
+        return next((i for i in self.instances if i.instance_id == instance_id), None)
 
     @contextlib.contextmanager
     def _tenant_admission(self, tenant):
@@ -211,6 +321,8 @@ class Router:
         if live is None:
             return False
         live.aborted = True
+        for child in live.children:
+            child.aborted = True
         await self._abort_everywhere(live)
         return True
 
@@ -421,4 +533,5 @@ class Router:
             with contextlib.suppress(Exception):
                 await instance.client.request(Abort(instance_request_id), bool, _POLL_TIMEOUT_S)
 
-        await asyncio.gather(*(abort(i, rid) for i, rid in live.instances))
+        where = [*live.instances, *(x for child in live.children for x in child.instances)]
+        await asyncio.gather(*(abort(i, rid) for i, rid in where))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cluster.router.tool_parsers import PARSERS
 from cluster.router.types import FAILURE_POLICIES
 
 
@@ -31,8 +32,16 @@ class RouterSettings:
     # at once (its headroom: what its running requests' steps take on; 0: always hand off);
     # within it, local_prefill.py's break-even decides.
     local_prefill_max_tokens: int = 512
+    # How tool calls are read from the output (tool_parsers.py): hermes, llama3_json, mistral;
+    # auto: from the chat template; none: `tools` with tool_choice auto is refused (400).
+    tool_call_parser: str = "auto"
 
     def __post_init__(self) -> None:
+        known = ("auto", "none", *PARSERS)
+        if self.tool_call_parser not in known:
+            raise ValueError(
+                f"tool_call_parser must be one of {', '.join(known)}, got {self.tool_call_parser!r}"
+            )
         if self.mode not in ("disaggregated", "colocated"):
             raise ValueError(f"mode must be disaggregated or colocated, got {self.mode!r}")
         if self.policy not in ("load", "kv"):

@@ -89,6 +89,8 @@ class GenerateInput:
     failure_policy: str | None = None  # None: the router's default
     trace_context: dict[str, str] | None = None  # W3C traceparent/tracestate from the client
     tenant: Tenant | None = None  # who sends it (the front end authenticated it); None: no auth
+    n: int = 1  # choices to return (one prefill; the others reuse its KV on one instance)
+    best_of: int | None = None  # run this many, return the n of highest cumulative logprob
 
 
 @dataclass(slots=True)
@@ -131,6 +133,10 @@ class StreamChunk:
     stop_reason: str | int | None = None
     usage: Usage | None = None  # last chunk only
     timing: Timing | None = None  # last chunk only
+    # First chunk only, when asked for: per prompt token, None for the first, else (logprob
+    # of the token, top-N (token id, logprob)) under the raw model distribution.
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
+    index: int = 0  # which of the request's n choices (n > 1)
 
 
 @dataclass(slots=True, frozen=True)

@@ -23,6 +23,9 @@ MAX_STOP_TOKEN_IDS = 64
 MAX_CACHE_SALT_CHARS = 256
 MAX_REQUEST_ID_CHARS = 128
 MAX_MESSAGES = 4096  # chat messages in one request
+MAX_LOGIT_BIAS = 300  # entries of logit_bias (OpenAI's documented limit)
+MAX_CHOICES = 16  # n and best_of: each choice holds its own KV for the whole output
+MAX_GRAMMAR_CHARS = 64 * 1024  # a structured-output spec (schema, regex, grammar, choices)
 PRIORITY_RANGE = (-(2**31), 2**31 - 1)
 
 
@@ -105,6 +108,8 @@ def validate(inp: GenerateInput, model: ModelInfo, default_policy: str) -> str:
         if not isinstance(inp.cache_salt, str):
             raise InvalidRequest("cache_salt must be a string")
         check_text("cache_salt", inp.cache_salt, MAX_CACHE_SALT_CHARS)
+    _check_choices(inp)
+    _check_structured(inp.params)
     if isinstance(inp.priority, bool) or not isinstance(inp.priority, int):
         raise InvalidRequest(f"priority must be an integer, got {inp.priority!r}")
     low, high = PRIORITY_RANGE
@@ -182,3 +187,29 @@ def _check_strings(body: object) -> None:
                 stack.append((key if where == "body" else f"{where}.{key}", item, depth + 1))
         elif isinstance(value, list):
             stack.extend((where, item, depth + 1) for item in value)
+
+
+def _check_choices(inp: GenerateInput) -> None:
+    for name in ("n", "best_of"):
+        value = getattr(inp, name)
+        if value is None and name == "best_of":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CHOICES:
+            raise InvalidRequest(f"{name} must be an integer in [1, {MAX_CHOICES}], got "
+                                 f"{brief(value)}")  # fmt: skip
+    if inp.best_of is not None and inp.best_of < inp.n:
+        raise InvalidRequest(f"best_of ({inp.best_of}) must be >= n ({inp.n})")
+
+
+def _check_structured(params: SamplingParams) -> None:
+    """A grammar compiles on a CPU before the request runs: its size is bounded."""
+    spec = params.structured_outputs
+    if spec is None:
+        return
+    size = sum(len(x) for x in (spec.json, spec.regex, spec.grammar) if x)
+    size += sum(len(c) for c in spec.choice or ())
+    if size > MAX_GRAMMAR_CHARS:
+        raise InvalidRequest(
+            f"the structured-output spec has {size} characters; the limit is "
+            f"{MAX_GRAMMAR_CHARS}: simplify the schema, regex or grammar"
+        )

@@ -81,6 +81,7 @@ def chunk_from_output(out: RequestOutput, timing: EngineTiming | None = None) ->
         top_logprobs=out.top_logprobs[-n:] if out.top_logprobs is not None and n else None,
         num_cached_tokens=out.num_cached_tokens,
         timing=timing,
+        prompt_logprobs=out.prompt_logprobs,
     )
 
 

@@ -194,6 +194,8 @@ class DecodeWorker(ColocatedWorker):
         request_id = spec.request_id
         handoff = self._begin(request_id)
         handoff.span = tracing.start("handoff", spec.trace, instance=self.instance_id)
+        if spec.params.structured_outputs is not None:  # compiles while the prefill runs
+            spawn(_quietly(self.engine.compile_grammar(spec.params)))
         try:
             await self.llm.faults.ahit("decode.before_prefill", request_id)
             waiting = handoff.span.child("wait_for_room")
@@ -217,7 +219,8 @@ class DecodeWorker(ColocatedWorker):
             return
         timing = msgspec.structs.replace(result.timing, prefill_call_s=time.monotonic() - asked)
         lease = (asked + result.granted_after_s, result.handle.lease_s)
-        stream = self._pull_and_stream(handoff, spec, result.handle, prefill, lease, timing)
+        stream = self._pull_and_stream(handoff, spec, result.handle, prefill, lease, timing,
+                                       result.prompt_logprobs)  # fmt: skip
         async for chunk in stream:
             yield chunk
 
@@ -245,7 +248,8 @@ class DecodeWorker(ColocatedWorker):
         return handoff
 
     async def _pull_and_stream(self, handoff: _Handoff, spec: RequestSpec, handle: KVHandle,
-                               prefill: Peer, lease, timing: EngineTiming):  # fmt: skip
+                               prefill: Peer, lease, timing: EngineTiming,
+                               prompt_logprobs=None):  # fmt: skip
         request_id = spec.request_id
         start = time.monotonic()
         try:
@@ -278,7 +282,7 @@ class DecodeWorker(ColocatedWorker):
             raise
         transfer_s = time.monotonic() - start
         timing = msgspec.structs.replace(timing, **stats.timing(), kv_hit_tokens=hit_tokens)
-        async for chunk in self._stream(request_id, handle, timing, transfer_s):
+        async for chunk in self._stream(request_id, handle, timing, transfer_s, prompt_logprobs):
             yield chunk
 
     def _hit_tokens(self, remote_block_ids, local_block_ids) -> int:
@@ -328,6 +332,7 @@ class DecodeWorker(ColocatedWorker):
         it since the prefill was called. A cancel mid-reservation still leaves nothing held:
         the thread's reservation is awaited, then _abandon frees it."""
         request_id = spec.request_id
+        await self.engine.compile_grammar(spec.params)  # (cached) not under the engine lock
 
         def reserve() -> list[int]:
             self.llm.faults.hit("decode.reserve", request_id)
@@ -376,10 +381,11 @@ class DecodeWorker(ColocatedWorker):
             spawn(_call_quietly(prefill, protocol.Drop(handle.request_id)))
 
     async def _stream(self, request_id: str, handle: KVHandle, timing: EngineTiming,
-                      transfer_s: float):  # fmt: skip
-        """The KV is in place: commit the prefill's first token, then stream. An abort that
-        came while the READ was in flight takes effect here (the READ is done: its blocks
-        may be freed now)."""
+                      transfer_s: float, prompt_logprobs=None):  # fmt: skip
+        """The KV is in place: commit the prefill's first token, then stream (the first
+        chunk carries the prompt logprobs the prefill computed). An abort that came while
+        the READ was in flight takes effect here (the READ is done: its blocks may be freed
+        now)."""
 
         def commit():
             handoff = self._handoffs.pop(request_id, None)
@@ -407,9 +413,12 @@ class DecodeWorker(ColocatedWorker):
                 self._count(out, first=False)
                 if out.finished:
                     span.set(output_tokens=len(out.token_ids), finish_reason=out.finish_reason)
-                yield chunk_from_output(
+                chunk = chunk_from_output(
                     out, msgspec.structs.replace(timing, transfer_s=transfer_s) if first else None
                 )
+                if first and prompt_logprobs is not None:
+                    chunk.prompt_logprobs = prompt_logprobs
+                yield chunk
                 first = False
         except BaseException as e:
             span.fail(e)
@@ -430,6 +439,7 @@ class DecodeWorker(ColocatedWorker):
         try:
             info = await self._prefill_info(prefill)
             await self._wait_for_room(handoff, request_id, spec.num_tokens)
+            await self.engine.compile_grammar(spec.params)  # not under the engine lock
             try:
                 block_ids = await self._reserve_once(lambda: self.receiver.reserve_for(
                     info.layout.compat_hash, info.agent_name, request_id, spec.prompt_token_ids,
@@ -459,7 +469,9 @@ class DecodeWorker(ColocatedWorker):
         timing = msgspec.structs.replace(
             result.timing, prefill_call_s=ready - asked, kv_hit_tokens=hit_tokens
         )
-        async for chunk in self._stream(request_id, handle, timing, time.monotonic() - ready):
+        stream = self._stream(request_id, handle, timing, time.monotonic() - ready,
+                              result.prompt_logprobs)  # fmt: skip
+        async for chunk in stream:
             yield chunk
 
     async def _prefill_info(self, prefill: Peer) -> KVAgentInfo:
@@ -603,6 +615,12 @@ async def _to_the_end(cleanup) -> None:
     cancelled meanwhile, the cleanup still finishes, on its own task: what a handoff holds
     is freed exactly once, however it ends."""
     await asyncio.shield(spawn(cleanup))
+
+
+async def _quietly(work) -> None:
+    """Await `work`, whose failure someone else reports (a warm-up)."""
+    with contextlib.suppress(Exception):
+        await work
 
 
 async def _call_quietly(prefill: Peer, msg) -> None:

@@ -132,7 +132,9 @@ class PrefillWorker(EngineWorker):
             m = out.metrics
             times = (m.arrival_time, m.first_scheduled_time, m.first_token_time)
             granted_after_s = time.monotonic() - received
-            return PrefillResult(timing, handle=handle, granted_after_s=granted_after_s), times
+            result = PrefillResult(timing, handle=handle, granted_after_s=granted_after_s,
+                                   prompt_logprobs=out.prompt_logprobs)  # fmt: skip
+            return result, times
         raise RuntimeError(f"prefill of {spec.request_id!r} ended without a final output")
 
     async def renew(self, request_id: str) -> float | None:

@@ -48,6 +48,10 @@ class RequestSpec(msgspec.Struct, frozen=True):
         return len(self.prompt_token_ids) + (len(self.resume.output_ids) if self.resume else 0) + 1
 
 
+# Per prompt token: None for the first, else (logprob of the token, top-N (token id, logprob)).
+PromptLogprobs = list[tuple[float, list[tuple[int, float]]] | None]
+
+
 class EngineTiming(msgspec.Struct, omit_defaults=True):
     """Where a request's time went on the workers, seconds (first chunk only)."""
 
@@ -75,16 +79,19 @@ class Chunk(msgspec.Struct, omit_defaults=True):
     top_logprobs: list[list[tuple[int, float]]] | None = None
     num_cached_tokens: int = 0
     timing: EngineTiming | None = None  # first chunk of a run
+    prompt_logprobs: PromptLogprobs | None = None  # first chunk of a run, when asked for
 
 
 class PrefillResult(msgspec.Struct, omit_defaults=True):
     """A prefill's answer: the KV handle (blocks leased, granted `granted_after_s` after the
-    call arrived), or the only chunk when the first token already ends the request."""
+    call arrived), or the only chunk when the first token already ends the request.
+    `prompt_logprobs`: computed with the prompt, for the decode's first chunk."""
 
     timing: EngineTiming
     handle: KVHandle | None = None
     chunk: Chunk | None = None
     granted_after_s: float = 0.0
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class Load(msgspec.Struct, omit_defaults=True):

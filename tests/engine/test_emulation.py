@@ -198,14 +198,14 @@ class PlanSpy:
         self.steps: list[list[tuple[str, bool, int]]] = []
         execute = engine.runner.execute
 
-        def spy(plan, block_tables, generators):
+        def spy(plan, *args):
             self.steps.append(
                 [
                     (r.request_id, r.is_prefilling, plan.num_scheduled_tokens[r.request_id])
                     for r in plan.requests
                 ]
             )
-            return execute(plan, block_tables, generators)
+            return execute(plan, *args)
 
         engine.runner.execute = spy
 

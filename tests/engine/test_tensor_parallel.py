@@ -75,6 +75,59 @@ def test_pipeline_parallel_equals_tp1_and_transformers(tiny_model_dir, size, pp)
         assert shape[1] == 2 // (size // pp)  # 2 KV heads over the stage's TP ranks
 
 
+def _feature_params() -> list:
+    """A grammar, penalties, logit_bias, min_tokens and prompt logprobs, one prompt each."""
+    from cluster.engine.sampling_params import SamplingParams, StructuredOutputs
+
+    schema = '{"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}'
+    grammar = StructuredOutputs(json=schema, disable_any_whitespace=True)
+    return [
+        SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, structured_outputs=grammar,
+                       presence_penalty=0.5, prompt_logprobs=2),
+        SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, seed=3, ignore_eos=True,
+                       frequency_penalty=1.0, repetition_penalty=1.2, logit_bias={9: 3.0}),
+        SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, min_tokens=4,
+                       prompt_logprobs=0, logit_bias={1: 50.0}),
+    ]  # fmt: skip
+
+
+def _feature_rank_main(rank: int, init_method: str, size: int, model_dir: str, pp: int):
+    import torch
+
+    from cluster.engine.config import CacheConfig, EngineConfig
+    from cluster.engine.llm_engine import LLMEngine
+
+    torch.set_num_threads(1)
+    engine = LLMEngine(EngineConfig(
+        model=model_dir, tensor_parallel_size=size // pp, tensor_parallel_rank=rank % (size // pp),
+        pipeline_parallel_size=pp, pipeline_parallel_rank=rank // (size // pp),
+        dist_init_method=init_method, cache=CacheConfig(num_blocks=64),
+    ))  # fmt: skip
+    outs = engine.generate(PROMPTS, _feature_params())
+    return [(o.token_ids, o.text, o.prompt_logprobs) for o in outs]
+
+
+@pytest.mark.parametrize(("size", "pp"), [(2, 1), (2, 2)])
+def test_sampling_features_under_tp_and_pp(tiny_model_dir, size, pp):
+    """Every rank applies the same masks and penalties and gets the prompt logprobs (the
+    last stage computes them, the others receive them): the same as one process."""
+    from cluster.engine.llm_engine import LLMEngine
+    from cluster.engine.parallel import run_local_ranks
+
+    single = LLMEngine.from_model(str(tiny_model_dir)).generate(PROMPTS, _feature_params())
+    expected = [(o.token_ids, o.text, o.prompt_logprobs) for o in single]
+    assert expected[0][1].startswith('{"n":') and expected[2][0][-1] == 1  # EOS after 4
+    args = (size, str(tiny_model_dir), pp)
+    for rank, outs in enumerate(run_local_ranks(_feature_rank_main, size, args, timeout_s=240)):
+        for (ids, text, plp), (ref_ids, ref_text, ref_plp) in zip(outs, expected, strict=True):
+            assert (ids, text) == (ref_ids, ref_text), f"rank {rank}"
+            assert (plp is None) == (ref_plp is None)
+            for got, ref in zip(plp or [], ref_plp or [], strict=True):
+                if ref is not None:
+                    assert got[0] == pytest.approx(ref[0], abs=1e-4)
+                    assert [t for t, _ in got[1]] == [t for t, _ in ref[1]]
+
+
 def test_microbatches_split_a_step_by_tokens():
     from cluster.engine.model_runner import split_microbatches
     from cluster.engine.request import Request

@@ -226,7 +226,7 @@ def test_malformed_json_is_a_400(server):
     [
         ({"prompt": ""}, "prompt must not be empty"),
         ({"prompt": PROMPT, "top_p": 2}, "top_p must be in"),
-        ({"prompt": PROMPT, "n": 2}, "n must be 1"),
+        ({"prompt": PROMPT, "n": 99}, r"n must be in \[1, 16\]"),
         ({"prompt": PROMPT, "top_p": 2, "stream": True}, "top_p must be in"),  # a 400, not SSE
     ],
 )

@@ -209,12 +209,40 @@ def test_single_prompt_lists_are_unwrapped(served, prompt):
         ({"prompt": "x", "max_tokens": 0}, "max_tokens", "max_tokens must be"),
         ({"prompt": "x", "stream": "yes"}, "stream", "stream must be true or false"),
         ({"prompt": "x", "stop": 5}, "stop", "stop must be"),
-        ({"prompt": "x", "n": 2}, "n", "n must be 1"),
-        ({"prompt": "x", "best_of": 3}, "best_of", "not supported"),
-        ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty", "not supported"),
-        ({"prompt": "x", "frequency_penalty": -1}, "frequency_penalty", "not supported"),
+        ({"prompt": "x", "n": 0}, "n", r"n must be in \[1, 16\]"),
+        ({"prompt": "x", "n": 17}, "n", r"n must be in \[1, 16\]"),
+        ({"prompt": "x", "n": 3, "best_of": 2}, "best_of", "best_of .2. must be >= n"),
+        ({"prompt": "x", "best_of": 3, "stream": True}, "best_of", "cannot be streamed"),
+        ({"prompt": "x", "presence_penalty": 2.5}, "presence_penalty", "must be in"),
+        ({"prompt": "x", "frequency_penalty": -3}, "frequency_penalty", "must be in"),
+        ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty", "repetition_penalty"),
+        ({"prompt": "x", "logit_bias": {"x": 1}}, "logit_bias", "keys are token ids"),
+        ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias", "must be in"),
+        ({"prompt": "x", "logit_bias": {"5": "up"}}, "logit_bias", "values are numbers"),
+        ({"prompt": "x", "logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias", "300"),
+        ({"prompt": "x", "min_tokens": 20, "max_tokens": 5}, "min_tokens", "min_tokens"),
+        ({"prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs", "prompt_logprobs must be"),
         ({"prompt": "x", "logprobs": 21}, "logprobs", "logprobs must be in"),
-        ({"prompt": "x", "echo": True}, "echo", "not supported"),
+        ({"prompt": "x", "suffix": "y"}, "suffix", "fill-in-the-middle"),
+        ({"prompt": "x", "response_format": {"type": "xml"}}, "response_format", "json_schema"),
+        ({"prompt": "x", "response_format": {"type": "json_schema"}}, "response_format", "schema"),
+        ({"prompt": "x", "guided_choice": []}, "guided_choice", "non-empty list"),
+        ({"prompt": "x", "guided_regex": 5}, "guided_regex", "non-empty string"),
+        ({"prompt": "x", "guided_regex": "a+", "guided_choice": ["a"]}, "guided_choice", "one"),
+        (
+            {"prompt": "x", "structured_outputs": {"regex": "a", "choice": ["b"]}},
+            "structured_outputs",
+            "exactly one",
+        ),
+        (
+            {
+                "prompt": "x",
+                "guided_json": {"type": "object"},
+                "response_format": {"type": "json_object"},
+            },
+            "guided_json",
+            "one output constraint",
+        ),
         ({"prompt": "x", "model": "gpt-4"}, "model", "model 'gpt-4' is not served here; use"),
         ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options", "stream"),
     ],
@@ -262,8 +290,26 @@ def test_chat_max_tokens_and_logprobs(served):
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"logprobs": 1}, "logprobs"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"n": 3}, "n"),
+        ({"tools": [{"type": "function", "function": {}}], "tool_choice": "required"}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "g"}},
+            },
+            "tool_choice",
+        ),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": "required",
+                "response_format": {"type": "json_object"},
+            },
+            "tool_choice",
+        ),
+        ({"response_format": {"type": "xml"}}, "response_format"),
+        ({"n": 30}, "n"),
+        ({"best_of": 3}, "best_of"),
     ],
 )
 def test_bad_chat_requests(served, extra, param):
@@ -377,3 +423,79 @@ def test_model_list(served):
     listing = model_list(served)
     assert [m["id"] for m in listing["data"]] == [MODEL]
     assert listing["data"][0]["max_model_len"] == MAX_MODEL_LEN
+
+
+# -- sampling extensions and structured outputs --------------------------------------------
+
+
+def test_penalties_bias_and_min_tokens_reach_the_sampling_params(served):
+    body = {"prompt": "x", "presence_penalty": 0.5, "frequency_penalty": -1.0,
+            "repetition_penalty": 1.2, "logit_bias": {"7": -100, "9": 2.5}, "min_tokens": 3,
+            "max_tokens": 8, "prompt_logprobs": 2}  # fmt: skip
+    params = parse_completion_request(body, served).input.params
+    assert (params.presence_penalty, params.frequency_penalty) == (0.5, -1.0)
+    assert params.repetition_penalty == 1.2 and params.min_tokens == 3
+    assert params.logit_bias == {7: -100.0, 9: 2.5} and params.prompt_logprobs == 2
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        ({"response_format": {"type": "json_object"}}, {"json_object": True}),
+        ({"response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "object"}, "strict": True}}},
+         {"json": '{"type": "object"}'}),
+        ({"guided_json": {"type": "integer"}}, {"json": '{"type": "integer"}'}),
+        ({"guided_json": '{"type": "integer"}'}, {"json": '{"type": "integer"}'}),
+        ({"guided_regex": "[ab]+"}, {"regex": "[ab]+"}),
+        ({"guided_choice": ["yes", "no"]}, {"choice": ["yes", "no"]}),
+        ({"guided_grammar": 'root ::= "a"'}, {"grammar": 'root ::= "a"'}),
+        ({"structured_outputs": {"choice": ["a"], "disable_any_whitespace": True}},
+         {"choice": ["a"], "disable_any_whitespace": True}),
+        ({"response_format": {"type": "text"}}, None),
+    ],
+)  # fmt: skip
+def test_every_way_of_asking_for_structure(served, extra, expected):
+    for parse, base in ((parse_completion_request, {"prompt": "x"}),
+                        (parse_chat_request, {"messages": CONVERSATIONS[0]})):  # fmt: skip
+        structured = parse({**base, **extra}, served).input.params.structured_outputs
+        if expected is None:
+            assert structured is None
+        else:
+            got = {k: getattr(structured, k) for k in expected}
+            assert got == expected
+
+
+def test_echo_with_logprobs_asks_for_the_prompts_logprobs(served):
+    req = parse_completion_request({"prompt": "x y", "echo": True, "logprobs": 2}, served)
+    assert req.echo_prompt == "x y" and req.input.params.prompt_logprobs == 2
+    plain = parse_completion_request({"prompt": "x y", "echo": True}, served)
+    assert plain.echo_prompt == "x y" and plain.input.params.prompt_logprobs is None
+
+
+def test_suffix_uses_the_models_fill_in_the_middle_tokens(served, tokenizer, monkeypatch):
+    vocab = {**tokenizer.hf.get_vocab(), "<|fim_prefix|>": 1, "<|fim_suffix|>": 2,
+             "<|fim_middle|>": 3}  # fmt: skip
+    monkeypatch.setattr(tokenizer.hf, "get_vocab", lambda: vocab)
+    req = parse_completion_request({"prompt": "def f(", "suffix": "return x"}, served)
+    assert req.input.prompt == "<|fim_prefix|>def f(<|fim_suffix|>return x<|fim_middle|>"
+
+
+CITY = {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"]}
+TOOL = {"type": "function", "function": {"name": "weather", "parameters": CITY}}
+
+
+def test_a_forced_tool_choice_constrains_the_output_to_its_schema(served):
+    import json
+
+    named = {"type": "function", "function": {"name": "weather"}}
+    req = parse_chat_request({"messages": CONVERSATIONS[0], "tools": [TOOL],
+                              "tool_choice": named}, served)  # fmt: skip
+    assert req.tools.forced and req.tools.named == "weather"
+    assert json.loads(req.input.params.structured_outputs.json) == TOOL["function"]["parameters"]
+    req = parse_chat_request({"messages": CONVERSATIONS[0], "tools": [TOOL],
+                              "tool_choice": "required"}, served)  # fmt: skip
+    assert json.loads(req.input.params.structured_outputs.json)["type"] == "array"
+    none = parse_chat_request({"messages": CONVERSATIONS[0], "tools": [TOOL],
+                               "tool_choice": "none"}, served)  # fmt: skip
+    assert none.tools is None and none.input.params.structured_outputs is None
