@@ -64,6 +64,19 @@ def _call(name: Any, arguments: Any) -> ToolCall | None:
     return ToolCall(name, json.dumps(arguments, ensure_ascii=False), new_call_id())
 
 
+def _all_calls(values: list[Any], args_key: str = "arguments") -> list[ToolCall]:
+    """A call from every {"name", args_key} object, or none at all if any is not one."""
+    calls = []
+    for value in values:
+        if not isinstance(value, dict):
+            return []
+        call = _call(value.get("name"), value.get(args_key, value.get("arguments")))
+        if call is None:
+            return []
+        calls.append(call)
+    return calls
+
+
 def _json_values(text: str) -> list[Any] | None:
     """Every JSON value in `text`, one after another (separated by whitespace, ';' or ','),
     or None when anything else is in between."""
@@ -129,16 +142,10 @@ class HermesParser(ToolParser):
     _BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
 
     def _calls(self, section: str) -> list[ToolCall]:
-        calls = []
-        for body in self._BLOCK.findall(section):
-            values = _json_values(body.strip())
-            if not values or len(values) != 1 or not isinstance(values[0], dict):
-                return []
-            call = _call(values[0].get("name"), values[0].get("arguments"))
-            if call is None:
-                return []
-            calls.append(call)
-        return calls
+        bodies = [_json_values(body.strip()) for body in self._BLOCK.findall(section)]
+        if not all(values and len(values) == 1 for values in bodies):
+            return []
+        return _all_calls([values[0] for values in bodies])
 
 
 class Llama3JsonParser(ToolParser):
@@ -148,17 +155,7 @@ class Llama3JsonParser(ToolParser):
 
     def _calls(self, section: str) -> list[ToolCall]:
         values = _json_values(section.replace("<|python_tag|>", "").strip())
-        if not values:
-            return []
-        calls = []
-        for value in values:
-            if not isinstance(value, dict):
-                return []
-            call = _call(value.get("name"), value.get("parameters", value.get("arguments")))
-            if call is None:
-                return []
-            calls.append(call)
-        return calls
+        return _all_calls(values, "parameters") if values else []
 
 
 class MistralParser(ToolParser):
@@ -173,9 +170,7 @@ class MistralParser(ToolParser):
             values = _json_values(body)
             if not values or len(values) != 1 or not isinstance(values[0], list):
                 return []
-            calls = [_call(v.get("name"), v.get("arguments")) if isinstance(v, dict) else None
-                     for v in values[0]]  # fmt: skip
-            return calls if calls and all(calls) else []
+            return _all_calls(values[0])
         calls = []  # name[ARGS]{...}, repeated, each after its own [TOOL_CALLS]
         for part in filter(None, (p.strip() for p in body.split("[TOOL_CALLS]"))):
             named = self._NAMED.match(part)
@@ -242,11 +237,7 @@ def parse_forced(text: str, named: str | None) -> list[ToolCall]:
     if named is not None:
         call = _call(named, value)
         return [call] if call else []
-    if not isinstance(value, list):
-        return []
-    calls = [_call(v.get("name"), v.get("parameters")) if isinstance(v, dict) else None
-             for v in value]  # fmt: skip
-    return calls if all(calls) else []
+    return _all_calls(value, "parameters") if isinstance(value, list) else []
 
 
 # -- streaming ---------------------------------------------------------------------------------
