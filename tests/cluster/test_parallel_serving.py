@@ -96,13 +96,14 @@ def _serve_all(loop, router) -> list[list[int]]:
 
 
 def _serve_once_restarted(loop, router) -> list[list[int]]:
-    """Every prompt's output once Ray has restarted a lost instance (RequestFailed until)."""
-    from cluster.router.types import RequestFailed
+    """Every prompt's output once Ray has restarted a lost instance (RequestFailed, or
+    Unavailable once instance_wait_s passes with the instance still restarting, until)."""
+    from cluster.router.types import RequestFailed, Unavailable
 
     def served():
         try:
             return _serve_all(loop, router)
-        except RequestFailed:
+        except (RequestFailed, Unavailable):
             return None
 
     return wait_until(served, timeout_s=120, interval_s=2, message="never served again")
