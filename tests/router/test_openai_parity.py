@@ -536,3 +536,25 @@ def test_best_of_returns_the_most_likely_choices(served, mode):
     assert got == pytest.approx(scores[:2], abs=1e-4)
     with pytest.raises(openai.BadRequestError, match="best_of cannot be streamed"):
         s.client.completions.create(model=s.model, prompt="x", n=1, best_of=2, stream=True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_abort_ends_every_choice_and_frees_every_block(served, mode):
+    from tests.helpers import assert_all_blocks_free
+
+    s = served.get(mode)
+    rid = f"n-abort-{mode}"
+    params = pb.SamplingParams(max_tokens=500, ignore_eos=True, seed=1)
+    stream = s.stub.Generate(
+        pb.GenerateRequest(token_ids=pb.TokenIds(ids=LONG_PROMPT), n=3, request_id=rid,
+                           sampling_params=params)
+    )  # fmt: skip
+    seen: set[int] = set()
+    for response in stream:  # until every choice has started
+        seen.add(response.index)
+        if seen == {0, 1, 2}:
+            break
+    assert s.stub.Abort(pb.AbortRequest(request_id=rid)).found
+    finished = {r.index: r.finish_reason for r in stream if r.finish_reason}
+    assert finished == {0: "abort", 1: "abort", 2: "abort"}
+    assert_all_blocks_free(served.loop, s.router.instances)
