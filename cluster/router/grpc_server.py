@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from cluster.api.pdcluster.v1 import pdcluster_pb2 as pb
 from cluster.api.pdcluster.v1 import pdcluster_pb2_grpc as pb_grpc
 from cluster.background import spawn
-from cluster.engine.sampling_params import SamplingParams
+from cluster.engine.sampling_params import SamplingParams, StructuredOutputs
 from cluster.router.router import Router
 from cluster.router.tenants import Auth, Tenant
 from cluster.router.tls import TLSFiles
@@ -34,7 +34,6 @@ from cluster.router.types import (
     RouterError,
     StreamChunk,
 )
-from cluster.router.validation import MAX_LOGIT_BIAS
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PDCluster"].full_name  # pdcluster.v1.PDCluster
 _OPTIONAL_PARAMS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "logprobs",
@@ -65,11 +64,6 @@ def to_generate_input(request: pb.GenerateRequest) -> GenerateInput:
 def to_sampling_params(msg: pb.SamplingParams) -> SamplingParams:
     """Unset optional fields keep SamplingParams' defaults."""
     given = {name: getattr(msg, name) for name in _OPTIONAL_PARAMS if msg.HasField(name)}
-    if len(msg.logit_bias) > MAX_LOGIT_BIAS:
-        raise InvalidRequest(
-            f"sampling_params: logit_bias has {len(msg.logit_bias)} entries; the limit is "
-            f"{MAX_LOGIT_BIAS}"
-        )
     try:
         return SamplingParams(
             **given,
@@ -87,9 +81,7 @@ def to_sampling_params(msg: pb.SamplingParams) -> SamplingParams:
         raise InvalidRequest(f"sampling_params: {e}") from None
 
 
-def _structured_outputs(msg: pb.SamplingParams):
-    from cluster.engine.sampling_params import StructuredOutputs  # TODO(top) once it lands
-
+def _structured_outputs(msg: pb.SamplingParams) -> StructuredOutputs | None:
     if not msg.HasField("structured_outputs"):
         return None
     so = msg.structured_outputs

@@ -39,7 +39,7 @@ from cluster.router.types import (
     Timing,
     Usage,
 )
-from cluster.router.validation import MAX_CHOICES, MAX_LOGIT_BIAS, brief
+from cluster.router.validation import MAX_CHOICES, brief
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's and vLLM's default for /v1/completions
 _LOGPROB_FLOOR = -9999.0  # what OpenAI sends for -inf: JSON has no infinity
@@ -449,13 +449,11 @@ def _default(value: Any, default: Any) -> Any:
 
 
 def _logit_bias(b: _Body, vocab_size: int | None = None) -> dict[int, float] | None:
-    """OpenAI's logit_bias: {"token id": bias}, JSON keys being strings."""
+    """OpenAI's logit_bias: {"token id": bias}, JSON keys being strings (SamplingParams
+    bounds the entries and values)."""
     raw = b.mapping("logit_bias")
     if not raw:
         return None
-    if len(raw) > MAX_LOGIT_BIAS:
-        raise InvalidField("logit_bias", f"logit_bias has {len(raw)} entries; the limit is "
-                           f"{MAX_LOGIT_BIAS}")  # fmt: skip
     out = {}
     for key, value in raw.items():
         if not (isinstance(key, str) and key.lstrip("-").isdigit()) or len(key) > 12:

@@ -23,7 +23,6 @@ MAX_STOP_TOKEN_IDS = 64
 MAX_CACHE_SALT_CHARS = 256
 MAX_REQUEST_ID_CHARS = 128
 MAX_MESSAGES = 4096  # chat messages in one request
-MAX_LOGIT_BIAS = 300  # entries of logit_bias (OpenAI's documented limit)
 MAX_CHOICES = 16  # n and best_of: each choice holds its own KV for the whole output
 MAX_GRAMMAR_CHARS = 64 * 1024  # a structured-output spec (schema, regex, grammar, choices)
 PRIORITY_RANGE = (-(2**31), 2**31 - 1)
