@@ -39,7 +39,7 @@ from cluster.router.types import (
     Timing,
     Usage,
 )
-from cluster.router.validation import MAX_CHOICES, brief
+from cluster.router.validation import brief, check_choices
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's and vLLM's default for /v1/completions
 _LOGPROB_FLOOR = -9999.0  # what OpenAI sends for -inf: JSON has no infinity
@@ -380,12 +380,10 @@ def _choices(b: _Body, inp: GenerateInput, stream: bool) -> None:
     """n and best_of (OpenAI: best_of only on completions and never streamed)."""
     inp.n = b.integer("n", 1)
     inp.best_of = b.integer("best_of")
-    for name in ("n", "best_of"):
-        value = getattr(inp, name)
-        if value is not None and not 1 <= value <= MAX_CHOICES:
-            raise InvalidField(name, f"{name} must be in [1, {MAX_CHOICES}], got {value}")
-    if inp.best_of is not None and inp.best_of < inp.n:
-        raise InvalidField("best_of", f"best_of ({inp.best_of}) must be >= n ({inp.n})")
+    try:
+        check_choices(inp.n, inp.best_of)  # (the router checks again: gRPC comes that way)
+    except InvalidRequest as e:
+        raise InvalidField(str(e).split(" ", 1)[0], str(e)) from None
     if stream and inp.best_of not in (None, 1):
         raise InvalidField("best_of", "best_of cannot be streamed: send stream=false")
 

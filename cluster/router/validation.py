@@ -107,7 +107,7 @@ def validate(inp: GenerateInput, model: ModelInfo, default_policy: str) -> str:
         if not isinstance(inp.cache_salt, str):
             raise InvalidRequest("cache_salt must be a string")
         check_text("cache_salt", inp.cache_salt, MAX_CACHE_SALT_CHARS)
-    _check_choices(inp)
+    check_choices(inp.n, inp.best_of)
     _check_structured(inp.params)
     if isinstance(inp.priority, bool) or not isinstance(inp.priority, int):
         raise InvalidRequest(f"priority must be an integer, got {inp.priority!r}")
@@ -188,16 +188,18 @@ def _check_strings(body: object) -> None:
             stack.extend((where, item, depth + 1) for item in value)
 
 
-def _check_choices(inp: GenerateInput) -> None:
-    for name in ("n", "best_of"):
-        value = getattr(inp, name)
+def check_choices(n: object, best_of: object) -> None:
+    """n in [1, MAX_CHOICES], best_of (None, or) in [n, MAX_CHOICES]; the message starts with
+    the field's name (the HTTP edge reports it as the error's param)."""
+    for name, value in (("n", n), ("best_of", best_of)):
         if value is None and name == "best_of":
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CHOICES:
-            raise InvalidRequest(f"{name} must be an integer in [1, {MAX_CHOICES}], got "
-                                 f"{brief(value)}")  # fmt: skip
-    if inp.best_of is not None and inp.best_of < inp.n:
-        raise InvalidRequest(f"best_of ({inp.best_of}) must be >= n ({inp.n})")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidRequest(f"{name} must be an integer, got {brief(value)}")
+        if not 1 <= value <= MAX_CHOICES:
+            raise InvalidRequest(f"{name} must be in [1, {MAX_CHOICES}], got {value}")
+    if best_of is not None and best_of < n:
+        raise InvalidRequest(f"best_of ({best_of}) must be >= n ({n})")
 
 
 def _check_structured(params: SamplingParams) -> None:
