@@ -51,6 +51,7 @@ from cluster.router.grpc_server import (
     to_response,
 )
 from cluster.router.http_server import build_http_app
+from cluster.router.tenants import Tenant
 from cluster.router.types import RouterError
 
 SERVE_MAX_QUEUED = 64  # requests Serve may hold before the replica takes them
@@ -116,20 +117,20 @@ class PDClusterIngress:
 
     # -- PDCluster over Serve's gRPC proxy ------------------------------------------------------
 
-    def _check_key(self, grpc_context) -> None:
-        """The caller's key must be a tenant's (when there is auth); the servicer then finds
-        the tenant again from the same metadata."""
-        if self.auth is None:
-            return
-        if self._servicer.tenant(grpc_context) is None:
+    def _tenant(self, grpc_context) -> Tenant | None:
+        """The caller's tenant (None: no auth); _Denied, with UNAUTHENTICATED set, for a key
+        that is no tenant's."""
+        tenant = self._servicer.tenant(grpc_context)
+        if self.auth is not None and tenant is None:
             _fail(grpc_context, "UNAUTHENTICATED", "missing or wrong API key")
             raise _Denied
+        return tenant
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None):
         try:
-            self._check_key(grpc_context)
+            tenant = self._tenant(grpc_context)
             inp = to_generate_input(request)
-            inp.tenant = self._servicer.tenant(grpc_context)
+            inp.tenant = tenant
             async for chunk in self.router.generate(inp):
                 yield to_response(chunk)
         except _Denied:
@@ -150,17 +151,17 @@ class PDClusterIngress:
         return await self._unary("GetModelInfo", request, grpc_context, pb.ModelInfo)
 
     async def GetClusterStatus(self, request: pb.GetClusterStatusRequest, grpc_context=None):
-        tenant = self._servicer.tenant(grpc_context) if self.auth is not None else None
-        if tenant is not None and not tenant.admin:  # (Serve's context has no abort())
-            message = f"tenant {tenant.name!r} may not read the cluster's status (needs admin)"
-            _fail(grpc_context, "PERMISSION_DENIED", message)
-            return pb.ClusterStatus()
         return await self._unary("GetClusterStatus", request, grpc_context, pb.ClusterStatus)
 
     async def _unary(self, method: str, request, grpc_context, empty):
         try:
-            self._check_key(grpc_context)
+            tenant = self._tenant(grpc_context)
         except _Denied:
+            return empty()
+        if method == "GetClusterStatus" and tenant is not None and not tenant.admin:
+            # (the servicer would abort(); Serve's context has none)
+            message = f"tenant {tenant.name!r} may not read the cluster's status (needs admin)"
+            _fail(grpc_context, "PERMISSION_DENIED", message)
             return empty()
         return await getattr(self._servicer, method)(request, grpc_context)
 
