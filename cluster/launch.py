@@ -13,12 +13,15 @@
     http: {host: 127.0.0.1, port: 8000}
     auth_file: /etc/pd-cluster/auth.yaml   # tenants (router/tenants.py); api_key: one tenant
     tls: {cert: tls.crt, key: tls.key, client_ca: ca.crt}    # PEM files (router/tls.py)
+    autoscale: {min_gpus: 2, max_gpus: 16, ttft_s: 1.0, tpot_s: 0.1}  # elastic/settings.py
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
+import itertools
 import logging
 import os
 import uuid
@@ -31,6 +34,7 @@ import yaml
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster import tracing
+from cluster.elastic.settings import AutoscaleSettings
 from cluster.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from cluster.engine.parallel import check_parallel
 from cluster.engine.tokenizer import Tokenizer
@@ -43,6 +47,7 @@ from cluster.router.tls import TLSFiles
 from cluster.workers.base import TransferSettings
 from cluster.workers.clients import LocalClient, RayClient
 from cluster.workers.decode import ColocatedWorker, DecodeWorker
+from cluster.workers.elastic import ElasticWorker
 from cluster.workers.prefill import PrefillWorker
 from cluster.workers.protocol import InstanceInfo
 from cluster.workers.ranks import RAY_NAMESPACE
@@ -108,6 +113,8 @@ class DeploymentConfig:
     log_format: str = "auto"  # json | text | auto (cluster/logs.py)
     # OTLP/gRPC endpoint (host:port) for OpenTelemetry traces; None: no tracing.
     otlp_traces_endpoint: str | None = None
+    # Elastic pools (cluster/elastic/): an SLO autoscaler sizes them while it serves.
+    autoscale: AutoscaleSettings | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.drain_timeout_s, int | float) or self.drain_timeout_s < 0:
@@ -115,6 +122,10 @@ class DeploymentConfig:
         if self.mode not in ("disaggregated", "colocated"):
             raise ValueError(f"mode must be disaggregated or colocated, got {self.mode!r}")
         _check_engine_keys(self.engine)
+        if isinstance(self.autoscale, dict):
+            self.autoscale = _build(AutoscaleSettings, self.autoscale, "autoscale")
+        if self.autoscale is not None and self.mode != "disaggregated":
+            raise ValueError("autoscale sizes prefill and decode pools: use mode disaggregated")
         roles = ("prefill", "decode") if self.mode == "disaggregated" else ("colocated",)
         for role in roles:
             if getattr(self, role).num_instances < 1:
@@ -134,6 +145,8 @@ class DeploymentConfig:
                 data[role] = _build(PoolSpec, data[role], role)
         if "transfer" in data:
             data["transfer"] = _build(TransferSettings, data["transfer"], "transfer")
+        if data.get("autoscale") is not None:
+            data["autoscale"] = _build(AutoscaleSettings, data["autoscale"], "autoscale")
         return cls(**data)
 
     @classmethod
@@ -156,6 +169,14 @@ class DeploymentConfig:
 
     def tls_files(self) -> TLSFiles | None:
         return TLSFiles.from_config(self.tls)
+
+    def flips_roles(self) -> bool:
+        """Whether the autoscaler may flip instances between prefill and decode: both roles'
+        instances are one process (TP = PP = 1, or emulated) with the same KV cache."""
+        if self.autoscale is None or not self.autoscale.flip or self.mode != "disaggregated":
+            return False
+        prefill, decode = self.engine_config("prefill"), self.engine_config("decode")
+        return prefill.world_size == decode.world_size == 1 and prefill.cache == decode.cache
 
     def roles(self) -> tuple[str, ...]:
         return ("prefill", "decode") if self.mode == "disaggregated" else ("colocated",)
@@ -201,11 +222,15 @@ def _build(cls, data: Any, where: str):
 _WORKERS = {"prefill": PrefillWorker, "decode": DecodeWorker, "colocated": ColocatedWorker}
 
 
-def _worker_class(role: str):
-    return _WORKERS[role]
+def _worker_class(config: DeploymentConfig, role: str):
+    """An ElasticWorker where the autoscaler may flip a role (workers/elastic.py)."""
+    return ElasticWorker if config.flips_roles() else _WORKERS[role]
 
 
 def _worker_args(config: DeploymentConfig, role: str, instance_id: str, registry) -> tuple:
+    if config.flips_roles():
+        engines = {r: config.engine_config(r) for r in ("prefill", "decode")}
+        return (instance_id, engines, config.transfer, registry)
     engine = config.engine_config(role)
     if role == "colocated":
         return (instance_id, engine)
@@ -222,19 +247,38 @@ async def create_local(model_dir: str | None = None, mode: str = "colocated", **
 
 async def start_local(config: DeploymentConfig, settings=None):
     """Every instance as an object in this process (no Ray): tests and quick local runs."""
-    registry = LocalKVRegistry()
-    clients = []
-    for role in config.roles():
-        for n in range(getattr(config, role).num_instances):
-            args = _worker_args(config, role, f"{role}-{n}", registry)
-            worker = await asyncio.to_thread(_worker_class(role), *args)
-            clients.append((role, LocalClient(worker)))
+    launcher = LocalLauncher(config)
+    clients = [await launcher.start(role) for role in config.roles()
+               for _ in range(getattr(config, role).num_instances)]  # fmt: skip
+    return await _router(config, settings, clients, launcher)
 
-    async def shutdown() -> None:
-        for _, client in clients:
-            await client.kill()
 
-    return await _router(config, settings, clients, shutdown)
+class LocalLauncher:
+    """Starts and stops the instances of one deployment in this process (elastic pools:
+    cluster/elastic/; under autoscale, disaggregated instances are ElasticWorkers)."""
+
+    def __init__(self, config: DeploymentConfig):
+        self.config = config
+        self.registry = LocalKVRegistry()
+        self.clients: list = []
+        self._numbers = collections.defaultdict(itertools.count)  # per role
+
+    def new_id(self, role: str) -> str:
+        return f"{role}-{next(self._numbers[role])}"
+
+    async def start(self, role: str) -> tuple[str, LocalClient]:
+        args = _worker_args(self.config, role, self.new_id(role), self.registry)
+        worker = await asyncio.to_thread(_worker_class(self.config, role), *args)
+        self.clients.append(client := LocalClient(worker))
+        return role, client
+
+    async def stop(self, client: LocalClient) -> None:
+        self.clients.remove(client)
+        await client.kill()
+
+    async def shutdown(self) -> None:
+        for client in list(self.clients):
+            await self.stop(client)
 
 
 def _check_parallel(config: DeploymentConfig) -> None:
@@ -263,38 +307,66 @@ async def start_ray(config: DeploymentConfig, settings=None, ready_timeout_s: fl
     (and starts those that are gone), the router's shutdown only disconnects from them, and
     `stop_detached(tag)` ends them."""
     _check_parallel(config)
-    detached = detached_as is not None
-    # The KV registry actor is the deployment's, not whichever worker's would create it first
-    # (and take it down when it dies): this process's, or, detached, the cluster's.
-    registry = _detached_registry() if detached else RayKVRegistry(namespace=RAY_NAMESPACE).actor
-    deployment_id = detached_as if detached else uuid.uuid4().hex[:6]
-    clients, groups = [], []
-    for role in config.roles():
-        actor_cls = ray.remote(_worker_class(role))
-        for n in range(getattr(config, role).num_instances):
-            instance_id = f"{role}-{n}-{deployment_id}"
-            client, pg = await _start_instance(config, role, instance_id, actor_cls, detached)
-            clients.append((role, client))
-            groups += [] if pg is None else [pg]
-
-    async def shutdown() -> None:
-        for _, client in clients:
-            client.close()
-        if detached:
-            return  # the pools outlive this router: stop_detached(tag) ends them
-        for _, client in clients:
-            ray.kill(client.actor, no_restart=True)
-        ray.kill(registry, no_restart=True)  # (this closure also keeps it alive)
-        for pg in groups:
-            ray.util.remove_placement_group(pg)
-
+    if detached_as is not None and config.autoscale is not None:
+        raise ValueError("autoscale runs under `cluster serve`, not in a Ray Serve application")
+    launcher = RayLauncher(config, detached_as)
     try:
-        return await asyncio.wait_for(_router(config, settings, clients, shutdown), ready_timeout_s)
+        clients = [await launcher.start(role) for role in config.roles()
+                   for _ in range(getattr(config, role).num_instances)]  # fmt: skip
+        return await asyncio.wait_for(_router(config, settings, clients, launcher),
+                                      ready_timeout_s)  # fmt: skip
     except BaseException:
-        await shutdown()
-        if detached:  # no one else would end them: the caller never got a router
+        await launcher.shutdown()
+        if detached_as is not None:  # no one else would end them: the caller never got a router
             await asyncio.to_thread(stop_detached, detached_as)
         raise
+
+
+class RayLauncher:
+    """Starts and stops the instances of one deployment on Ray, at start-up and, for elastic
+    pools (cluster/elastic/), while it serves. `detached_as`: see start_ray."""
+
+    def __init__(self, config: DeploymentConfig, detached_as: str | None = None):
+        self.config = config
+        self.detached = detached_as is not None
+        # The KV registry actor is the deployment's, not whichever worker's would create it
+        # first (and take it down when it dies): this process's, or, detached, the cluster's.
+        self.registry = (_detached_registry() if self.detached
+                         else RayKVRegistry(namespace=RAY_NAMESPACE).actor)  # fmt: skip
+        self.deployment_id = detached_as if self.detached else uuid.uuid4().hex[:6]
+        self.clients: list = []
+        self._groups: dict[int, Any] = {}  # id(client) -> its placement group
+        self._numbers = collections.defaultdict(itertools.count)  # per role
+
+    def new_id(self, role: str) -> str:
+        return f"{role}-{next(self._numbers[role])}-{self.deployment_id}"
+
+    async def start(self, role: str) -> tuple[str, RayClient]:
+        actor_cls = ray.remote(_worker_class(self.config, role))
+        client, pg = await _start_instance(self.config, role, self.new_id(role), actor_cls,
+                                           self.detached)  # fmt: skip
+        self.clients.append(client)
+        if pg is not None:
+            self._groups[id(client)] = pg
+        return role, client
+
+    async def stop(self, client: RayClient) -> None:
+        """End one instance (its actor, its placement group): the caller drained it."""
+        self.clients.remove(client)
+        client.close()
+        await asyncio.to_thread(ray.kill, client.actor, no_restart=True)
+        pg = self._groups.pop(id(client), None)
+        if pg is not None:
+            await asyncio.to_thread(ray.util.remove_placement_group, pg)
+
+    async def shutdown(self) -> None:
+        for client in self.clients:
+            client.close()
+        if self.detached:
+            return  # the pools outlive this router: stop_detached(tag) ends them
+        for client in list(self.clients):
+            await self.stop(client)
+        ray.kill(self.registry, no_restart=True)
 
 
 async def _start_instance(config: DeploymentConfig, role: str, instance_id: str, actor_cls,
@@ -486,7 +558,7 @@ def _check_kv_compatible(infos: list[InstanceInfo]) -> None:
             ) from None
 
 
-async def _router(config: DeploymentConfig, settings, clients, shutdown):
+async def _router(config: DeploymentConfig, settings, clients, launcher):
     tracing.init(config.otlp_traces_endpoint, "pd-cluster-router")
     infos = await asyncio.gather(*(client.connect() for _, client in clients))
     _check_kv_compatible(infos)
@@ -496,4 +568,6 @@ async def _router(config: DeploymentConfig, settings, clients, shutdown):
     ]
     tokenizer = await asyncio.to_thread(Tokenizer.from_pretrained, infos[0].model_path)
     settings = settings or config.router_settings()
-    return Router(instances, settings, tokenizer, on_shutdown=shutdown)
+    router = Router(instances, settings, tokenizer, on_shutdown=launcher.shutdown)
+    router.launcher = launcher  # (elastic pools start and stop instances through it)
+    return router

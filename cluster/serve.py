@@ -20,6 +20,8 @@ import ray
 
 from cluster import logs, tracing
 from cluster.client import API_KEY_ENV
+from cluster.elastic.autoscaler import start_autoscaler
+from cluster.elastic.settings import AutoscaleSettings
 from cluster.emulate import EmulationSettings, describe, emulate
 from cluster.launch import AUTH_FILE_ENV, DeploymentConfig, start_ray
 from cluster.logs import FORMATS
@@ -72,6 +74,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tls-client-ca",
         help=f"PEM CA: require client certificates it signed, mutual TLS ({TLS_ENV['client_ca']})",
     )
+    parser.add_argument(
+        "--autoscale",
+        action="store_true",
+        help="elastic pools: an SLO autoscaler grows, shrinks and flips the prefill and decode "
+        "pools while serving (settings: the config's autoscale section; docs/elastic.md)",
+    )
+    parser.add_argument("--min-gpus", type=int, help="with --autoscale: devices kept at least")
+    parser.add_argument("--max-gpus", type=int, help="with --autoscale: devices taken at most")
     parser.add_argument("--num-prefill", type=int, help="prefill instances")
     parser.add_argument("--num-decode", type=int, help="decode instances")
     parser.add_argument("--num-colocated", type=int, help="colocated instances")
@@ -130,6 +140,16 @@ def config_from_args(args: argparse.Namespace) -> DeploymentConfig:
         value = getattr(args, f"tls_{name}")
         if value:
             config.tls[name] = value
+    if args.autoscale and config.autoscale is None:
+        config.autoscale = AutoscaleSettings()
+    for name in ("min_gpus", "max_gpus"):
+        value = getattr(args, name)
+        if value is not None:
+            if config.autoscale is None:
+                raise ValueError(f"--{name.replace('_', '-')} goes with --autoscale")
+            setattr(config.autoscale, name, value)
+    if config.autoscale is not None:
+        config.autoscale.__post_init__()
     if args.failure_policy:
         config.router["failure_policy"] = args.failure_policy
     if args.drain_timeout is not None:
@@ -223,7 +243,10 @@ async def serve(config: DeploymentConfig, ready: asyncio.Event | None = None) ->
             loop.add_signal_handler(sig, stop.set)
     auth, tls = config.auth(), config.tls_files()  # a bad file fails before any pool starts
     router = await start_ray(config)
+    autoscaler = None
     try:
+        if config.autoscale is not None:
+            autoscaler = start_autoscaler(router, config)
         grpc_server, grpc_port = await start_grpc_server(
             router, config.grpc["host"], config.grpc["port"], auth=auth, tls=tls
         )
@@ -231,6 +254,8 @@ async def serve(config: DeploymentConfig, ready: asyncio.Event | None = None) ->
             router, config.http["host"], config.http["port"], auth=auth, tls=tls
         )
     except BaseException:
+        if autoscaler is not None:
+            await autoscaler.stop()
         await router.shutdown()
         raise
     pools = " + ".join(_pool(config, role) for role in config.roles())
@@ -242,6 +267,11 @@ async def serve(config: DeploymentConfig, ready: asyncio.Event | None = None) ->
         f"HTTP {'https' if tls else 'http'}://{config.http['host']}:{http_port}/v1"
         + (f" ({len(auth.tenants)} tenant(s), API key required)" if auth else "")
         + (" (mutual TLS)" if tls and tls.client_ca else "")
+        + (
+            f" (autoscaled, up to {config.autoscale.max_gpus} devices)"
+            if autoscaler is not None
+            else ""
+        )
         + "; Ctrl-C stops",
         flush=True,
     )
@@ -252,6 +282,8 @@ async def serve(config: DeploymentConfig, ready: asyncio.Event | None = None) ->
     finally:
         print(f"pd-cluster: draining (up to {config.drain_timeout_s:g} s)", file=sys.stderr,
               flush=True)  # fmt: skip
+        if autoscaler is not None:
+            await autoscaler.stop()
         left = await router.drain(config.drain_timeout_s)
         print(f"pd-cluster: stopping ({left} requests cut)", file=sys.stderr, flush=True)
         await grpc_server.stop(grace=2.0)

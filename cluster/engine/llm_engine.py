@@ -583,6 +583,25 @@ class LLMEngine:
                 raise RuntimeError(f"request {request_id!r} failed: {error}")
         return [final[i] for i in ids]
 
+    def reconfigure(self, config: EngineConfig) -> None:
+        """Take another role (an elastic pool's flip, workers/elastic.py): a new scheduler
+        for the role's settings over the same weights, KV pool and prefix cache. Only an
+        idle engine: nothing waiting, running, receiving KV or pinned for a puller."""
+        if self.has_unfinished() or self._pinned:
+            raise ValueError(
+                f"the engine has {self.scheduler.num_unfinished} requests and "
+                f"{len(self._pinned)} pinned: drain it before it changes role"
+            )
+        if config.cache != self.config.cache or config.model != self.config.model:
+            raise ValueError("a new role keeps the model and the KV cache's settings")
+        old = self.scheduler
+        self.config = config
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.scheduler.num_prefix_query_tokens = old.num_prefix_query_tokens
+        self.scheduler.num_prefix_hit_tokens = old.num_prefix_hit_tokens
+        if isinstance(self.runner, EmulatedModelRunner) and config.emulation is not None:
+            self.runner.emulation = config.emulation  # (its link: decode pulls)
+
     def check_integrity(self) -> None:
         live = set(self._states) | set(self._pinned)
         self.block_manager.check_integrity(live)
@@ -590,6 +609,11 @@ class LLMEngine:
     @property
     def num_free_blocks(self) -> int:
         return self.block_manager.num_free_blocks
+
+    @property
+    def num_pinned(self) -> int:
+        """Prefill role: finished requests whose blocks wait for `release` (a pull)."""
+        return len(self._pinned)
 
 
 def _is_utf8(text: str) -> bool:

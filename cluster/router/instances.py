@@ -17,6 +17,7 @@ class Instance:
     role: str  # prefill | decode | colocated
     client: InstanceClient  # connected: its info is the instance's latest ready()
     healthy: bool = True
+    draining: bool = False  # elastic pools: no new requests; removed once idle
     lost_reason: str = ""  # why it was last marked lost (logs, `cluster status`)
     load: Load | None = None
     pending_prompt_tokens: int = 0  # prefill: prompt tokens sent, not yet answered

@@ -147,6 +147,13 @@ class RouterMetrics:
             ["role", "reason"],
             registry=r,
         )
+        self._scaling = Counter(
+            "pdcluster:autoscale_actions",
+            "Elastic pools' actions (add, remove, flip) by the pool they grew or shrank and "
+            "their cause (forecast, ttft_breach, tpot_breach, slack, bounds).",
+            ["action", "role", "cause"],
+            registry=r,
+        )
         self._recomputes = Counter(
             "pdcluster:request_recomputes",
             "Times the failure policy re-ran part of a request.",
@@ -207,10 +214,15 @@ class RouterMetrics:
     def failed(self, reason: str) -> None:
         self._failed.labels(_ROLE, reason).inc()
 
+    def scaled(self, action: str, role: str, cause: str) -> None:
+        """An elastic pool's action (cluster/elastic/): add, remove or flip, and why."""
+        self._scaling.labels(action, role, cause).inc()
+
     def render(self, num_in_flight: int, num_queued: int, per_instance: list[list],
-               health: list[tuple[str, str, bool]] = ()) -> bytes:  # fmt: skip
+               health: list[tuple[str, str, bool, bool]] = ()) -> bytes:  # fmt: skip
         """One exposition: families with one name from several sources are merged (the
-        text format allows each name once). `health`: (role, instance id, healthy) each."""
+        text format allows each name once). `health`: (role, instance id, healthy,
+        draining) each."""
         merged: dict[str, object] = {}
         sources = [list(self.registry.collect()), _gauges(num_in_flight, num_queued, health)]
         for families in [*sources, *per_instance]:
@@ -239,9 +251,24 @@ def _gauges(num_in_flight: int, num_queued: int, health=()) -> list:
         "a pool with none healthy makes /health 503).",
         labels=["role", "instance"],
     )
-    for role, instance, ok in health:
+    pools = GaugeMetricFamily(
+        "pdcluster:pool_instances",
+        "Instances of each pool the router routes to (elastic pools: not draining).",
+        labels=["role"],
+    )
+    draining = GaugeMetricFamily(
+        "pdcluster:pool_instances_draining",
+        "Instances of each pool being drained before they stop or change role.",
+        labels=["role"],
+    )
+    counts: dict[str, list[int]] = {}
+    for role, instance, ok, is_draining in health:
         healthy.add_metric([role, instance], 1.0 if ok else 0.0)
-    return [running, waiting, healthy]
+        counts.setdefault(role, [0, 0])[is_draining] += 1
+    for role, (serving, leaving) in counts.items():
+        pools.add_metric([role], serving)
+        draining.add_metric([role], leaving)
+    return [running, waiting, healthy, pools, draining]
 
 
 class _Families:

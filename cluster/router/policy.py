@@ -35,11 +35,12 @@ def pick(
     weights: tuple[float, float] = (1.0, 1.0),
     block_size: int = 16,
 ) -> Instance | None:
-    """The instance of `pool` to use now, or None when none is healthy. `exclude`: instances
+    """The instance of `pool` to use now, or None when none is healthy (and not draining:
+    elastic pools, cluster/elastic/). `exclude`: instances
     that already failed this request (used only when nothing else is healthy). `overlap`
     (kv policy): per instance, the prompt's leading blocks it holds; `num_prompt_blocks`:
     the prompt's full blocks; `weights`: (overlap_weight, decode_overlap_weight)."""
-    healthy = [i for i in pool if i.healthy]
+    healthy = [i for i in pool if i.healthy and not i.draining]
     candidates = [i for i in healthy if i.instance_id not in exclude] or healthy
     if not candidates:
         return None

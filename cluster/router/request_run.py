@@ -94,6 +94,7 @@ class RequestRun:
             self.attempt_span.fail(e)
             reason = getattr(e, "reason", "unavailable")
             self.router.metrics.failed(reason)
+            self.router.window.failed()
             logs.event(
                 "request_failed", logging.WARNING, request_id=self.live.request_id,
                 tenant=None, status="error", reason=reason, error=str(e),
@@ -192,7 +193,7 @@ class RequestRun:
             if i.healthy and i.instance_id not in full and i.free_blocks >= blocks
         ]
         if not others:
-            router.metrics.rejected()
+            router._rejected()
             raise Overloaded(
                 "the decode instances have no KV cache room for this request now: retry "
                 f"after {OVERLOAD_RETRY_AFTER_S} s",
@@ -460,6 +461,8 @@ class RequestRun:
         out.timing = self.timing
         self.live.instances.clear()  # nothing left to abort anywhere
         self.router.metrics.finished(out.finish_reason or "stop", self.timing, out.usage)
+        ttft = self.timing.ttft_s if self.emitted else None
+        self.router.window.finished(len(self.emitted), ttft, self.timing.e2e_s)
         if not logs.ACCESS.isEnabledFor(logging.INFO):
             return  # no access log: build nothing on the hot path
         t, ms = self.timing, 1000.0

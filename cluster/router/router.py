@@ -32,6 +32,7 @@ from pathlib import Path
 
 from cluster import tracing
 from cluster.background import spawn
+from cluster.elastic.window import Window
 from cluster.engine.kv_events import KVEventBatch
 from cluster.engine.sampling_params import SamplingParams
 from cluster.engine.tokenizer import Tokenizer
@@ -136,9 +137,9 @@ class Router:
             block_size=info.block_size,
             eos_token_ids=tuple(info.eos_token_ids),
         )
-        for instance in instances:  # a broken connection marks its instance lost at once
-            instance.client.on_lost = functools.partial(self.mark_lost, instance)
         self.metrics = RouterMetrics()
+        self.window = Window()  # what elastic pools observe (cluster/elastic/)
+        self.launcher = None  # launch.py's, when instances can be started and stopped
         self._live: dict[tuple[str, str], Live] = {}  # (tenant, request id) -> its state
         self.tenant_limits = TenantLimits()
         self._instance_metrics: tuple[float, asyncio.Future] | None = None  # (when, families)
@@ -148,19 +149,16 @@ class Router:
         self._poller = asyncio.ensure_future(self._poll_loads())
         self._draining = False
         # policy kv: the cluster's cached prefixes, from every instance's KV events
-        self.index: PrefixIndex | None = None
-        self._subscriptions: list[asyncio.Future] = []
-        if settings.policy == "kv":
-            self.index = PrefixIndex()
-            self._subscriptions = [
-                asyncio.ensure_future(self._follow_kv_events(i)) for i in instances
-            ]
+        self.index = PrefixIndex() if settings.policy == "kv" else None
+        self._subscriptions: dict[str, asyncio.Future] = {}  # instance id -> its follower
+        for instance in instances:
+            self._watch(instance)
         local = settings.local_prefill_max_tokens
         kv_disaggregated = settings.policy == "kv" and settings.mode == "disaggregated"
         self.local_prefill = LocalPrefill(local if kv_disaggregated else 0)
 
     async def shutdown(self) -> None:
-        for task in (self._poller, *self._subscriptions):
+        for task in (self._poller, *self._subscriptions.values()):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -172,13 +170,47 @@ class Router:
     def is_ready(self) -> bool:
         if self._draining:
             return False
-        return all(any(i.healthy for i in self.pool(role)) for role in self._roles)
+        return all(
+            any(i.healthy and not i.draining for i in self.pool(role)) for role in self._roles
+        )
+
+    # -- elastic pools (cluster/elastic/): instances join and leave while it serves ---------
+
+    def add_instance(self, instance: Instance) -> None:
+        """Route to a new instance from now on (its client connected: info known)."""
+        info = instance.info
+        if info.block_size != self.model_info.block_size or info.model_path != self.instances[
+                0].info.model_path:  # fmt: skip
+            raise ValueError(f"{instance.instance_id} runs another model or block size")
+        if instance.role not in self._roles:
+            raise ValueError(f"a {self.settings.mode} router takes no {instance.role} instance")
+        self.instances.append(instance)
+        self._watch(instance)
+
+    async def remove_instance(self, instance: Instance) -> None:
+        """Stop knowing an instance (drained: nothing routed to it runs there any more)."""
+        self.instances.remove(instance)
+        task = self._subscriptions.pop(instance.instance_id, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.index is not None:
+            self.index.drop(instance.instance_id)
+        instance.client.close()
+
+    def _watch(self, instance: Instance) -> None:
+        # a broken connection marks its instance lost at once
+        instance.client.on_lost = functools.partial(self.mark_lost, instance)
+        if self.index is not None:
+            task = asyncio.ensure_future(self._follow_kv_events(instance))
+            self._subscriptions[instance.instance_id] = task
 
     def liveness_problem(self) -> str | None:
         """Why this router cannot work any longer (None: it can): one of its background tasks
         ended, such as the load poller that notices instances coming back. A draining router,
         or one with no healthy instance in a pool, is alive (that is readiness: is_ready)."""
-        for task in (self._poller, *self._subscriptions):
+        for task in (self._poller, *self._subscriptions.values()):
             if task.done():
                 error = "cancelled" if task.cancelled() else repr(task.exception())
                 return f"the router's task {task.get_coro().__qualname__} ended: {error}"
@@ -205,6 +237,7 @@ class Router:
         if tenant is not None:  # its priority cap and its own cache (tenants.py)
             inp.priority = tenant.priority(inp.priority)
             inp.cache_salt = tenant.salt(inp.cache_salt)
+        self.window.arrived(len(prompt_ids))
         self._shed()
         request_id = inp.request_id or uuid.uuid4().hex
         key = _live_key(tenant, request_id)  # ids are the tenant's own: Abort reaches no other
@@ -364,7 +397,7 @@ class Router:
             fetch = asyncio.ensure_future(self._fetch_instance_metrics())
             self._instance_metrics = (now, fetch)
         per_instance = await asyncio.shield(self._instance_metrics[1])
-        health = [(i.role, i.instance_id, i.healthy) for i in self.instances]
+        health = [(i.role, i.instance_id, i.healthy, i.draining) for i in self.instances]
         return self.metrics.render(len(self._live), self._num_queued, per_instance, health)
 
     # -- internals --------------------------------------------------------------------------
@@ -407,7 +440,7 @@ class Router:
             return
         decode = [i for i in self.pool("decode") if i.healthy]
         if decode and all(i.kv_queue_full for i in decode):
-            self.metrics.rejected()
+            self._rejected()
             raise Overloaded(
                 "every decode instance's KV cache is full and its queue too: retry later",
                 retry_after_s=OVERLOAD_RETRY_AFTER_S,
@@ -415,17 +448,22 @@ class Router:
         limit = self.settings.max_pending_prefill_tokens
         prefill = [i for i in self.pool("prefill") if i.healthy]
         if limit and prefill and all(i.pending_prompt_tokens > limit for i in prefill):
-            self.metrics.rejected()
+            self._rejected()
             raise Overloaded(
                 f"every prefill instance has over {limit} prompt tokens queued: retry later",
                 retry_after_s=OVERLOAD_RETRY_AFTER_S,
             )
 
+    def _rejected(self) -> None:
+        """Overloaded (429): counted, and a miss for the autoscaler."""
+        self.metrics.rejected()
+        self.window.failed()
+
     @contextlib.asynccontextmanager
     async def _admission(self):
         if self._slots.locked():
             if self._num_queued >= self.settings.max_queued:
-                self.metrics.rejected()
+                self._rejected()
                 raise Overloaded(
                     f"the cluster is at capacity ({self.settings.max_in_flight} requests in "
                     f"flight, {self._num_queued} queued): retry later"

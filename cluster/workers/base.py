@@ -100,13 +100,18 @@ class EngineWorker:
 
     role = "colocated"
 
-    def __init__(self, instance_id: str, engine_config: EngineConfig):
+    def __init__(self, instance_id: str, engine_config: EngineConfig, llm: LLMEngine | None = None):
+        """`llm`: an idle engine to take over in this role (an elastic instance's flip,
+        workers/elastic.py: the weights, KV pool and prefix cache stay); else a new one."""
         if engine_config.role != self.role:
             raise ValueError(f"{type(self).__name__} needs role {self.role!r}")
         self.instance_id = instance_id
         tracing.init_from_env(f"pd-cluster-{self.role}")  # (Ray actors: set by start_ray)
         self.rank_followers: list = []
-        if engine_config.world_size > 1:  # rank 0 here, ranks 1.. as actors (ranks.py)
+        if llm is not None:
+            llm.reconfigure(engine_config)
+            self.llm = llm
+        elif engine_config.world_size > 1:  # rank 0 here, ranks 1.. as actors (ranks.py)
             engine_config, self.rank_followers = start_followers(engine_config, instance_id)
             self.llm = LeaderEngine(engine_config)
             for follower in self.rank_followers:
@@ -245,6 +250,7 @@ class EngineWorker:
             num_kv_blocks=bm.num_blocks,
             num_free_kv_blocks=bm.num_free_blocks,
             time=time.time(),
+            num_pinned=self.llm.num_pinned,
         )
 
     async def abort(self, request_id: str) -> bool:
@@ -294,6 +300,7 @@ class EngineWorker:
         self._closed.set()
         if self._kv_pump is not None:
             self._kv_pump.cancel()
+            self.llm.block_manager.events = None  # (a next role's worker starts its own)
         if self.server is not None:
             self.server.close()
         await asyncio.to_thread(self.engine.shutdown)

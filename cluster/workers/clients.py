@@ -32,6 +32,9 @@ class InstanceClient:
         self.info: InstanceInfo | None = None
         self.peer: Peer | None = None
         self.on_lost = None  # called with the error when the data-plane connection breaks
+        # An elastic instance that changed role: (role, instance id) it must be. Ray restarts
+        # a crashed one in its first role; connect() flips it back (workers/elastic.py).
+        self.becomes: tuple[str, str] | None = None
 
     async def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
         raise NotImplementedError
@@ -40,6 +43,8 @@ class InstanceClient:
         """(Re)learn the instance's facts from the control plane and open a data-plane
         connection to it."""
         info = await self.call("ready", timeout=timeout)
+        if self.becomes is not None and info.instance_id != self.becomes[1]:
+            info = await self.call("become", *self.becomes, timeout=timeout)
         if self.peer is None or self.peer.lost is not None or self.peer.address != info.address:
             if self.peer is not None:
                 self.peer.close()

@@ -109,8 +109,9 @@ class DecodeWorker(ColocatedWorker):
         engine_config: EngineConfig,
         transfer: TransferSettings | None = None,
         registry=None,
+        llm=None,
     ):
-        super().__init__(instance_id, engine_config)
+        super().__init__(instance_id, engine_config, llm)
         self.transfer = transfer or TransferSettings()
         metrics = self._start_kv_transfer(registry, layerwise=self.transfer.layerwise)
         self.receiver = KVReceiver(self.llm, self.agent, metrics=metrics)

@@ -36,8 +36,9 @@ class PrefillWorker(EngineWorker):
         engine_config: EngineConfig,
         transfer: TransferSettings | None = None,
         registry=None,
+        llm=None,
     ):
-        super().__init__(instance_id, engine_config)
+        super().__init__(instance_id, engine_config, llm)
         transfer = transfer or TransferSettings()
         metrics = self._start_kv_transfer(registry, layerwise=transfer.layerwise)
         self.sender = KVSender(

@@ -105,6 +105,7 @@ class Load(msgspec.Struct, omit_defaults=True):
     time: float
     num_kv_waiting: int = 0  # decode: handoffs waiting for KV room
     max_kv_waiters: int = 0  # decode: 0 = no such queue
+    num_pinned: int = 0  # prefill: requests whose KV waits, leased, for its puller
 
 
 class InstanceInfo(msgspec.Struct, frozen=True):

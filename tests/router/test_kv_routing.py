@@ -144,7 +144,7 @@ def test_a_restarted_router_rebuilds_the_index_from_snapshots(served):
 
         async def close():
             fresh._poller.cancel()
-            for task in fresh._subscriptions:
+            for task in fresh._subscriptions.values():
                 task.cancel()
             for i in fresh.instances:
                 i.client.close()

@@ -1,0 +1,184 @@
+"""The autoscaler: every interval_s it observes the router's window, decides (controller.py)
+and acts (pools.py); each decision that changes anything is logged with its reasons, and
+counted in /metrics:
+
+    pdcluster:pool_instances{role}            routed-to instances (router/metrics.py)
+    pdcluster:pool_instances_draining{role}   being drained
+    pdcluster:autoscale_actions{action,role,cause}
+    pdcluster:pool_gpus                       devices held now, starting and draining too
+    pdcluster:gpu_seconds                     device-seconds held since start
+
+The model it sizes with: the emulated hardware's latency model for an emulated cluster (the
+one the emulated instances step at: predictions and emulation agree), a fitted profile
+(`autoscale.profile`, from `placement profile`) for real engines, or none: then it scales
+on SLO breaches and slack alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from cluster.background import spawn
+from cluster.elastic.controller import ROLES, Action, Controller, Decision
+from cluster.elastic.pools import ElasticPools
+from cluster.elastic.settings import AutoscaleSettings
+from cluster.router.router import Router
+
+logger = logging.getLogger(__name__)
+_RATE_INTERVALS = 3  # the forecast's rate: over this many intervals
+
+
+class Autoscaler:
+    def __init__(self, router: Router, pools: ElasticPools, controller: Controller,
+                 clock: Callable[[], float] = time.monotonic):  # fmt: skip
+        self.router, self.pools, self.controller = router, pools, controller
+        self.settings = controller.settings
+        self.clock = clock
+        self.decisions: list[Decision] = []  # those that acted (the last 1000)
+        self._tasks: set[asyncio.Future] = set()
+        self._loop: asyncio.Future | None = None
+        self._last = clock()
+        router.metrics.registry.register(_Collector(pools))
+
+    def start(self) -> None:
+        self._loop = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> None:
+        for task in (self._loop, *self._tasks):
+            if task is not None:
+                task.cancel()
+        for task in (self._loop, *self._tasks):
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.interval_s)
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001 - one bad decision must not stop the loop
+                logger.exception("autoscaler: the decision failed")
+
+    def step(self) -> Decision:
+        """One decision, its actions started (they run on: a drain takes its time)."""
+        now, s = self.clock(), self.settings
+        window = self.router.window
+        recent = window.observe(self._last, now)
+        span = _RATE_INTERVALS * s.interval_s
+        rate = len(window.observe(now - span, now).input_lens) / span
+        history = window.observe(now - s.history_s, now)
+        self._last = now
+        decision = self.controller.decide(recent, rate, history, self.pools.counts())
+        if decision.actions:
+            self.decisions = [*self.decisions[-999:], decision]
+            logger.warning(
+                "autoscale: %s -> %s (%s): %s", _pools(decision.current),
+                _pools(decision.target), ", ".join(_action(a) for a in decision.actions),
+                decision.reason,
+            )  # fmt: skip
+        for action in decision.actions:
+            task = spawn(self._act(action))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return decision
+
+    async def _act(self, action: Action) -> None:
+        pools = self.pools
+        run = {"add": pools.add, "remove": pools.remove, "flip": pools.flip}[action.kind]
+        self.router.metrics.scaled(action.kind, action.role, action.cause)
+        try:
+            await run(action.role)
+        except ValueError as e:  # refused (the last of a role, an instance that cannot flip)
+            logger.warning("autoscale: %s refused: %s", _action(action), e)
+        except Exception:  # noqa: BLE001 - a failed start or drain: the next decision retries
+            logger.exception("autoscale: %s failed", _action(action))
+
+
+def _pools(counts: dict[str, int]) -> str:
+    return " + ".join(f"{counts[r]} {r}" for r in ROLES)
+
+
+def _action(action: Action) -> str:
+    return f"{action.kind} {action.role} ({action.cause})"
+
+
+class _Collector:
+    def __init__(self, pools: ElasticPools):
+        self.pools = pools
+
+    def collect(self):
+        gpus = GaugeMetricFamily(
+            "pdcluster:pool_gpus", "Devices the pools hold now, starting and draining included."
+        )
+        gpus.add_metric([], self.pools.devices)
+        seconds = CounterMetricFamily(
+            "pdcluster:gpu_seconds", "Device-seconds the pools held since the router started."
+        )
+        seconds.add_metric([], self.pools.device_seconds)
+        yield gpus
+        yield seconds
+
+
+# -- built from a deployment config --------------------------------------------------------
+
+
+def start_autoscaler(router: Router, config) -> Autoscaler:
+    """The autoscaler of a served deployment (`autoscale:` in its config), started."""
+    settings: AutoscaleSettings = config.autoscale
+    if config.mode != "disaggregated":
+        raise ValueError("autoscale sizes a disaggregated deployment's prefill and decode pools")
+    if router.launcher is None:
+        raise ValueError("autoscale needs a router whose instances it can start and stop")
+    shapes = {role: _shape(config, role) for role in ROLES}
+    gpus = {role: tp * pp for role, (tp, pp, _) in shapes.items()}
+    time_scale = shapes["prefill"][2]
+    pools = ElasticPools(router, router.launcher, gpus, settings.drain_timeout_s)
+    controller = Controller(settings, gpus, _sizer(config, settings, shapes), time_scale,
+                            can_flip=config.flips_roles())  # fmt: skip
+    autoscaler = Autoscaler(router, pools, controller)
+    autoscaler.start()
+    return autoscaler
+
+
+def _shape(config, role: str) -> tuple[int, int, float]:
+    """(TP, PP, time scale) of one pool's instances."""
+    engine = config.engine_config(role)
+    if engine.emulation is not None:
+        e = engine.emulation
+        return e.tp, e.pp, e.time_scale
+    return engine.tensor_parallel_size, engine.pipeline_parallel_size, 1.0
+
+
+def _sizer(config, settings: AutoscaleSettings, shapes) -> Callable | None:
+    """window -> pool sizes, from the emulated hardware's model or a fitted profile."""
+    from cluster.placement import sizing
+
+    emulation = config.engine_config("prefill").emulation
+    if emulation is not None:
+        types = {
+            role: sizing.instance_type(
+                emulation.model, emulation.hardware, tp, pp, catalog=emulation.catalog
+            )  # fmt: skip
+            for role, (tp, pp, _) in shapes.items()
+        }
+    elif settings.profile:
+        types = {role: sizing.profile_type(settings.profile, tp, pp)
+                 for role, (tp, pp, _) in shapes.items()}  # fmt: skip
+    else:
+        return None
+    limit = max(1, settings.max_gpus)
+
+    def size(rate, input_lens, output_lens):
+        return sizing.size_pools(
+            sizing.LoadWindow(rate, input_lens, output_lens), types["prefill"], types["decode"], settings.ttft_s, settings.tpot_s,
+            settings.attainment, max_instances=limit,
+        )  # fmt: skip
+
+    return size

@@ -1,0 +1,153 @@
+"""What the autoscaler does each interval: a pure function of what the router saw and the
+pools as they are (no clock, no I/O: tests script it).
+
+    forecast     the arrival rate of the last few intervals x headroom (in the model's
+                 seconds: router seconds x time_scale under emulation)
+    model        the smallest pools that meet the SLOs at that rate over the recent prompt
+                 and output length distributions (placement/sizing.py), when there is a
+                 model and enough samples; else the pools stay as they are
+    correction   an SLO breach in the last interval grows the pool that misses it by one
+                 now, whatever the model says (TTFT: prefill, TPOT: decode)
+    hysteresis   a pool shrinks by one, only after `scale_down_after` decisions in a row
+                 wanted it smaller and none breached; it grows at once
+    bounds       one instance per role at least; the devices within [min_gpus, max_gpus].
+                 At max_gpus, a pool that must grow takes from the other's slack (what the
+                 model says it does not need) at once, hysteresis or not
+    flips        a pool that grows while the other shrinks takes the other's instance:
+                 a flip (drain, change role), not a stop and a start
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cluster.elastic.settings import AutoscaleSettings
+from cluster.elastic.window import Observation
+
+ROLES = ("prefill", "decode")
+_OTHER = {"prefill": "decode", "decode": "prefill"}
+
+
+@dataclass(slots=True, frozen=True)
+class Action:
+    kind: str  # add | remove | flip (from the other role)
+    role: str  # the pool that grows (add, flip) or shrinks (remove)
+    cause: str  # forecast | ttft_breach | tpot_breach | slack | bounds
+
+
+@dataclass(slots=True, frozen=True)
+class Decision:
+    current: dict[str, int]
+    target: dict[str, int]
+    actions: tuple[Action, ...]
+    reason: str  # one line, for the log
+    forecast_rate: float  # requests/s, model seconds
+    attainment: tuple[float | None, float | None]  # (TTFT, TPOT) of the last interval
+
+
+@dataclass(slots=True)
+class Controller:
+    settings: AutoscaleSettings
+    gpus: dict[str, int]  # devices per instance of each role
+    # (rate, input lengths, output lengths) -> sizes with num_prefill, num_decode (the
+    # planner's model: autoscaler.py makes it from placement/sizing.py)
+    sizer: Callable | None = None
+    time_scale: float = 1.0  # router seconds per model second (emulation)
+    can_flip: bool = True  # settings.flip, and the instances can (workers/elastic.py)
+    _slack: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ROLES, 0))
+
+    def decide(self, recent: Observation, rate: float, history: Observation,
+               current: dict[str, int]) -> Decision:  # fmt: skip
+        """`recent`: the last interval (its attainment); `rate`: arrivals per router second
+        over the last few intervals; `history`: the samples of lengths; `current`: the
+        instances of each pool, counting those starting and not those draining."""
+        s = self.settings
+        forecast = rate * self.time_scale * s.headroom
+        why: list[str] = []
+        model = self._model(forecast, history, current, why)
+        target = dict(model)
+        causes = dict.fromkeys(ROLES, "forecast")
+        attained = recent.attainment(s.ttft_s, s.tpot_s, self.time_scale)
+        judged = len(recent.ttfts) + recent.num_failed >= s.min_samples
+        breached = False
+        for role, value, name in (("prefill", attained[0], "ttft"), ("decode", attained[1],
+                                  "tpot")):  # fmt: skip
+            if judged and value is not None and value < s.attainment:
+                breached = True
+                why.append(f"{name.upper()} attainment {value:.0%} < {s.attainment:.0%}")
+                if target[role] <= current[role]:
+                    target[role] = current[role] + 1
+                    causes[role] = f"{name}_breach"
+        for role in ROLES:  # grow at once; shrink by one after enough slack, never on a breach
+            if target[role] >= current[role] or breached:
+                self._slack[role] = 0
+                target[role] = max(target[role], current[role])
+                continue
+            self._slack[role] += 1
+            if self._slack[role] < s.scale_down_after:
+                target[role] = current[role]
+            else:
+                target[role], causes[role] = current[role] - 1, "slack"
+                self._slack[role] = 0
+        self._bound(target, model, current, causes, why)
+        actions = self._actions(current, target, causes)
+        reason = "; ".join(why) or "holding"
+        return Decision(dict(current), target, actions, reason, forecast, attained)
+
+    def _model(self, forecast: float, history: Observation, current: dict[str, int],
+               why: list[str]) -> dict[str, int]:  # fmt: skip
+        """The model's pools at the forecast rate; the current ones without a model or
+        samples."""
+        enough = min(len(history.input_lens), len(history.output_lens)) >= self.settings.min_samples
+        if self.sizer is None or not enough or forecast <= 0:
+            return dict(current)
+        sizes = self.sizer(forecast, history.input_lens, history.output_lens)
+        why.append(f"model at {forecast:.2f} req/s: {sizes.num_prefill} prefill + "
+                   f"{sizes.num_decode} decode")  # fmt: skip
+        return {"prefill": sizes.num_prefill, "decode": sizes.num_decode}
+
+    def _devices(self, counts: dict[str, int]) -> int:
+        return sum(counts[r] * self.gpus[r] for r in ROLES)
+
+    def _bound(self, target: dict[str, int], model: dict[str, int], current: dict[str, int],
+               causes: dict[str, str], why: list[str]) -> None:  # fmt: skip
+        s = self.settings
+        for role in ROLES:
+            target[role] = max(1, target[role])
+        while self._devices(target) > s.max_gpus:
+            growing = [r for r in ROLES if target[r] > current[r]]
+            role = max(growing or ROLES, key=lambda r: target[r] - current[r])
+            other = _OTHER[role]
+            if growing and target[other] > max(1, model[other]):  # take the other's slack
+                target[other] -= 1
+                causes[other] = "slack"
+                continue
+            if target[role] > 1:
+                target[role] -= 1
+            elif target[other] > 1:
+                target[other] -= 1
+            else:
+                break  # one instance per role is the least there is
+            why.append(f"capped at {s.max_gpus} devices")
+        while self._devices(target) < s.min_gpus:
+            role = min(ROLES, key=lambda r: target[r] * self.gpus[r])
+            target[role] += 1
+            causes[role] = "bounds"
+
+    def _actions(self, current: dict[str, int], target: dict[str, int],
+                 causes: dict[str, str]) -> tuple[Action, ...]:  # fmt: skip
+        delta = {r: target[r] - current[r] for r in ROLES}
+        actions: list[Action] = []
+        up = next((r for r in ROLES if delta[r] > 0), None)
+        if up is not None and self.can_flip and self.gpus["prefill"] == self.gpus["decode"]:
+            down = _OTHER[up]
+            flips = min(delta[up], -delta[down]) if delta[down] < 0 else 0
+            actions += [Action("flip", up, causes[up])] * flips
+            delta[up] -= flips
+            delta[down] += flips
+        for role in ROLES:  # capacity comes before capacity goes
+            actions += [Action("add", role, causes[role])] * max(0, delta[role])
+        for role in ROLES:
+            actions += [Action("remove", role, causes[role])] * max(0, -delta[role])
+        return tuple(actions)

@@ -1,0 +1,184 @@
+"""The autoscaler's hands: start an instance, drain and stop one, flip one's role, on the
+router's pools through launch.py's launcher (Ray actors, or objects in this process).
+
+    add(role)      start ─ connect ─ the router routes to it
+    remove(role)   the least busy one: drain ─ stop
+    flip(role)     one of the other role: drain ─ become(role) ─ connect ─ routed again
+
+Draining: the router routes nothing new to the instance; it is drained once no request in
+flight needs it, by the router's count (streams open, prompt tokens sent) and by its own
+load (nothing waiting or running, no KV leased to a puller that has not pulled, no handoff
+waiting for room). So a prefill instance is released only after every lease it
+granted was pulled or expired. Past drain_timeout_s, the requests still on it move: it is
+marked lost, and each request's failure policy (retry by default) runs it elsewhere.
+
+The last serving instance of a role is never drained (ValueError). Device-seconds held are
+counted from an instance's start to its stop, draining and starting included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from cluster.router.instances import Instance
+from cluster.router.router import Router
+from cluster.workers.protocol import Load, LoadQuery
+
+logger = logging.getLogger(__name__)
+_IDLE_POLL_S = 0.1
+_QUERY_TIMEOUT_S = 5.0
+_MOVE_WAIT_S = 60.0  # after the drain timeout: for the moved requests to leave
+
+
+class ElasticPools:
+    def __init__(self, router: Router, launcher, gpus: dict[str, int],
+                 drain_timeout_s: float = 120.0,
+                 clock: Callable[[], float] = time.monotonic):  # fmt: skip
+        self.router, self.launcher, self.gpus = router, launcher, gpus
+        self.drain_timeout_s = drain_timeout_s
+        self.clock = clock
+        self.starting = dict.fromkeys(gpus, 0)  # instances coming (started, or flipping in)
+        self.num_moved = 0  # requests moved off an instance whose drain timed out
+        self._held = sum(gpus[i.role] for i in router.instances)  # devices now
+        self._device_s = 0.0
+        self._since = clock()
+
+    # -- what there is ----------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        """Instances of each pool that serve or will: not draining, starting included."""
+        return {
+            role: self.starting[role]
+            + sum(1 for i in self.router.pool(role) if not i.draining)
+            for role in self.gpus
+        }  # fmt: skip
+
+    @property
+    def devices(self) -> int:
+        """Devices held now (starting and draining instances included)."""
+        return self._held
+
+    @property
+    def device_seconds(self) -> float:
+        """Device-seconds held since start (router seconds)."""
+        return self._device_s + self._held * (self.clock() - self._since)
+
+    def _hold(self, delta: int) -> None:
+        now = self.clock()
+        self._device_s += self._held * (now - self._since)
+        self._held, self._since = self._held + delta, now
+
+    # -- actions ----------------------------------------------------------------------------
+
+    async def add(self, role: str) -> Instance:
+        self.starting[role] += 1
+        self._hold(self.gpus[role])
+        client = None
+        try:
+            _, client = await self.launcher.start(role)
+            info = await client.connect()
+            instance = Instance(info.instance_id, role, client)
+            self.router.add_instance(instance)
+        except BaseException:
+            if client is not None:
+                await self.launcher.stop(client)
+            self._hold(-self.gpus[role])
+            raise
+        finally:
+            self.starting[role] -= 1
+        logger.info("elastic: %s started", instance.instance_id)
+        return instance
+
+    async def remove(self, role: str, instance: Instance | None = None) -> str:
+        """Drain `instance` (default: the least busy of `role`), then stop it; its id."""
+        instance = self._take(role, instance)
+        try:
+            await self.drain(instance)
+        except BaseException:
+            instance.draining = False
+            raise
+        await self.router.remove_instance(instance)
+        await self.launcher.stop(instance.client)
+        self._hold(-self.gpus[role])
+        logger.info("elastic: %s drained and stopped", instance.instance_id)
+        return instance.instance_id
+
+    async def flip(self, role: str, instance: Instance | None = None) -> Instance:
+        """Move `instance` (default: the least busy of the other role) to `role`: drain it,
+        change its role."""
+        other = next(r for r in self.gpus if r != role)
+        instance = self._take(other, instance)
+        self.starting[role] += 1
+        try:
+            try:
+                await self.drain(instance)
+            except BaseException:
+                instance.draining = False
+                raise
+            client = instance.client
+            new_id = self.launcher.new_id(role)
+            await self.router.remove_instance(instance)
+            await client.call("become", role, new_id, timeout=120.0)
+            client.becomes = (role, new_id)
+            await client.connect()
+            flipped = Instance(new_id, role, client)
+            self.router.add_instance(flipped)
+        finally:
+            self.starting[role] -= 1
+        self._hold(self.gpus[role] - self.gpus[other])
+        logger.info("elastic: %s is now %s", instance.instance_id, new_id)
+        return flipped
+
+    def _take(self, role: str, instance: Instance | None) -> Instance:
+        """The instance of `role` to drain (given, or a lost one, or the least busy), marked
+        draining; ValueError when it is the last serving one of its role."""
+        serving = [i for i in self.router.pool(role) if not i.draining]
+        if instance is not None and instance not in serving:
+            raise ValueError(f"{instance.instance_id} is no serving {role} instance")
+        if len(serving) <= 1:
+            raise ValueError(f"the last {role} instance cannot be drained: a pool keeps one")
+        if instance is None:
+            instance = min(serving, key=lambda i: (i.healthy, i.num_streams,
+                                                   i.pending_prompt_tokens))  # fmt: skip
+        instance.draining = True
+        return instance
+
+    async def drain(self, instance: Instance) -> None:
+        """Wait until nothing in flight touches `instance` (it is marked draining: nothing
+        new comes); past drain_timeout_s, move what is left (see the module docstring)."""
+        deadline = self.clock() + self.drain_timeout_s
+        while not await self._idle(instance):
+            if self.clock() > deadline:
+                moved = self._in_flight(instance)
+                logger.warning("elastic: drain of %s timed out: moving %d requests",
+                               instance.instance_id, moved)  # fmt: skip
+                self.num_moved += moved
+                self.router.mark_lost(instance, TimeoutError("drained too slowly: moved"))
+                await self._wait_router_idle(instance)
+                return
+            await asyncio.sleep(_IDLE_POLL_S)
+
+    async def _idle(self, instance: Instance) -> bool:
+        if instance.num_streams or instance.pending_prompt_tokens:
+            return False
+        try:
+            load = await instance.client.request(LoadQuery(), Load, _QUERY_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - lost: whatever it held is gone with it
+            return not instance.healthy
+        return not (load.num_running or load.num_waiting or load.num_pinned
+                    or load.num_kv_waiting)  # fmt: skip
+
+    def _in_flight(self, instance: Instance) -> int:
+        """Requests in flight at the router that ran or run on `instance`."""
+        lives = [*self.router._live.values()]
+        lives += [child for live in lives for child in live.children]
+        return sum(any(i is instance for i, _ in live.instances) for live in lives)
+
+    async def _wait_router_idle(self, instance: Instance) -> None:
+        deadline = self.clock() + _MOVE_WAIT_S
+        while (instance.num_streams or instance.pending_prompt_tokens) and \
+                self.clock() < deadline:  # fmt: skip
+            await asyncio.sleep(_IDLE_POLL_S)

@@ -1,0 +1,172 @@
+"""The autoscaler's decisions on scripted observations (controller.py): deterministic, no
+clock, no cluster. The sizer here is a script of what a model would answer, so that each
+test isolates one rule; test_sizing_in_the_loop runs the real model (placement/sizing.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from cluster.elastic.controller import Action, Controller
+from cluster.elastic.settings import AutoscaleSettings
+from cluster.elastic.window import Observation, Window
+
+GPUS = {"prefill": 1, "decode": 1}
+
+
+@dataclass
+class Sizes:
+    num_prefill: int
+    num_decode: int
+
+
+class ScriptedModel:
+    """Answers `sizes` (settable) and records the rates it was asked about."""
+
+    def __init__(self, prefill: int, decode: int):
+        self.sizes = Sizes(prefill, decode)
+        self.rates = []
+
+    def __call__(self, rate, input_lens, output_lens):
+        self.rates.append(rate)
+        return self.sizes
+
+
+def observed(n: int = 40, ttft: float = 0.1, tpot: float = 0.01, failed: int = 0,
+             span: float = 10.0) -> Observation:  # fmt: skip
+    return Observation(0.0, span, (512,) * n, (128,) * n, (ttft,) * n, (tpot,) * n, failed)
+
+
+def controller(model=None, **settings) -> Controller:
+    base = {"ttft_s": 1.0, "tpot_s": 0.1, "max_gpus": 8, "scale_down_after": 3}
+    return Controller(AutoscaleSettings(**{**base, **settings}), GPUS, model)
+
+
+def test_grows_at_once_to_what_the_model_needs_at_the_forecast():
+    model = ScriptedModel(3, 2)
+    c = controller(model, headroom=1.5)
+    d = c.decide(observed(), rate=4.0, history=observed(), current={"prefill": 1, "decode": 1})
+    assert d.target == {"prefill": 3, "decode": 2}
+    assert sorted(d.actions, key=str) == sorted(
+        [Action("add", "prefill", "forecast")] * 2 + [Action("add", "decode", "forecast")],
+        key=str,
+    )
+    assert model.rates[0] == pytest.approx(6.0)  # 4 req/s x headroom 1.5
+    assert d.forecast_rate == pytest.approx(6.0)
+
+
+def test_a_breach_grows_the_pool_that_misses_even_when_the_model_disagrees():
+    c = controller(ScriptedModel(1, 1))
+    slow_first_token = observed(ttft=2.0)
+    d = c.decide(slow_first_token, 1.0, observed(), {"prefill": 2, "decode": 2})
+    assert d.actions == (Action("add", "prefill", "ttft_breach"),)
+    slow_tokens = observed(tpot=0.5)
+    d = c.decide(slow_tokens, 1.0, observed(), {"prefill": 2, "decode": 2})
+    assert d.actions == (Action("add", "decode", "tpot_breach"),)
+
+
+def test_failed_requests_count_as_misses_and_few_samples_judge_nothing():
+    c = controller(ScriptedModel(1, 1))
+    d = c.decide(observed(n=20, failed=20), 1.0, observed(), {"prefill": 1, "decode": 1})
+    assert d.attainment == (0.5, 0.5)
+    assert {a.role for a in d.actions} == {"prefill", "decode"}
+    c = controller(ScriptedModel(1, 1), min_samples=10)
+    d = c.decide(observed(n=3, ttft=9.0), 1.0, observed(), {"prefill": 1, "decode": 1})
+    assert d.actions == ()
+
+
+def test_shrinks_one_at_a_time_after_enough_slack_and_never_on_a_breach():
+    model = ScriptedModel(1, 1)
+    c = controller(model, scale_down_after=3)
+    current = {"prefill": 3, "decode": 3}
+    assert c.decide(observed(), 1.0, observed(), current).actions == ()
+    assert c.decide(observed(), 1.0, observed(), current).actions == ()
+    # A breach resets the count: no shrink now, and three more quiet decisions needed.
+    d = c.decide(observed(ttft=5.0), 1.0, observed(), current)
+    assert d.actions == (Action("add", "prefill", "ttft_breach"),)
+    assert c.decide(observed(), 1.0, observed(), current).actions == ()
+    assert c.decide(observed(), 1.0, observed(), current).actions == ()
+    d = c.decide(observed(), 1.0, observed(), current)
+    assert sorted(d.actions, key=str) == [Action("remove", "decode", "slack"),
+                                         Action("remove", "prefill", "slack")]  # fmt: skip
+    assert d.target == {"prefill": 2, "decode": 2}
+
+
+def test_a_pool_that_grows_while_the_other_shrinks_takes_its_instance_by_a_flip():
+    model = ScriptedModel(1, 3)
+    c = controller(model, scale_down_after=1)
+    d = c.decide(observed(), 1.0, observed(), {"prefill": 3, "decode": 1})
+    # decode grows by two at once: one taken from prefill (which shrinks one at a time)
+    assert d.actions == (Action("flip", "decode", "forecast"), Action("add", "decode", "forecast"))
+    assert d.target == {"prefill": 2, "decode": 3}
+    no_flips = controller(model, scale_down_after=1)
+    no_flips.can_flip = False
+    d = no_flips.decide(observed(), 1.0, observed(), {"prefill": 3, "decode": 1})
+    assert d.actions == (Action("add", "decode", "forecast"), Action("add", "decode", "forecast"),
+                         Action("remove", "prefill", "slack"))  # fmt: skip
+
+
+def test_at_max_gpus_a_breached_pool_takes_the_others_slack_at_once():
+    model = ScriptedModel(2, 2)  # decode needs 2 of its 4
+    c = controller(model, max_gpus=6, scale_down_after=5)
+    d = c.decide(observed(ttft=3.0), 1.0, observed(), {"prefill": 2, "decode": 4})
+    assert d.actions == (Action("flip", "prefill", "ttft_breach"),)
+    assert d.target == {"prefill": 3, "decode": 3}
+    assert "capped" not in d.reason
+
+
+def test_bounds_one_per_role_and_the_device_range():
+    c = controller(ScriptedModel(0, 0), min_gpus=0, scale_down_after=1)
+    d = c.decide(observed(), 0.1, observed(), {"prefill": 1, "decode": 1})
+    assert d.target == {"prefill": 1, "decode": 1} and d.actions == ()
+    c = controller(ScriptedModel(9, 9), max_gpus=4)
+    d = c.decide(observed(), 50.0, observed(), {"prefill": 1, "decode": 1})
+    assert sum(d.target.values()) == 4 and min(d.target.values()) >= 1
+    assert "capped at 4 devices" in d.reason
+    c = controller(ScriptedModel(1, 1), min_gpus=4)
+    d = c.decide(observed(), 0.1, observed(), {"prefill": 1, "decode": 1})
+    assert d.target == {"prefill": 2, "decode": 2}
+    assert {a.cause for a in d.actions} == {"bounds"}
+
+
+def test_without_a_model_it_holds_until_a_breach():
+    c = controller(None)
+    current = {"prefill": 2, "decode": 2}
+    assert c.decide(observed(), 9.0, observed(), current).actions == ()
+    d = c.decide(observed(tpot=1.0), 9.0, observed(), current)
+    assert d.actions == (Action("add", "decode", "tpot_breach"),)
+
+
+def test_emulated_time_is_judged_in_the_models_seconds():
+    """Under emulation the router's clock runs time_scale x slower than the model's."""
+    c = controller(ScriptedModel(1, 1))
+    c.time_scale = 4.0
+    d = c.decide(observed(ttft=3.0, tpot=0.3), 1.0, observed(), {"prefill": 1, "decode": 1})
+    assert d.attainment == (1.0, 1.0) and d.actions == ()  # 3 s real = 0.75 s emulated
+    assert d.forecast_rate == pytest.approx(4.0 * 1.2)
+
+
+def test_settings_refuse_what_cannot_work():
+    for bad in ({"attainment": 0}, {"max_gpus": 1, "min_gpus": 2}, {"headroom": 0.5},
+                {"interval_s": 0}, {"ttft_s": -1}):  # fmt: skip
+        with pytest.raises(ValueError, match="autoscale"):
+            AutoscaleSettings(**bad)
+
+
+def test_the_window_sees_arrivals_finishes_and_failures_in_its_span():
+    now = [0.0]
+    w = Window(clock=lambda: now[0])
+    for t, n in ((1.0, 100), (2.0, 200), (12.0, 300)):
+        now[0] = t
+        w.arrived(n)
+    now[0] = 5.0
+    w.finished(output_tokens=11, ttft_s=0.5, e2e_s=1.5)
+    w.finished(output_tokens=1, ttft_s=0.2, e2e_s=0.2)  # one token: no TPOT
+    w.finished(output_tokens=0, ttft_s=None, e2e_s=0.1)  # aborted before a token: not judged
+    w.failed()
+    o = w.observe(0.0, 10.0)
+    assert o.input_lens == (100, 200) and o.rate == pytest.approx(0.2)
+    assert o.output_lens == (11, 1) and o.ttfts == (0.5, 0.2)
+    assert o.tpots == (pytest.approx(0.1),) and o.num_failed == 1
+    assert o.attainment(ttft_s=0.3, tpot_s=1.0) == (pytest.approx(1 / 3), 0.5)
