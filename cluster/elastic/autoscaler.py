@@ -176,8 +176,9 @@ def _sizer(config, settings: AutoscaleSettings, shapes) -> Callable | None:
     limit = max(1, settings.max_gpus)
 
     def size(rate, input_lens, output_lens):
+        window = sizing.LoadWindow(rate, input_lens, output_lens)
         return sizing.size_pools(
-            sizing.LoadWindow(rate, input_lens, output_lens), types["prefill"], types["decode"], settings.ttft_s, settings.tpot_s,
+            window, types["prefill"], types["decode"], settings.ttft_s, settings.tpot_s,
             settings.attainment, max_instances=limit,
         )  # fmt: skip
 
