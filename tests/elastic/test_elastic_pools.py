@@ -75,6 +75,7 @@ def test_flips_while_requests_run_in_both_phases(cluster):
     assert {f.role for f in flips} == {"prefill", "decode"}
     assert not {f.instance_id for f in flips} & before  # a new identity per role
     assert _roles(router) == {"prefill": 2, "decode": 2}
+
     # The flipped instances serve in their new roles, as the others do.
     async def all_prompts():
         return await asyncio.gather(*(_generate(router, p) for p in PROMPTS))
