@@ -44,12 +44,15 @@ class Autoscaler:
         self._tasks: set[asyncio.Future] = set()
         self._loop: asyncio.Future | None = None
         self._last = clock()
-        router.metrics.registry.register(_Collector(pools))
+        self._collector = _Collector(pools)
+        router.metrics.registry.register(self._collector)
 
     def start(self) -> None:
         self._loop = asyncio.ensure_future(self._run())
 
     async def stop(self) -> None:
+        """Stop deciding; actions under way are cancelled (a drain: the instance serves on)."""
+        self.router.metrics.registry.unregister(self._collector)
         for task in (self._loop, *self._tasks):
             if task is not None:
                 task.cancel()

@@ -160,3 +160,35 @@ def test_device_seconds_count_every_instance_held(cluster):
     assert counted.device_seconds == pytest.approx(10.0 * held)
     assert counted.counts() == _roles(router)
     wait_until(lambda: router.is_ready(), 10)
+
+
+def test_the_autoscaler_acts_on_a_breach_within_its_bounds(cluster):
+    """The whole loop once (step() by hand, no sleeps): real requests in the router's window,
+    every one missing an SLO no engine can meet, one device left under max_gpus."""
+    from cluster.elastic.autoscaler import Autoscaler
+    from cluster.elastic.controller import Controller
+
+    loop, router, pools, reference = cluster
+    held = len(router.instances)
+    settings = AutoscaleSettings(ttft_s=1e-6, tpot_s=1e-6, max_gpus=held + 1, min_samples=4)
+    autoscaler = Autoscaler(router, pools, Controller(settings, pools.gpus))
+
+    async def scenario():
+        await asyncio.gather(*(_generate(router, p) for p in PROMPTS))
+        decision = autoscaler.step()
+        await asyncio.gather(*autoscaler._tasks)
+        return decision
+
+    try:
+        decision = loop.run(scenario(), 120)
+        text = loop.run(router.metrics_text()).decode()
+    finally:
+        loop.run(autoscaler.stop())
+    assert decision.attainment == (0.0, 0.0)
+    assert len(decision.actions) == 1 and decision.actions[0].kind == "add"
+    assert len(router.instances) == held + 1 == pools.devices
+    action = decision.actions[0]
+    assert (f'pdcluster:autoscale_actions_total{{action="add",cause="{action.cause}",'
+            f'role="{action.role}"}} 1.0') in text  # fmt: skip
+    assert f"pdcluster:pool_gpus {held + 1}.0" in text
+    loop.run(pools.remove(action.role), 120)
