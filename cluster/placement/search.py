@@ -32,8 +32,10 @@ from cluster.placement.instance import LatencySource, ParallelConfig, instance_s
 from cluster.placement.model_spec import ModelSpec
 from cluster.placement.packing import pack
 from cluster.placement.simulator import (
+    InstanceSpec,
     Requests,
     SimResult,
+    run_prefill,
     simulate_colocated,
     simulate_decode_only,
     simulate_disaggregated,
@@ -141,6 +143,7 @@ class Planner:
         self.requests = self._sample(self.settings.num_requests)
         self.search_requests = self._sample(self.settings.search_requests)
         self._phase: dict = {}
+        self._prefill_memo: dict = {}
         self.num_simulations = 0
 
     def _sample(self, n: int) -> Requests:
@@ -214,7 +217,8 @@ class Planner:
                 transfer = self.transfer_s(config, config, affinity)(reqs)
 
                 def attain(rate: float) -> float:
-                    res = simulate_prefill_only(reqs.at_rate(rate), [spec], transfer)
+                    times = self._prefill_times(reqs, rate, [spec])
+                    res = simulate_prefill_only(reqs.at_rate(rate), [spec], transfer, times)
                     return res.attainment(slo.ttft_s, None)
             else:
 
@@ -227,6 +231,20 @@ class Planner:
             self._phase[key] = max_rate(self._counted(attain), slo.attainment, 1.0,
                                         self.settings.tolerance)  # fmt: skip
         return self._phase[key]
+
+    def _prefill_times(self, base: Requests, rate: float, specs: list[InstanceSpec]):
+        """run_prefill of one of the planner's own samples at `rate`, memoised: plans sharing
+        a prefill pool (shape and count), whatever their decode side or affinity, see the
+        same batches; the search asks for the same ones again and again."""
+        reqs = base.at_rate(rate)
+        if base is not self.requests and base is not self.search_requests:
+            return run_prefill(reqs, specs)
+        key = (id(base), rate, tuple(specs))
+        if key not in self._prefill_memo:
+            start, done = run_prefill(reqs, specs)
+            self._prefill_memo[key] = (np.array(start), np.array(done))
+        start, done = self._prefill_memo[key]
+        return start.tolist(), done.tolist()
 
     def _counted(self, attain: Callable[[float], float]) -> Callable[[float], float]:
         def wrapped(rate: float) -> float:
@@ -279,13 +297,39 @@ class Planner:
         prefill, decode = self.spec("prefill", pc, batch), self.spec("decode", dc, batch)
         return simulate_disaggregated(reqs, [prefill] * n_p, [decode] * n_d, transfer)
 
-    def attainment(self, cand: Candidate, rate: float, reqs: Requests | None = None) -> float:
+    def attainment(
+        self,
+        cand: Candidate,
+        rate: float,
+        reqs: Requests | None = None,
+        floor: float | None = None,
+    ) -> float:
+        """Joint attainment of a plan at `rate`. With `floor`, a plan whose prefill pool alone
+        already makes it miss `floor` skips its decode pool: the value returned is then an
+        upper bound below `floor` (enough for the searches, which only ask pass or fail)."""
         self.num_simulations += 1
-        res = self.simulate(cand, (reqs or self.requests).at_rate(rate))
-        return res.attainment(self.slo.ttft_s, self.slo.tpot_s)
+        slo, base = self.slo, reqs or self.requests
+        if cand.mode == "colocated":
+            return self.simulate(cand, base.at_rate(rate)).attainment(slo.ttft_s, slo.tpot_s)
+        reqs = base.at_rate(rate)
+        (_, pc, n_p), (_, dc, n_d) = cand.pools
+        transfer = self.transfer_s(pc, dc, cand.affinity)(reqs)
+        prefill = [self.spec("prefill", pc)] * n_p
+        times = self._prefill_times(base, rate, prefill)
+        if floor is not None:
+            # A request's TTFT is at least its prefill's end plus its transfer, less arrival.
+            bound = simulate_prefill_only(reqs, prefill, transfer, times).attainment(
+                slo.ttft_s, None
+            )
+            if bound < floor:
+                return bound
+        decode = [self.spec("decode", dc)] * n_d
+        res = simulate_disaggregated(reqs, prefill, decode, transfer, times)
+        return res.attainment(slo.ttft_s, slo.tpot_s)
 
     def goodput(self, cand: Candidate, hint: float = 1.0) -> Candidate:
-        rate = max_rate(lambda r: self.attainment(cand, r), self.slo.attainment, hint,
+        target = self.slo.attainment
+        rate = max_rate(lambda r: self.attainment(cand, r, floor=target), target, hint,
                         self.settings.tolerance)  # fmt: skip
         return replace(cand, goodput_rps=rate, attainment=self.slo.attainment)
 
@@ -338,7 +382,8 @@ class Planner:
         def passes(n: int) -> bool:
             self.num_simulations += 1
             if role == "prefill":
-                res = simulate_prefill_only(reqs, [spec] * n, transfer)
+                times = self._prefill_times(self.requests, rate, [spec] * n)
+                res = simulate_prefill_only(reqs, [spec] * n, transfer, times)
                 return res.attainment(slo.ttft_s, None) >= slo.attainment
             res = simulate_decode_only(reqs, [spec] * n)
             return res.attainment(slo.ttft_s, slo.tpot_s) >= slo.attainment
@@ -402,7 +447,7 @@ class Planner:
                     break
                 if not self.fits(cand):
                     break
-                cand.attainment = self.attainment(cand, rate)
+                cand.attainment = self.attainment(cand, rate, floor=self.slo.attainment)
                 if cand.attainment >= self.slo.attainment:
                     cand.goodput_rps = rate
                     best = cand if self._better(cand, best, rate) else best
@@ -450,7 +495,7 @@ class Planner:
             cand = self._pair(pc, k_p * units, dc, k_d * units, "low", units=units)
             if not self.fits(cand):
                 return None
-            cand.attainment = self.attainment(cand, rate)
+            cand.attainment = self.attainment(cand, rate, floor=self.slo.attainment)
             if cand.attainment >= self.slo.attainment:
                 cand.goodput_rps = rate
                 return cand
@@ -528,7 +573,7 @@ class Planner:
                     if rate is None:
                         cand = self.goodput(cand)
                     else:
-                        cand.attainment = self.attainment(cand, rate)
+                        cand.attainment = self.attainment(cand, rate, floor=self.slo.attainment)
                         if cand.attainment < self.slo.attainment:
                             continue
                         cand.goodput_rps = rate

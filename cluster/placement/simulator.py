@@ -170,10 +170,11 @@ class _Instance:
     __slots__ = ("spec", "decode", "lens", "outs", "first", "last", "waiting", "joining",
                  "prefilling", "running", "batch_size", "context_sum", "kv_used", "num_pending",
                  "iteration", "busy", "version", "run", "end_s", "completed",
-                 "num_reserving")  # fmt: skip
+                 "num_reserving", "decode_time")  # fmt: skip
 
     def __init__(self, spec: InstanceSpec, decode: bool, lens, outs, first, last):
         self.spec, self.decode = spec, decode
+        self.decode_time = spec.latency.decode_time  # the hottest call: bound once
         self.lens, self.outs, self.first, self.last = lens, outs, first, last
         self.waiting: deque = deque()  # not admitted yet (no KV memory)
         self.joining: list[int] = []  # first token out, joins the batch at the next boundary
@@ -203,14 +204,35 @@ class _Instance:
         start, num_iterations = self.run
         if num_iterations <= 1 or t <= start:
             return max(t, self.end_s) if t > start else start
-        lo, hi = 0, num_iterations - 1  # iterations done by t
+        return start + self._duration(self._done_by(t) + 1)
+
+    def _done_by(self, t: float) -> int:
+        """Iterations of the run in flight surely done by t (start < t): the largest q <
+        num_iterations with start + duration(q) <= t. duration is monotone in q, so any
+        search finds the same q; a guess from the run's mean pace, checked and then walked
+        or bisected, takes two latency evaluations where a plain bisection takes log2 of
+        the run's length."""
+        start, num_iterations = self.run
+        lo, hi = 0, num_iterations - 1
+        span = self.end_s - start
+        guess = min(max(int(num_iterations * (t - start) / span) if span > 0 else hi, 1), hi)
+        if start + self._duration(guess) <= t:
+            lo = guess
+            if guess == hi or start + self._duration(guess + 1) > t:
+                return guess
+            lo = guess + 1
+        else:
+            hi = guess - 1
+            if hi == 0 or start + self._duration(hi) <= t:
+                return hi
+            hi -= 1
         while lo < hi:
             q = (lo + hi + 1) // 2
             if start + self._duration(q) <= t:
                 lo = q
             else:
                 hi = q - 1
-        return start + self._duration(lo + 1)
+        return lo
 
     def arrive(self, rid: int, t: float) -> bool:
         """Queue a request; True when the caller must (re)schedule this instance's event."""
@@ -251,7 +273,7 @@ class _Instance:
     def _duration(self, num_iterations: int) -> float:
         b = self.batch_size
         mid = self.context_sum + b * (num_iterations - 1) / 2
-        return num_iterations * self.spec.latency.decode_time(b, mid)
+        return num_iterations * self.decode_time(b, mid)
 
     def step(self, t: float) -> bool:
         """Start the next step (or run of steps) at t; False when there is nothing to do."""
@@ -288,13 +310,7 @@ class _Instance:
             return self.step(t)
         if num_iterations <= 1:
             return False
-        lo, hi = 0, num_iterations - 1  # iterations surely done by t: the largest q, start +
-        while lo < hi:  # duration(q) <= t
-            q = (lo + hi + 1) // 2
-            if start + self._duration(q) <= t:
-                lo = q
-            else:
-                hi = q - 1
+        lo = self._done_by(t)
         done_s = start + self._duration(lo) if lo else start
         self.iteration += lo
         self.context_sum += self.batch_size * lo
@@ -394,7 +410,8 @@ def _run_pool(
             continue
         rid = order[i]
         i += 1
-        k = min(range(len(pool)), key=lambda j: pool[j].load)
+        loads = [p.kv_used + p.num_pending + p.num_reserving for p in pool]  # Instance.load
+        k = loads.index(min(loads))
         if transfer is None:
             if pool[k].arrive(rid, times[rid]):
                 schedule(k)
@@ -426,9 +443,11 @@ def simulate_disaggregated(
     prefill: list[InstanceSpec],
     decode: list[InstanceSpec],
     transfer_s: np.ndarray,
+    prefill_times: tuple[list, list] | None = None,
 ) -> SimResult:
-    """`transfer_s`: each request's KV transfer time (from its length and the link)."""
-    start, done = run_prefill(reqs, prefill)
+    """`transfer_s`: each request's KV transfer time (from its length and the link).
+    `prefill_times`: run_prefill(reqs, prefill), when the caller has it already."""
+    start, done = prefill_times or run_prefill(reqs, prefill)
     order = sorted(range(len(done)), key=done.__getitem__)
     lens, outs = reqs.input_lens.tolist(), reqs.output_lens.tolist()
     transfer = np.broadcast_to(np.asarray(transfer_s, dtype=float), len(done)).tolist()
@@ -437,11 +456,14 @@ def simulate_disaggregated(
 
 
 def simulate_prefill_only(
-    reqs: Requests, prefill: list[InstanceSpec], transfer_s: np.ndarray | float = 0.0
+    reqs: Requests,
+    prefill: list[InstanceSpec],
+    transfer_s: np.ndarray | float = 0.0,
+    prefill_times: tuple[list, list] | None = None,
 ) -> SimResult:
     """The prefill pool alone: TTFT as if decode always had room (a lower bound of the
     disaggregated TTFT for the same requests); TPOT is not modelled (zero)."""
-    start, done = run_prefill(reqs, prefill)
+    start, done = prefill_times or run_prefill(reqs, prefill)
     ready = np.asarray(done) + transfer_s
     n = len(reqs)
     return SimResult(ready - reqs.arrival_s, np.zeros(n), ready - reqs.arrival_s,

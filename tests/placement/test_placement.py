@@ -380,3 +380,62 @@ def test_bench_placement_quick_schema(capsys):
         row["disaggregated"]["goodput_per_gpu"] / row["colocated"]["goodput_per_gpu"]
     )
     assert result["simulator"]["num_requests"] == 10_000 and result["fitted_model"] is None
+
+
+# --- planning speed-ups keep the plans ---------------------------------------------------------
+
+
+def _pd(n_p: int, p_tp: int, n_d: int, d_tp: int) -> str:
+    return f"{n_p}x prefill A100-80GB TP{p_tp}xPP1 + {n_d}x decode A100-80GB TP{d_tp}xPP1"
+
+
+# Top plans recorded with the planner as it was before the speed-ups of 2026-11-30 (memoised
+# prefill runs, the prefill bound that skips a failing plan's decode pool, the guessed
+# iteration search in the simulator): (rate, model, GPUs, SLO, workload) -> top 4 plans.
+RECORDED_PLANS = [
+    ((None, "OPT-13B", 8, (0.25, 0.1), "chatbot"), [
+        (_pd(2, 2, 1, 2), "high", 26.908685288118868, 0.9),
+        (_pd(2, 2, 1, 2), "low", 26.90868528811887, 0.9),
+        (_pd(3, 2, 1, 2), "low", 31.12414931162424, 0.9),
+        (_pd(3, 2, 1, 2), "high", 31.124149311624237, 0.9),
+    ]),
+    ((6.0, "OPT-13B", 8, (0.25, 0.1), "chatbot"), [
+        (_pd(1, 2, 1, 1), "low", 6.0, 0.9733333333333334),
+        (_pd(1, 2, 1, 2), "high", 6.0, 0.99),
+        (_pd(1, 4, 1, 2), "high", 6.0, 1.0),
+        (_pd(1, 4, 1, 2), "low", 6.0, 1.0),
+    ]),
+    ((None, "Llama-3-8B", 4, (0.4, 0.05), "code"), [
+        (_pd(3, 1, 1, 1), "high", 268.6040971273557, 0.9),
+        (_pd(3, 1, 1, 1), "low", 268.6040971273557, 0.9),
+        (_pd(2, 1, 1, 1), "high", 158.95779994540592, 0.9),
+        (_pd(2, 1, 1, 1), "low", 158.95779994540592, 0.9),
+    ]),
+    ((12.0, "Llama-3-8B", 4, (0.4, 0.05), "summarization"), [
+        (_pd(3, 1, 1, 1), "low", 12.0, 0.9566666666666667),
+        (_pd(3, 1, 1, 1), "high", 12.0, 0.9533333333333334),
+    ]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("inputs,recorded", RECORDED_PLANS, ids=lambda x: str(x)[:40])
+def test_faster_search_finds_the_plans_it_found_before(inputs, recorded):
+    rate, model, gpus, slo, workload = inputs
+    cluster = ClusterSpec(((A100.with_gpus_per_node(gpus), 1),))
+    settings = Settings(num_requests=300, search_requests=200)
+    planner = Planner(PRESETS[model], cluster, SLO(*slo), WORKLOADS[workload], settings)
+    found = [(c.describe(), c.affinity, c.goodput_rps, c.attainment)
+             for c in planner.disaggregated(rate)[:4]]  # fmt: skip
+    assert found == recorded  # exactly: the speed-ups change no simulated time
+
+
+def test_attainment_floor_only_cuts_plans_that_miss_it():
+    planner = _planner()
+    for cand in planner.high_affinity(None)[:3]:
+        for factor in (0.5, 1.0, 1.5, 3.0):
+            rate = cand.goodput_rps * factor
+            exact = planner.attainment(cand, rate)
+            floored = planner.attainment(cand, rate, floor=0.9)
+            assert floored == exact or (exact <= floored < 0.9)
+            reqs = planner.requests.at_rate(rate)
+            assert exact == planner.simulate(cand, reqs).attainment(0.25, 0.1)
