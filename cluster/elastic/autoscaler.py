@@ -160,17 +160,24 @@ def _shape(config, role: str) -> tuple[int, int, float]:
 
 
 def _sizer(config, settings: AutoscaleSettings, shapes) -> Callable | None:
-    """window -> pool sizes, from the emulated hardware's model or a fitted profile."""
+    """(rate, input lengths, output lengths) -> pool sizes: the emulated hardware's model,
+    or a fitted profile's; None without either."""
     from cluster.placement import sizing
+    from cluster.placement.hardware import load_catalog
 
     emulation = config.engine_config("prefill").emulation
+    transfer_s_per_token = 0.0
     if emulation is not None:
+        catalog = load_catalog(emulation.catalog)
         types = {
-            role: sizing.instance_type(
-                emulation.model, emulation.hardware, tp, pp, catalog=emulation.catalog
-            )  # fmt: skip
+            role: sizing.instance_type(emulation.model, emulation.hardware, tp, pp, catalog)
             for role, (tp, pp, _) in shapes.items()
         }
+        link = config.engine_config("decode").emulation.kv_bandwidth  # the decode's pulls
+        if link:
+            from cluster.placement.model_spec import load_model_spec
+
+            transfer_s_per_token = load_model_spec(emulation.model).kv_bytes_per_token / link
     elif settings.profile:
         types = {role: sizing.profile_type(settings.profile, tp, pp)
                  for role, (tp, pp, _) in shapes.items()}  # fmt: skip
@@ -182,7 +189,7 @@ def _sizer(config, settings: AutoscaleSettings, shapes) -> Callable | None:
         window = sizing.LoadWindow(rate, input_lens, output_lens)
         return sizing.size_pools(
             window, types["prefill"], types["decode"], settings.ttft_s, settings.tpot_s,
-            settings.attainment, max_instances=limit,
+            settings.attainment, max_instances=limit, transfer_s_per_token=transfer_s_per_token,
         )  # fmt: skip
 
     return size

@@ -9,6 +9,7 @@ shapes, which placement) and this one only how many instances of fixed shapes.
                num_requests: int = 2000) -> PoolSizes
     choose_types(window, prefill_types, decode_types, ttft_s, tpot_s, **same) -> PoolSizes
     instance_type(model: str, hardware: str, tp: int, pp: int, catalog=None) -> InstanceType
+    profile_type(path: str, tp: int = 1, pp: int = 1, catalog=None) -> InstanceType
 
     window sample ──resample──▶ num_requests requests, Poisson arrivals at window.rate
           │
@@ -40,7 +41,7 @@ from cluster.placement.instance import (
     prefill_batch_tokens,
     why_invalid,
 )
-from cluster.placement.model_spec import load_model_spec
+from cluster.placement.model_spec import ModelSpec, load_model_spec
 from cluster.placement.simulator import (
     InstanceSpec,
     LatencyModel,
@@ -160,6 +161,24 @@ def instance_type(
         kv_capacity_tokens=kv_capacity_tokens(spec, config),
         max_batch_tokens=prefill_batch_tokens(spec, config),
         name=f"{spec.name} {config.describe()}",
+    )
+
+
+def profile_type(path: str, tp: int = 1, pp: int = 1,
+                 catalog: dict[str, Hardware] | None = None) -> InstanceType:  # fmt: skip
+    """An InstanceType of real engines from a `placement profile` file: its model and device
+    type, at TP x PP (the fitted times, scaled to other shapes by the analytic ratio)."""
+    catalog = catalog or load_catalog()
+    source = LatencySource.from_profile_file(path, catalog)
+    spec = ModelSpec.from_dict(source.profile_model)
+    config = ParallelConfig(get_hardware(source.profile_hardware, catalog), tp, pp)
+    return InstanceType(
+        latency=source.latency(spec, config),
+        num_gpus=config.num_devices,
+        cost_per_gpu_hour=config.hardware.price_per_hour,
+        kv_capacity_tokens=kv_capacity_tokens(spec, config),
+        max_batch_tokens=prefill_batch_tokens(spec, config),
+        name=f"{spec.name} {config.describe()} (profiled)",
     )
 
 

@@ -120,3 +120,21 @@ def test_grid_capped_to_model_context():
     assert max(max(lens) for lens in prefill + decode) <= 100
     assert len(set(prefill)) == len(prefill)  # (256,) and (512,) both became (100,): kept once
     assert (100,) in prefill and len(prefill) < len(QUICK_GRID.prefill)
+
+
+def test_a_profile_sizes_pools_for_the_autoscaler(profile, tmp_path):
+    """`autoscale.profile`: the fitted engine, not the roofline, answers the sizing."""
+    from cluster.placement.sizing import LoadWindow, profile_type, size_pools
+
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(profile))
+    kind = profile_type(str(path))
+    assert kind.num_gpus == 1 and "profiled" in kind.name
+    prompt = kind.latency.prefill_time(256, 256**2, 1)
+    step = kind.latency.decode_time(4, 4 * 300)
+    window = LoadWindow(0.5 / prompt, [256] * 50, [32] * 50)  # half of one instance's prompts
+    sizes = size_pools(window, kind, kind, ttft_s=20 * prompt, tpot_s=10 * step)
+    assert sizes.num_prefill >= 1 and sizes.num_decode >= 1 and sizes.meets_target
+    busier = size_pools(LoadWindow(8 * window.rate, [256] * 50, [32] * 50), kind, kind,
+                        ttft_s=20 * prompt, tpot_s=10 * step)  # fmt: skip
+    assert busier.num_prefill > sizes.num_prefill
