@@ -14,6 +14,7 @@ cluster bench reshard [--json]       KV pulls across TP/PP layouts vs same-layou
 cluster bench pipeline [--json]      pipeline-parallel micro-batching against PP=1
 cluster bench chaos [--json]         serving under killed/stopped actors and lost notifications
 cluster bench routing [--json]       KV-aware against load routing on multi-turn conversations
+cluster bench elastic [--json]       autoscaled pools on a shifting trace against static peak
 cluster bench serve --ttft S --tpot S  SLO attainment vs rate, goodput per GPU, HTML report
 cluster bench compare --ttft S ...   the same, disaggregated against colocated, one report
 cluster deploy kuberay --plan PLAN   the KubeRay RayService (+ PodMonitor) that runs a plan
@@ -112,6 +113,7 @@ _MODULE_BENCHES = (  # `cluster bench NAME` runs cluster/bench/NAME_bench.py
     ("pipeline", "PP micro-batching against PP=1"),
     ("chaos", "serving under faults: hung, wrong, leaked blocks"),
     ("routing", "KV-aware vs load routing, multi-turn sessions"),
+    ("elastic", "autoscaled pools vs static peak, shifting load"),
 )
 
 

@@ -65,12 +65,13 @@ class Autoscaler:
         while True:
             await asyncio.sleep(self.settings.interval_s)
             try:
-                self.step()
+                await self.step()
             except Exception:  # noqa: BLE001 - one bad decision must not stop the loop
                 logger.exception("autoscaler: the decision failed")
 
-    def step(self) -> Decision:
-        """One decision, its actions started (they run on: a drain takes its time)."""
+    async def step(self) -> Decision:
+        """One decision, its actions started (they run on: a drain takes its time). The
+        model's sizing (tens of ms) runs on a thread, off the router's event loop."""
         now, s = self.clock(), self.settings
         window = self.router.window
         recent = window.observe(self._last, now)
@@ -78,7 +79,9 @@ class Autoscaler:
         rate = len(window.observe(now - span, now).input_lens) / span
         history = window.observe(now - s.history_s, now)
         self._last = now
-        decision = self.controller.decide(recent, rate, history, self.pools.counts())
+        decision = await asyncio.to_thread(
+            self.controller.decide, recent, rate, history, self.pools.counts()
+        )
         if decision.actions:
             self.decisions = [*self.decisions[-999:], decision]
             logger.warning(

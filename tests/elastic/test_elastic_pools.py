@@ -175,7 +175,7 @@ def test_the_autoscaler_acts_on_a_breach_within_its_bounds(cluster):
 
     async def scenario():
         await asyncio.gather(*(_generate(router, p) for p in PROMPTS))
-        decision = autoscaler.step()
+        decision = await autoscaler.step()
         await asyncio.gather(*autoscaler._tasks)
         return decision
 
