@@ -305,14 +305,16 @@ async def start_ray(config: DeploymentConfig, settings=None, ready_timeout_s: fl
     Serve application and its config). Then they are detached actors named by the tag and
     outlive this process: a later start_ray with the same tag re-attaches to the live ones
     (and starts those that are gone), the router's shutdown only disconnects from them, and
-    `stop_detached(tag)` ends them."""
+    `stop_detached(tag)` ends them. Elastic pools (`autoscale`) re-attach to every instance
+    that runs under the tag, in the role it serves now, whatever the pools' sizes became."""
     _check_parallel(config)
-    if detached_as is not None and config.autoscale is not None:
-        raise ValueError("autoscale runs under `cluster serve`, not in a Ray Serve application")
     launcher = RayLauncher(config, detached_as)
     try:
-        clients = [await launcher.start(role) for role in config.roles()
-                   for _ in range(getattr(config, role).num_instances)]  # fmt: skip
+        if detached_as is not None and config.autoscale is not None:
+            clients = await launcher.attach()  # elastic: whatever runs under the tag now
+        else:
+            clients = [await launcher.start(role) for role in config.roles()
+                       for _ in range(getattr(config, role).num_instances)]  # fmt: skip
         return await asyncio.wait_for(_router(config, settings, clients, launcher),
                                       ready_timeout_s)  # fmt: skip
     except BaseException:
@@ -336,10 +338,44 @@ class RayLauncher:
         self.deployment_id = detached_as if self.detached else uuid.uuid4().hex[:6]
         self.clients: list = []
         self._groups: dict[int, Any] = {}  # id(client) -> its placement group
-        self._numbers = collections.defaultdict(itertools.count)  # per role
+        self._next: dict[str, int] = collections.defaultdict(int)  # per role
 
     def new_id(self, role: str) -> str:
-        return f"{role}-{next(self._numbers[role])}-{self.deployment_id}"
+        n = self._next[role]
+        self._next[role] += 1
+        return f"{role}-{n}-{self.deployment_id}"
+
+    async def attach(self) -> list[tuple[str, RayClient]]:
+        """Detached elastic pools: a client of every instance running under this tag (each
+        found by its actor's name, made for its first role), connected, in the role it serves
+        now; then one instance more of a role none serves, or the config's pools when none
+        runs at all. New ids continue after every id in use."""
+        names = sorted(i for i, tag in await asyncio.to_thread(_instances)
+                       if tag == self.deployment_id)  # fmt: skip
+        clients = []
+        for instance_id in names:
+            first_role = instance_id.partition("-")[0]
+            self._reserve(instance_id)
+            actor_cls = ray.remote(_worker_class(self.config, first_role))
+            client, pg = await _start_instance(self.config, first_role, instance_id, actor_cls,
+                                               detached=True)  # fmt: skip
+            self.clients.append(client)
+            if pg is not None:
+                self._groups[id(client)] = pg
+            info = await client.connect()
+            self._reserve(info.instance_id)
+            clients.append((info.role, client))
+        for role in self.config.roles():
+            if not any(r == role for r, _ in clients):
+                for _ in range(1 if clients else getattr(self.config, role).num_instances):
+                    clients.append(await self.start(role))
+        return clients
+
+    def _reserve(self, instance_id: str) -> None:
+        role, _, rest = instance_id.partition("-")
+        n = rest.partition("-")[0]
+        if n.isdigit():
+            self._next[role] = max(self._next[role], int(n) + 1)
 
     async def start(self, role: str) -> tuple[str, RayClient]:
         actor_cls = ray.remote(_worker_class(self.config, role))
@@ -358,6 +394,8 @@ class RayLauncher:
         pg = self._groups.pop(id(client), None)
         if pg is not None:
             await asyncio.to_thread(ray.util.remove_placement_group, pg)
+        if client.info is not None:  # (a killed worker cannot remove its agents itself)
+            await asyncio.to_thread(_forget_agents, {client.info.instance_id})
 
     async def shutdown(self) -> None:
         for client in self.clients:
@@ -562,9 +600,9 @@ async def _router(config: DeploymentConfig, settings, clients, launcher):
     tracing.init(config.otlp_traces_endpoint, "pd-cluster-router")
     infos = await asyncio.gather(*(client.connect() for _, client in clients))
     _check_kv_compatible(infos)
-    instances = [
-        Instance(info.instance_id, role, client)
-        for (role, client), info in zip(clients, infos, strict=True)
+    instances = [  # (info.role: an elastic instance may serve another role than it began in)
+        Instance(info.instance_id, info.role, client)
+        for (_, client), info in zip(clients, infos, strict=True)
     ]
     tokenizer = await asyncio.to_thread(Tokenizer.from_pretrained, infos[0].model_path)
     settings = settings or config.router_settings()

@@ -194,6 +194,15 @@ def _pool_args(plan: Plan, pool: PoolPlan) -> dict:
     return args
 
 
+def autoscale_settings(plan: Plan) -> dict:
+    """The router's autoscaler (cluster/elastic/) for a plan: its SLOs, and as many devices as
+    the worker groups' maxReplicas hold (twice the plan's), at least the plan's own."""
+    devices = sum(p.num_gpus for p in plan.pools)
+    slo = plan.slo
+    return {"min_gpus": devices, "max_gpus": 2 * devices, "ttft_s": slo["ttft_s"],
+            "tpot_s": slo["tpot_s"], "attainment": slo.get("attainment", 0.9)}  # fmt: skip
+
+
 def serve_config(plan: Plan, model_path: str | None, extra: dict | None = None) -> dict:
     return {
         "proxy_location": "EveryNode",
@@ -423,6 +432,8 @@ def generate(
     ]
     # Paths only: the secrets stay in their Secrets, out of the CR and the dashboard.
     extra = {"auth_file": f"{AUTH_MOUNT}/{AUTH_KEY}"} if hardening.auth_secret else {}
+    if autoscale:  # the SLO autoscaler sizes the pools; Ray's brings the nodes they ask for
+        extra["autoscale"] = autoscale_settings(plan)
     cluster: dict[str, Any] = {
         "rayVersion": ray_version,
         "authOptions": _auth_options(hardening),

@@ -6,7 +6,9 @@ starts the prefill/decode pools as Ray actors (placed by their GPU resources on 
 groups), owns the router, and answers both APIs through Serve's proxies — the OpenAI HTTP app
 through the HTTP proxy (`__serve_build_asgi_app__`), PDCluster gRPC through the gRPC proxy
 (methods named like the RPCs; `grpcOptions.grpcServicerFunctions` registers the service).
-The router stays one replica: it is the one place that knows every pool's load.
+The router stays one replica: it is the one place that knows every pool's load. With an
+`autoscale` section it also runs the SLO autoscaler (cluster/elastic/), which grows, shrinks
+and flips the detached pools; the Ray autoscaler brings the nodes their actors ask for.
 
 The pools outlive the replica. Their instances are detached Ray actors named by `pool_tag`
 (the application's name and a digest of what the pools run), so a replica that Serve restarts
@@ -42,6 +44,7 @@ from ray.serve.schema import ApplicationStatus
 
 from cluster.api.pdcluster.v1 import pdcluster_pb2 as pb
 from cluster.background import spawn
+from cluster.elastic.autoscaler import start_autoscaler
 from cluster.launch import DeploymentConfig, pool_tags, start_ray, stop_detached
 from cluster.router.grpc_server import (
     PDClusterServicer,
@@ -58,7 +61,7 @@ SERVE_MAX_QUEUED = 64  # requests Serve may hold before the replica takes them
 # Config keys the router alone reads: changing them redeploys the replica, not the pools.
 ROUTER_ONLY_KEYS = frozenset(
     {"router", "grpc", "http", "api_key", "auth_file", "tls", "served_model_name",
-     "drain_timeout_s", "log_format"}
+     "drain_timeout_s", "log_format", "autoscale"}
 )  # fmt: skip
 _SERVE_CALL_TIMEOUT_S = 10.0  # one question to the Serve controller
 _STALE_POLL_S = 1.0  # how often a new replica looks whether the old one has gone
@@ -82,6 +85,11 @@ class PDClusterIngress:
         self.auth = self.config.auth()  # tenants (or the one key): checked on both APIs
         self.router = await start_ray(self.config, detached_as=self.pool_tag)
         self._servicer = PDClusterServicer(self.router, self.auth)
+        # Elastic pools: this replica's autoscaler sizes them (it re-attached to every
+        # instance of the tag, whatever sizes an earlier replica left).
+        self.autoscaler = None
+        if self.config.autoscale is not None:
+            self.autoscaler = start_autoscaler(self.router, self.config)
 
     def __serve_build_asgi_app__(self):
         return build_http_app(self.router, auth=self.auth)
@@ -97,6 +105,8 @@ class PDClusterIngress:
         """Serve's graceful stop: drain, disconnect, and end the pools only if the application
         itself goes (a replica that is merely replaced leaves them to its successor)."""
         self._stale_pools.cancel()
+        if self.autoscaler is not None:
+            await self.autoscaler.stop()
         await self.router.drain(self.config.drain_timeout_s)
         await self.router.shutdown()
         if await _application_deleted(self._app):

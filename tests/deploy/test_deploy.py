@@ -34,6 +34,7 @@ import yaml
 from cluster.cli import main
 from cluster.deploy.kuberay import generate, to_yaml
 from cluster.engine.parallel import free_port
+from cluster.launch import DeploymentConfig
 from cluster.placement.hardware import load_catalog
 from cluster.placement.plan import Plan, PlanError
 from tests.helpers import REPO_ROOT, wait_until
@@ -259,6 +260,11 @@ def test_planner_output_round_trips_into_a_valid_manifest(tmp_path, capsys):
     assert cluster["enableInTreeAutoscaling"] is True
     (group,) = cluster["workerGroupSpecs"]
     assert group["maxReplicas"] == 2 * group["minReplicas"]
+    # The router's SLO autoscaler (elastic pools) may take what those nodes hold.
+    serve = yaml.safe_load(objects[0]["spec"]["serveConfigV2"])
+    args = serve["applications"][0]["args"]
+    devices = DeploymentConfig.from_dict(args).autoscale
+    assert devices.max_gpus == 2 * devices.min_gpus > 0
     volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
     assert volumes["models"]["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
 

@@ -87,3 +87,40 @@ def test_add_flip_and_remove_actors_while_serving(elastic):
     assert sorted(i.role for i in router.instances) == ["decode", "prefill"]
     assert loop.run(_all(router), 120) == reference
     assert_all_blocks_free(loop, router.instances)
+
+
+def test_detached_elastic_pools_are_found_again_in_the_roles_they_serve(ray_cluster,
+                                                                       tiny_model_dir):  # fmt: skip
+    """Under Ray Serve the pools outlive the ingress replica (deploy/serve_app.py): a new
+    replica's start_ray must find every instance an earlier one's autoscaler started or
+    flipped, in its current role, and stop_detached must end them all."""
+    from cluster.launch import pool_tags, start_ray, stop_detached
+    from cluster.loop_thread import LoopThread
+
+    tag = "elastic-test"
+    config = DeploymentConfig(model=str(tiny_model_dir), mode="disaggregated",
+                              autoscale=AutoscaleSettings())  # fmt: skip
+    loop = LoopThread()
+    try:
+        router = loop.run(start_ray(config, detached_as=tag), 300)
+        pools = ElasticPools(router, router.launcher, {"prefill": 1, "decode": 1})
+        loop.run(pools.add("prefill"), 300)
+        loop.run(pools.add("prefill"), 300)
+        flipped = loop.run(pools.flip("decode"), 300)  # 2 prefill + 2 decode now
+        reference = loop.run(_all(router), 120)
+        before = {i.instance_id: i.role for i in router.instances}
+        loop.run(router.shutdown())  # the replica goes; its detached pools stay
+
+        again = loop.run(start_ray(config, detached_as=tag), 300)
+        try:
+            assert {i.instance_id: i.role for i in again.instances} == before
+            assert loop.run(_all(again), 120) == reference
+            new = again.launcher.new_id("decode")  # numbering goes on after every id in use
+            assert new not in before and new != flipped.instance_id
+        finally:
+            loop.run(again.shutdown())
+        assert tag in pool_tags()
+        assert len(stop_detached(tag)) == 4
+        assert tag not in pool_tags()
+    finally:
+        loop.close()
