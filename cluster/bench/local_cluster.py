@@ -18,7 +18,9 @@ import yaml
 class LocalCluster:
     """`config` is a `cluster serve --config` mapping; the ports are always chosen free."""
 
-    def __init__(self, config: dict, start_timeout_s: float = 300.0):
+    def __init__(self, config: dict, start_timeout_s: float = 300.0, log_path: str | None = None):
+        """`log_path`: the server's stderr (its logs) goes there; else nowhere."""
+        self.log_path = log_path
         self.config = {
             **config,
             "grpc": {"host": "127.0.0.1", "port": 0},
@@ -34,10 +36,11 @@ class LocalCluster:
         path.write_text(yaml.safe_dump(self.config))
         cli = Path(sys.executable).parent / "cluster"
         env = {**os.environ, "RAY_ADDRESS": ""}
+        self._log = open(self.log_path, "w") if self.log_path else None  # noqa: SIM115
         self.proc = subprocess.Popen(
             [str(cli), "serve", "--config", str(path)],
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=self._log or subprocess.DEVNULL,
             text=True,
             env=env,
         )
@@ -59,3 +62,5 @@ class LocalCluster:
                 self.proc.kill()
                 self.proc.wait()
         self._tmp.cleanup()
+        if self._log is not None:
+            self._log.close()

@@ -31,7 +31,7 @@ from cluster.elastic.settings import AutoscaleSettings
 from cluster.router.router import Router
 
 logger = logging.getLogger(__name__)
-_RATE_INTERVALS = 3  # the forecast's rate: over this many intervals
+_RECENT_INTERVALS = 3  # attainment, the rate and the prompts arriving: over this many
 
 
 class Autoscaler:
@@ -43,7 +43,7 @@ class Autoscaler:
         self.decisions: list[Decision] = []  # those that acted (the last 1000)
         self._tasks: set[asyncio.Future] = set()
         self._loop: asyncio.Future | None = None
-        self._last = clock()
+        self._start = clock()
         self._collector = _Collector(pools)
         router.metrics.registry.register(self._collector)
 
@@ -74,13 +74,12 @@ class Autoscaler:
         model's sizing (tens of ms) runs on a thread, off the router's event loop."""
         now, s = self.clock(), self.settings
         window = self.router.window
-        recent = window.observe(self._last, now)
-        span = _RATE_INTERVALS * s.interval_s
-        rate = len(window.observe(now - span, now).input_lens) / span
+        span = min(_RECENT_INTERVALS * s.interval_s, now - self._start)
+        late = s.ttft_s * self.controller.time_scale
+        recent = window.observe(now - span, now, late_after_s=late)
         history = window.observe(now - s.history_s, now)
-        self._last = now
         decision = await asyncio.to_thread(
-            self.controller.decide, recent, rate, history, self.pools.counts()
+            self.controller.decide, recent, recent.rate, history, self.pools.counts()
         )
         if decision.actions:
             self.decisions = [*self.decisions[-999:], decision]

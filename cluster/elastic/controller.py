@@ -6,10 +6,12 @@ pools as they are (no clock, no I/O: tests script it).
     model        the smallest pools that meet the SLOs at that rate over the recent prompt
                  and output length distributions (placement/sizing.py), when there is a
                  model and enough samples; else the pools stay as they are
-    correction   an SLO breach in the last interval grows the pool that misses it by one
-                 now, whatever the model says (TTFT: prefill, TPOT: decode)
+    correction   an SLO breach in the last few intervals grows the pool that misses it by
+                 one now, whatever the model says (TTFT: prefill, TPOT: decode); requests
+                 still waiting for a first token past the TTFT target count as misses
     hysteresis   a pool shrinks by one, only after `scale_down_after` decisions in a row
-                 wanted it smaller and none breached; it grows at once
+                 wanted it smaller and none breached, and `cooldown_s` after it last grew;
+                 it grows at once
     bounds       one instance per role at least; the devices within [min_gpus, max_gpus].
                  At max_gpus, a pool that must grow takes from the other's slack (what the
                  model says it does not need) at once, hysteresis or not
@@ -19,6 +21,7 @@ pools as they are (no clock, no I/O: tests script it).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -56,20 +59,22 @@ class Controller:
     time_scale: float = 1.0  # router seconds per model second (emulation)
     can_flip: bool = True  # settings.flip, and the instances can (workers/elastic.py)
     _slack: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ROLES, 0))
+    _grew_at: dict[str, float] = field(default_factory=dict)  # when each pool last grew
 
     def decide(self, recent: Observation, rate: float, history: Observation,
                current: dict[str, int]) -> Decision:  # fmt: skip
-        """`recent`: the last interval (its attainment); `rate`: arrivals per router second
-        over the last few intervals; `history`: the samples of lengths; `current`: the
-        instances of each pool, counting those starting and not those draining."""
+        """`recent`: the last few intervals (attainment, and the prompt lengths arriving
+        now); `rate`: arrivals per router second; `history`: the longer past's lengths;
+        `current`: the instances of each pool, counting those starting and not those
+        draining. `recent.end` is now."""
         s = self.settings
         forecast = rate * self.time_scale * s.headroom
         why: list[str] = []
-        model = self._model(forecast, history, current, why)
+        model = self._model(forecast, recent, history, current, why)
         target = dict(model)
         causes = dict.fromkeys(ROLES, "forecast")
         attained = recent.attainment(s.ttft_s, s.tpot_s, self.time_scale)
-        judged = len(recent.ttfts) + recent.num_failed >= s.min_samples
+        judged = recent.num_judged >= s.min_samples
         breached = False
         for role, value, name in (("prefill", attained[0], "ttft"), ("decode", attained[1],
                                   "tpot")):  # fmt: skip
@@ -79,13 +84,17 @@ class Controller:
                 if target[role] <= current[role]:
                     target[role] = current[role] + 1
                     causes[role] = f"{name}_breach"
+        now = recent.end
         for role in ROLES:  # grow at once; shrink by one after enough slack, never on a breach
+            if target[role] > current[role]:
+                self._grew_at[role] = now
             if target[role] >= current[role] or breached:
                 self._slack[role] = 0
                 target[role] = max(target[role], current[role])
                 continue
             self._slack[role] += 1
-            if self._slack[role] < s.scale_down_after:
+            cooling = now - self._grew_at.get(role, -math.inf) < s.cooldown_s
+            if self._slack[role] < s.scale_down_after or cooling:
                 target[role] = current[role]
             else:
                 target[role], causes[role] = current[role] - 1, "slack"
@@ -95,14 +104,17 @@ class Controller:
         reason = "; ".join(why) or "holding"
         return Decision(dict(current), target, actions, reason, forecast, attained)
 
-    def _model(self, forecast: float, history: Observation, current: dict[str, int],
-               why: list[str]) -> dict[str, int]:  # fmt: skip
-        """The model's pools at the forecast rate; the current ones without a model or
-        samples."""
-        enough = min(len(history.input_lens), len(history.output_lens)) >= self.settings.min_samples
-        if self.sizer is None or not enough or forecast <= 0:
+    def _model(self, forecast: float, recent: Observation, history: Observation,
+               current: dict[str, int], why: list[str]) -> dict[str, int]:  # fmt: skip
+        """The model's pools at the forecast rate, over the prompt lengths arriving now (the
+        history's when few arrived) and the history's output lengths (known only when
+        requests finish); the current pools without a model or samples."""
+        least = self.settings.min_samples
+        inputs = recent.input_lens if len(recent.input_lens) >= least else history.input_lens
+        outputs = history.output_lens
+        if self.sizer is None or min(len(inputs), len(outputs)) < least or forecast <= 0:
             return dict(current)
-        sizes = self.sizer(forecast, history.input_lens, history.output_lens)
+        sizes = self.sizer(forecast, inputs, outputs)
         why.append(f"model at {forecast:.2f} req/s: {sizes.num_prefill} prefill + "
                    f"{sizes.num_decode} decode")  # fmt: skip
         return {"prefill": sizes.num_prefill, "decode": sizes.num_decode}

@@ -31,6 +31,7 @@ class AutoscaleSettings:
     headroom: float = 1.2
     flip: bool = True
     scale_down_after: int = 3
+    cooldown_s: float = 30.0  # a pool shrinks no sooner than this after it grew
     drain_timeout_s: float = 120.0
     history_s: float = 60.0
     min_samples: int = 10  # finished requests a window needs before its attainment counts
@@ -51,5 +52,7 @@ class AutoscaleSettings:
             )
         if self.scale_down_after < 1 or self.min_samples < 1:
             raise ValueError("autoscale.scale_down_after and min_samples must be >= 1")
+        if self.cooldown_s < 0:
+            raise ValueError(f"autoscale.cooldown_s must be >= 0, got {self.cooldown_s}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"autoscale.drain_timeout_s must be >= 0, got {self.drain_timeout_s}")

@@ -1,9 +1,11 @@
 """What the router saw of its requests, for the autoscaler: when each arrived and its prompt
-length; when each finished, its output length, TTFT and TPOT; which failed. Bounded (the
-newest `capacity` of each); the clock is injected (scripted tests)."""
+length; when its first token left (its TTFT); when it finished, its output length and TPOT;
+which failed; and which still wait for a first token. Bounded (the newest `capacity` of
+each); the clock is injected (scripted tests)."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -17,10 +19,11 @@ class Observation:
     start: float
     end: float
     input_lens: tuple[int, ...]  # of the requests that arrived
-    output_lens: tuple[int, ...]  # of those that finished (tokens generated)
-    ttfts: tuple[float, ...]  # of those that finished
-    tpots: tuple[float, ...]  # of those that finished with >= 2 tokens
+    ttfts: tuple[float, ...]  # of the first tokens that left
+    output_lens: tuple[int, ...] = ()  # of the requests that finished (tokens generated)
+    tpots: tuple[float, ...] = ()  # of those that finished with >= 2 tokens
     num_failed: int = 0
+    num_late: int = 0  # at `end`: waiting for a first token longer than the TTFT target
 
     @property
     def rate(self) -> float:
@@ -28,11 +31,16 @@ class Observation:
         span = self.end - self.start
         return len(self.input_lens) / span if span > 0 else 0.0
 
+    @property
+    def num_judged(self) -> int:
+        return len(self.ttfts) + self.num_failed + self.num_late
+
     def attainment(self, ttft_s: float, tpot_s: float, time_scale: float = 1.0
                    ) -> tuple[float | None, float | None]:  # fmt: skip
-        """Shares of finished requests within each target (None: none to judge); a failed
-        request misses both. `time_scale`: router seconds per target second (emulation)."""
-        n = len(self.ttfts) + self.num_failed
+        """Shares within each target (None: nothing to judge). A failed request misses both;
+        one still waiting past the TTFT target has missed it already. `time_scale`: router
+        seconds per target second (emulation)."""
+        n = self.num_judged
         ttft = sum(t <= ttft_s * time_scale for t in self.ttfts) / n if n else None
         m = len(self.tpots) + self.num_failed
         tpot = sum(t <= tpot_s * time_scale for t in self.tpots) / m if m else None
@@ -43,30 +51,54 @@ class Window:
     def __init__(self, capacity: int = 50_000, clock: Callable[[], float] = time.monotonic):
         self.clock = clock
         self._arrivals: deque[tuple[float, int]] = deque(maxlen=capacity)
-        self._finishes: deque[tuple[float, int, float, float | None]] = deque(maxlen=capacity)
+        self._first: deque[tuple[float, float]] = deque(maxlen=capacity)  # (when, TTFT)
+        self._finishes: deque[tuple[float, int, float | None]] = deque(maxlen=capacity)
         self._failures: deque[float] = deque(maxlen=capacity)
+        self._waiting: dict[int, float] = {}  # no first token yet: token -> arrival
+        self._tokens = itertools.count()
 
-    def arrived(self, prompt_tokens: int) -> None:
-        self._arrivals.append((self.clock(), prompt_tokens))
+    def arrived(self, prompt_tokens: int) -> int:
+        """A request admitted for routing; its token for first_token / ended."""
+        now = self.clock()
+        self._arrivals.append((now, prompt_tokens))
+        token = next(self._tokens)
+        self._waiting[token] = now
+        return token
 
-    def finished(self, output_tokens: int, ttft_s: float | None, e2e_s: float) -> None:
-        if ttft_s is None:  # ended before its first token (an abort): nothing to judge
-            return
-        tpot = (e2e_s - ttft_s) / (output_tokens - 1) if output_tokens > 1 else None
-        self._finishes.append((self.clock(), output_tokens, ttft_s, tpot))
+    def first_token(self, token: int) -> None:
+        """Its first token left (later calls: nothing)."""
+        arrival = self._waiting.pop(token, None)
+        if arrival is not None:
+            now = self.clock()
+            self._first.append((now, now - arrival))
+
+    def ended(self, token: int) -> None:
+        """It ended, however (with no first token: failed, aborted, refused)."""
+        self._waiting.pop(token, None)
+
+    def finished(self, output_tokens: int, tpot_s: float | None) -> None:
+        """A choice finished (one with no output token says nothing about lengths)."""
+        if output_tokens >= 1:
+            self._finishes.append((self.clock(), output_tokens, tpot_s))
 
     def failed(self) -> None:
         self._failures.append(self.clock())
 
-    def observe(self, since: float, until: float | None = None) -> Observation:
+    def observe(self, since: float, until: float | None = None,
+                late_after_s: float | None = None) -> Observation:  # fmt: skip
+        """[since, until); `late_after_s`: count the requests waiting longer for their first
+        token at `until` (they have missed a TTFT target of that many router seconds)."""
         until = self.clock() if until is None else until
-        arrivals = [n for t, n in self._arrivals if since <= t < until]
         done = [f for f in self._finishes if since <= f[0] < until]
+        late = 0
+        if late_after_s is not None:
+            late = sum(until - arrival > late_after_s for arrival in self._waiting.values())
         return Observation(
             start=since, end=until,
-            input_lens=tuple(arrivals),
+            input_lens=tuple(n for t, n in self._arrivals if since <= t < until),
+            ttfts=tuple(ttft for t, ttft in self._first if since <= t < until),
             output_lens=tuple(f[1] for f in done),
-            ttfts=tuple(f[2] for f in done),
-            tpots=tuple(f[3] for f in done if f[3] is not None),
+            tpots=tuple(f[2] for f in done if f[2] is not None),
             num_failed=sum(since <= t < until for t in self._failures),
+            num_late=late,
         )  # fmt: skip

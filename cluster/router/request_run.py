@@ -461,8 +461,8 @@ class RequestRun:
         out.timing = self.timing
         self.live.instances.clear()  # nothing left to abort anywhere
         self.router.metrics.finished(out.finish_reason or "stop", self.timing, out.usage)
-        ttft = self.timing.ttft_s if self.emitted else None
-        self.router.window.finished(len(self.emitted), ttft, self.timing.e2e_s)
+        n, t = len(self.emitted), self.timing
+        self.router.window.finished(n, (t.e2e_s - t.ttft_s) / (n - 1) if n > 1 else None)
         if not logs.ACCESS.isEnabledFor(logging.INFO):
             return  # no access log: build nothing on the hot path
         t, ms = self.timing, 1000.0

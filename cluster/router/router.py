@@ -237,7 +237,18 @@ class Router:
         if tenant is not None:  # its priority cap and its own cache (tenants.py)
             inp.priority = tenant.priority(inp.priority)
             inp.cache_salt = tenant.salt(inp.cache_salt)
-        self.window.arrived(len(prompt_ids))
+        token = self.window.arrived(len(prompt_ids))
+        try:
+            async for chunk in self._admitted(inp, prompt_ids, policy, arrival):
+                if chunk.token_ids:
+                    self.window.first_token(token)
+                yield chunk
+        finally:
+            self.window.ended(token)
+
+    async def _admitted(self, inp: GenerateInput, prompt_ids: list[int], policy: str,
+                        arrival: float) -> AsyncIterator[StreamChunk]:  # fmt: skip
+        tenant = inp.tenant
         self._shed()
         request_id = inp.request_id or uuid.uuid4().hex
         key = _live_key(tenant, request_id)  # ids are the tenant's own: Abort reaches no other

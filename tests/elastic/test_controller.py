@@ -33,13 +33,15 @@ class ScriptedModel:
         return self.sizes
 
 
-def observed(n: int = 40, ttft: float = 0.1, tpot: float = 0.01, failed: int = 0,
-             span: float = 10.0) -> Observation:  # fmt: skip
-    return Observation(0.0, span, (512,) * n, (128,) * n, (ttft,) * n, (tpot,) * n, failed)
+def observed(n: int = 40, ttft: float = 0.1, tpot: float = 0.01, failed: int = 0, late: int = 0,
+             prompt: int = 512, at: float = 10.0) -> Observation:  # fmt: skip
+    return Observation(at - 10.0, at, input_lens=(prompt,) * n, ttfts=(ttft,) * n,
+                       output_lens=(128,) * n, tpots=(tpot,) * n, num_failed=failed,
+                       num_late=late)  # fmt: skip
 
 
 def controller(model=None, **settings) -> Controller:
-    base = {"ttft_s": 1.0, "tpot_s": 0.1, "max_gpus": 8, "scale_down_after": 3}
+    base = {"ttft_s": 1.0, "tpot_s": 0.1, "max_gpus": 8, "scale_down_after": 3, "cooldown_s": 0}
     return Controller(AutoscaleSettings(**{**base, **settings}), GPUS, model)
 
 
@@ -74,6 +76,43 @@ def test_failed_requests_count_as_misses_and_few_samples_judge_nothing():
     c = controller(ScriptedModel(1, 1), min_samples=10)
     d = c.decide(observed(n=3, ttft=9.0), 1.0, observed(), {"prefill": 1, "decode": 1})
     assert d.actions == ()
+
+
+def test_requests_still_waiting_past_the_ttft_target_are_misses_already():
+    """A backlog shows before its requests finish: a pool that stopped keeping up is
+    breached now, not when the late ones finally get their first token."""
+    c = controller(ScriptedModel(1, 1))
+    d = c.decide(observed(n=10, late=10), 1.0, observed(), {"prefill": 1, "decode": 1})
+    assert d.attainment[0] == 0.5
+    assert d.actions == (Action("add", "prefill", "ttft_breach"),)
+
+
+def test_sizes_for_the_prompts_arriving_now_and_past_outputs():
+    """A shift from chat to summarization: the recent prompts, not an hour's average."""
+    seen = []
+
+    def model(rate, input_lens, output_lens):
+        seen.append((set(input_lens), set(output_lens)))
+        return Sizes(1, 1)
+
+    c = controller(model)
+    history = observed(prompt=300)
+    c.decide(observed(prompt=2500), 1.0, history, {"prefill": 1, "decode": 1})
+    c.decide(observed(n=3, prompt=2500), 1.0, history, {"prefill": 1, "decode": 1})
+    assert seen == [({2500}, {128}), ({300}, {128})]  # too few recent ones: the history's
+
+
+def test_a_pool_does_not_shrink_within_its_cooldown_after_growing():
+    model = ScriptedModel(3, 1)
+    c = controller(model, scale_down_after=1, cooldown_s=30.0)
+    d = c.decide(observed(at=100.0), 1.0, observed(), {"prefill": 2, "decode": 1})
+    assert d.actions == (Action("add", "prefill", "forecast"),)
+    model.sizes = Sizes(1, 1)
+    for at in (110.0, 120.0):  # within 30 s of growing: held
+        d = c.decide(observed(at=at), 1.0, observed(), {"prefill": 3, "decode": 1})
+        assert d.actions == ()
+    d = c.decide(observed(at=131.0), 1.0, observed(), {"prefill": 3, "decode": 1})
+    assert d.actions == (Action("remove", "prefill", "slack"),)
 
 
 def test_shrinks_one_at_a_time_after_enough_slack_and_never_on_a_breach():
@@ -154,19 +193,25 @@ def test_settings_refuse_what_cannot_work():
             AutoscaleSettings(**bad)
 
 
-def test_the_window_sees_arrivals_finishes_and_failures_in_its_span():
+def test_the_window_sees_arrivals_first_tokens_finishes_and_failures_in_its_span():
     now = [0.0]
     w = Window(clock=lambda: now[0])
-    for t, n in ((1.0, 100), (2.0, 200), (12.0, 300)):
+    tokens = []
+    for t, n in ((1.0, 100), (2.0, 200), (3.0, 50), (12.0, 300)):
         now[0] = t
-        w.arrived(n)
+        tokens.append(w.arrived(n))
+    now[0] = 1.5
+    w.first_token(tokens[0])
+    w.first_token(tokens[0])  # a later chunk: nothing more
     now[0] = 5.0
-    w.finished(output_tokens=11, ttft_s=0.5, e2e_s=1.5)
-    w.finished(output_tokens=1, ttft_s=0.2, e2e_s=0.2)  # one token: no TPOT
-    w.finished(output_tokens=0, ttft_s=None, e2e_s=0.1)  # aborted before a token: not judged
+    w.finished(output_tokens=11, tpot_s=0.1)
+    w.finished(output_tokens=1, tpot_s=None)  # one token: no TPOT
+    w.finished(output_tokens=0, tpot_s=None)  # ended before any token: no length to learn
     w.failed()
-    o = w.observe(0.0, 10.0)
-    assert o.input_lens == (100, 200) and o.rate == pytest.approx(0.2)
-    assert o.output_lens == (11, 1) and o.ttfts == (0.5, 0.2)
-    assert o.tpots == (pytest.approx(0.1),) and o.num_failed == 1
-    assert o.attainment(ttft_s=0.3, tpot_s=1.0) == (pytest.approx(1 / 3), 0.5)
+    w.ended(tokens[1])  # (it failed: no longer waiting)
+    o = w.observe(0.0, 10.0, late_after_s=4.0)
+    assert o.input_lens == (100, 200, 50) and o.rate == pytest.approx(0.3)
+    assert o.ttfts == (0.5,) and o.output_lens == (11, 1) and o.tpots == (0.1,)
+    assert o.num_failed == 1
+    assert o.num_late == 1  # the request of t=3 has waited 7 s; the one of t=12 not yet
+    assert o.attainment(ttft_s=1.0, tpot_s=1.0) == (pytest.approx(1 / 3), 0.5)
