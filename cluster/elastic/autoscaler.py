@@ -79,7 +79,12 @@ class Autoscaler:
         recent = window.observe(now - span, now, late_after_s=late)
         history = window.observe(now - s.history_s, now)
         decision = await asyncio.to_thread(
-            self.controller.decide, recent, recent.rate, history, self.pools.counts()
+            self.controller.decide,
+            recent,
+            recent.rate,
+            history,
+            self.pools.counts(),
+            dict(self.pools.starting),
         )
         if decision.actions:
             self.decisions = [*self.decisions[-999:], decision]

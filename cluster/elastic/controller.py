@@ -62,11 +62,13 @@ class Controller:
     _grew_at: dict[str, float] = field(default_factory=dict)  # when each pool last grew
 
     def decide(self, recent: Observation, rate: float, history: Observation,
-               current: dict[str, int]) -> Decision:  # fmt: skip
+               current: dict[str, int], pending: dict[str, int] | None = None
+               ) -> Decision:  # fmt: skip
         """`recent`: the last few intervals (attainment, and the prompt lengths arriving
         now); `rate`: arrivals per router second; `history`: the longer past's lengths;
         `current`: the instances of each pool, counting those starting and not those
-        draining. `recent.end` is now."""
+        draining; `pending`: of those, the ones still starting (or flipping in). `recent.end`
+        is now."""
         s = self.settings
         forecast = rate * self.time_scale * s.headroom
         why: list[str] = []
@@ -76,15 +78,19 @@ class Controller:
         attained = recent.attainment(s.ttft_s, s.tpot_s, self.time_scale)
         judged = recent.num_judged >= s.min_samples
         breached = False
+        now, span = recent.end, recent.end - recent.start
         for role, value, name in (("prefill", attained[0], "ttft"), ("decode", attained[1],
                                   "tpot")):  # fmt: skip
             if judged and value is not None and value < s.attainment:
                 breached = True
                 why.append(f"{name.upper()} attainment {value:.0%} < {s.attainment:.0%}")
-                if target[role] <= current[role]:
+                # One correction at a time: not while the last one still starts, nor before
+                # the requests it judges on could have seen it.
+                settling = (pending or {}).get(role, 0) > 0 or (
+                    now - self._grew_at.get(role, -math.inf) < span)  # fmt: skip
+                if target[role] <= current[role] and not settling:
                     target[role] = current[role] + 1
                     causes[role] = f"{name}_breach"
-        now = recent.end
         for role in ROLES:  # grow at once; shrink by one after enough slack, never on a breach
             if target[role] > current[role]:
                 self._grew_at[role] = now

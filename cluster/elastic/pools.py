@@ -108,8 +108,13 @@ class ElasticPools:
 
     async def flip(self, role: str, instance: Instance | None = None) -> Instance:
         """Move `instance` (default: the least busy of the other role) to `role`: drain it,
-        change its role."""
+        change its role. With none to spare there (the other pool's only serving instance;
+        its others still start), `role` grows by a new instance instead."""
         other = next(r for r in self.gpus if r != role)
+        spare = [i for i in self.router.pool(other) if not i.draining]
+        if instance is None and len(spare) <= 1 and self.starting[other]:
+            logger.info("elastic: no %s instance to spare yet: adding a %s one", other, role)
+            return await self.add(role)
         instance = self._take(other, instance)
         self.starting[role] += 1
         try:

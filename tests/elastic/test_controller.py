@@ -215,3 +215,20 @@ def test_the_window_sees_arrivals_first_tokens_finishes_and_failures_in_its_span
     assert o.num_failed == 1
     assert o.num_late == 1  # the request of t=3 has waited 7 s; the one of t=12 not yet
     assert o.attainment(ttft_s=1.0, tpot_s=1.0) == (pytest.approx(1 / 3), 0.5)
+
+
+def test_one_correction_at_a_time():
+    """A breach grows its pool once; while that instance starts, or before the requests it
+    judges on could have used it, the same breach adds nothing more."""
+    c = controller(ScriptedModel(1, 1))
+    current = {"prefill": 2, "decode": 1}
+    late = observed(ttft=5.0, at=100.0)
+    assert c.decide(late, 1.0, observed(), current).actions == (
+        Action("add", "prefill", "ttft_breach"),)  # fmt: skip
+    grown = {"prefill": 3, "decode": 1}
+    still = observed(ttft=5.0, at=102.0)
+    assert c.decide(still, 1.0, observed(), grown, pending={"prefill": 1}).actions == ()
+    assert c.decide(still, 1.0, observed(), grown).actions == ()  # within the 10 s judged
+    later = observed(ttft=5.0, at=111.0)
+    assert c.decide(later, 1.0, observed(), grown).actions == (
+        Action("add", "prefill", "ttft_breach"),)  # fmt: skip
