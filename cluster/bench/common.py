@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -34,3 +35,18 @@ def report(result: dict, table: str, args: argparse.Namespace) -> None:
         print(json.dumps(result))
     if args.output is not None:
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def run_reported(args: argparse.Namespace, run: Callable[[], dict],
+                 table: Callable[[dict], str]) -> dict:  # fmt: skip
+    """Run a benchmark and report it. A target it cannot reach or start (the load
+    generator's BenchError, a child that would not serve) prints its message and exits 2."""
+    from cluster.bench.loadgen import BenchError
+
+    try:
+        result = run()
+    except (BenchError, RuntimeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    report(result, table(result), args)
+    return result

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.bench.common import report
+from cluster.bench.common import run_reported
 from cluster.bench.loadgen import (
     BenchError,
     GrpcBackend,
@@ -586,13 +586,7 @@ def comparison(variants: dict) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     opt = _options(args)
-    try:
-        result = _run(opt)
-    except (BenchError, RuntimeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    report(result, format_table(result), args)
-    return result
+    return run_reported(args, lambda: _run(opt), format_table)
 
 
 def _run(opt: Options) -> dict:

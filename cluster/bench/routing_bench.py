@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.bench.common import int_list, report, resolve
+from cluster.bench.common import int_list, resolve, run_reported
 from cluster.bench.loadgen import BenchError, GrpcBackend, RequestPlan, RequestRecord
 from cluster.bench.multiturn import (
     MOONCAKE_BLOCK_TOKENS,
@@ -211,13 +211,7 @@ def _has_think_times(trace: tuple[SessionSpec, ...] | None) -> bool:
 
 def run(args: argparse.Namespace) -> dict:
     opt = _options(args)
-    try:
-        result = _run(opt)
-    except (BenchError, RuntimeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    report(result, format_table(result), args)
-    return result
+    return run_reported(args, lambda: _run(opt), format_table)
 
 
 def _run(opt: Options) -> dict:
