@@ -143,7 +143,7 @@ def _row(i: pb.InstanceStatus) -> tuple[str, ...]:
     return (
         i.role,
         i.instance_id,
-        "yes" if i.healthy else "NO",
+        ("yes" if i.healthy else "NO") + (" (draining)" if i.draining else ""),
         str(i.num_running),
         str(i.num_waiting),
         str(i.pending_prompt_tokens),

@@ -381,6 +381,7 @@ class Router:
                         "instance_id": i.instance_id,
                         "role": i.role,
                         "healthy": i.healthy,
+                        "draining": i.draining,
                         "num_running": load.num_running,
                         "num_waiting": load.num_waiting,
                         "pending_prompt_tokens": load.pending_prompt_tokens,

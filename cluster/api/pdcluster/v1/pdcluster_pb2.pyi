@@ -254,7 +254,7 @@ class GetClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InstanceStatus(_message.Message):
-    __slots__ = ("instance_id", "role", "healthy", "num_running", "num_waiting", "pending_prompt_tokens", "num_kv_blocks", "num_free_kv_blocks", "kv_cache_usage", "node")
+    __slots__ = ("instance_id", "role", "healthy", "num_running", "num_waiting", "pending_prompt_tokens", "num_kv_blocks", "num_free_kv_blocks", "kv_cache_usage", "node", "draining")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
@@ -265,6 +265,7 @@ class InstanceStatus(_message.Message):
     NUM_FREE_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_USAGE_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     role: str
     healthy: bool
@@ -275,7 +276,8 @@ class InstanceStatus(_message.Message):
     num_free_kv_blocks: int
     kv_cache_usage: float
     node: str
-    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[str] = ..., healthy: _Optional[bool] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., pending_prompt_tokens: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., num_free_kv_blocks: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., node: _Optional[str] = ...) -> None: ...
+    draining: bool
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[str] = ..., healthy: _Optional[bool] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., pending_prompt_tokens: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., num_free_kv_blocks: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., node: _Optional[str] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class PoolStatus(_message.Message):
     __slots__ = ("role", "instances")
