@@ -32,6 +32,7 @@ from cluster.router.router import Router
 
 logger = logging.getLogger(__name__)
 _RECENT_INTERVALS = 3  # attainment, the rate and the prompts arriving: over this many
+_RATE_ARRIVALS = 50  # ... and the rate over at least this many arrivals (±14 % Poisson noise)
 
 
 class Autoscaler:
@@ -78,10 +79,11 @@ class Autoscaler:
         late = s.ttft_s * self.controller.time_scale
         recent = window.observe(now - span, now, late_after_s=late)
         history = window.observe(now - s.history_s, now)
+        rate = window.rate(now, span, _RATE_ARRIVALS)
         decision = await asyncio.to_thread(
             self.controller.decide,
             recent,
-            recent.rate,
+            rate,
             history,
             self.pools.counts(),
             dict(self.pools.starting),

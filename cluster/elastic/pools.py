@@ -49,10 +49,13 @@ class ElasticPools:
     # -- what there is ----------------------------------------------------------------------
 
     def counts(self) -> dict[str, int]:
-        """Instances of each pool that serve or will: not draining, starting included."""
+        """Instances of each pool that serve or will: healthy and not draining, starting
+        included. A lost one is capacity that is not there (a pool whose only instance is
+        lost counts 0, and the controller's floor of one per role replaces it at once); if
+        it comes back, the pool's slack removes one later."""
         return {
             role: self.starting[role]
-            + sum(1 for i in self.router.pool(role) if not i.draining)
+            + sum(1 for i in self.router.pool(role) if i.healthy and not i.draining)
             for role in self.gpus
         }  # fmt: skip
 

@@ -84,6 +84,17 @@ class Window:
     def failed(self) -> None:
         self._failures.append(self.clock())
 
+    def rate(self, until: float, min_span: float, min_arrivals: int) -> float:
+        """Arrivals per second up to `until`, over at least `min_span` seconds and at least
+        the last `min_arrivals` arrivals (a steady estimate at a low rate: Poisson noise
+        over a few arrivals is large)."""
+        times = [t for t, _ in self._arrivals if t < until]
+        start = until - min_span
+        if len(times) > min_arrivals:
+            start = min(start, times[-min_arrivals])
+        span = until - start
+        return sum(t >= start for t in times) / span if span > 0 else 0.0
+
     def observe(self, since: float, until: float | None = None,
                 late_after_s: float | None = None) -> Observation:  # fmt: skip
         """[since, until); `late_after_s`: count the requests waiting longer for their first

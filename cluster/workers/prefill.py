@@ -58,7 +58,11 @@ class PrefillWorker(EngineWorker):
             self._every(_REPUBLISH_INTERVAL_S, self._publish)
 
     def _poll_notifications(self) -> None:
-        """Pulls that finished free their blocks; the engine lock only when there are some."""
+        """Pulls that finished free their blocks; the engine lock only when there are some.
+        With no lease out there is nothing to free: no NIXL call (an idle instance costs
+        next to no CPU; a notification for a lease granted since waits one more tick)."""
+        if not self.sender.leases:
+            return
         notifs = self.agent.get_notifications()
         if notifs:
             self.engine.call(self.sender.poll, notifs)

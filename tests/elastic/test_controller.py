@@ -232,3 +232,14 @@ def test_one_correction_at_a_time():
     later = observed(ttft=5.0, at=111.0)
     assert c.decide(later, 1.0, observed(), grown).actions == (
         Action("add", "prefill", "ttft_breach"),)  # fmt: skip
+
+
+def test_the_rate_is_taken_over_enough_arrivals_to_be_steady():
+    now = [0.0]
+    w = Window(clock=lambda: now[0])
+    for i in range(100):  # one a second for 100 s
+        now[0] = float(i)
+        w.arrived(10)
+    assert w.rate(100.0, min_span=6.0, min_arrivals=1) == pytest.approx(6 / 6)
+    assert w.rate(100.0, min_span=6.0, min_arrivals=50) == pytest.approx(50 / 50)
+    assert w.rate(100.0, min_span=200.0, min_arrivals=50) == pytest.approx(100 / 200)

@@ -149,7 +149,7 @@ def test_the_last_instance_of_a_role_is_never_drained(cluster):
     loop.run(pools.add("decode"), 120)
 
 
-def test_device_seconds_count_every_instance_held(cluster):
+def test_device_seconds_count_every_instance_held_and_lost_ones_do_not_serve(cluster):
     loop, router, pools, _ = cluster
     now = [0.0]
     counted = ElasticPools(router, router.launcher, {"prefill": 2, "decode": 1},
@@ -159,6 +159,12 @@ def test_device_seconds_count_every_instance_held(cluster):
     now[0] = 10.0
     assert counted.device_seconds == pytest.approx(10.0 * held)
     assert counted.counts() == _roles(router)
+    lost = router.pool("decode")[0]
+    lost.healthy = False  # (as the router marks one it lost; its next poll restores it)
+    try:
+        assert counted.counts()["decode"] == _roles(router)["decode"] - 1
+    finally:
+        lost.healthy = True
     wait_until(lambda: router.is_ready(), 10)
 
 
