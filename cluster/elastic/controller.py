@@ -7,8 +7,9 @@ pools as they are (no clock, no I/O: tests script it).
                  and output length distributions (placement/sizing.py), when there is a
                  model and enough samples; else the pools stay as they are
     correction   an SLO breach in the last few intervals grows the pool that misses it by
-                 one now, whatever the model says (TTFT: prefill, TPOT: decode); requests
-                 still waiting for a first token past the TTFT target count as misses
+                 one now, whatever the model says (TPOT: decode; TTFT: prefill, or decode
+                 when the late requests spent most of their wait on the decode side);
+                 requests still waiting for a first token past the TTFT target are misses
     hysteresis   a pool shrinks by one, only after `scale_down_after` decisions in a row
                  wanted it smaller and none breached, and `cooldown_s` after it last grew;
                  it grows at once
@@ -79,7 +80,8 @@ class Controller:
         judged = recent.num_judged >= s.min_samples
         breached = False
         now, span = recent.end, recent.end - recent.start
-        for role, value, name in (("prefill", attained[0], "ttft"), ("decode", attained[1],
+        ttft_pool = self._ttft_pool(recent)
+        for role, value, name in ((ttft_pool, attained[0], "ttft"), ("decode", attained[1],
                                   "tpot")):  # fmt: skip
             if judged and value is not None and value < s.attainment:
                 breached = True
@@ -109,6 +111,16 @@ class Controller:
         actions = self._actions(current, target, causes)
         reason = "; ".join(why) or "holding"
         return Decision(dict(current), target, actions, reason, forecast, attained)
+
+    def _ttft_pool(self, recent: Observation) -> str:
+        """The pool a TTFT breach grows: decode when the requests that missed spent most of
+        their time to first token on the decode side (no decode instance free, no KV room,
+        the pull), else prefill (its queue and compute)."""
+        limit = self.settings.ttft_s * self.time_scale
+        missed = [(t, d) for t, d in recent.ttft_splits if t > limit]
+        if missed and sum(d for _, d in missed) > 0.5 * sum(t for t, _ in missed):
+            return "decode"
+        return "prefill"
 
     def _model(self, forecast: float, recent: Observation, history: Observation,
                current: dict[str, int], why: list[str]) -> dict[str, int]:  # fmt: skip

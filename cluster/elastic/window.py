@@ -24,6 +24,9 @@ class Observation:
     tpots: tuple[float, ...] = ()  # of those that finished with >= 2 tokens
     num_failed: int = 0
     num_late: int = 0  # at `end`: waiting for a first token longer than the TTFT target
+    # (TTFT, the part of it spent on the decode side: waiting for a decode instance or for
+    # KV room, the pull, the first step) of the first tokens in the span
+    ttft_splits: tuple[tuple[float, float], ...] = ()
 
     @property
     def rate(self) -> float:
@@ -54,6 +57,7 @@ class Window:
         self._first: deque[tuple[float, float]] = deque(maxlen=capacity)  # (when, TTFT)
         self._finishes: deque[tuple[float, int, float | None]] = deque(maxlen=capacity)
         self._failures: deque[float] = deque(maxlen=capacity)
+        self._splits: deque[tuple[float, float, float]] = deque(maxlen=capacity)
         self._waiting: dict[int, float] = {}  # no first token yet: token -> arrival
         self._tokens = itertools.count()
 
@@ -71,6 +75,12 @@ class Window:
         if arrival is not None:
             now = self.clock()
             self._first.append((now, now - arrival))
+
+    def split(self, ttft_s: float, decode_side_s: float) -> None:
+        """Where one run's time to first token went: `decode_side_s` of it after its prompt
+        was computed (or before a decode instance took it), the rest in admission and on the
+        prefill instance."""
+        self._splits.append((self.clock(), ttft_s, decode_side_s))
 
     def ended(self, token: int) -> None:
         """It ended, however (with no first token: failed, aborted, refused)."""
@@ -112,4 +122,5 @@ class Window:
             tpots=tuple(f[2] for f in done if f[2] is not None),
             num_failed=sum(since <= t < until for t in self._failures),
             num_late=late,
+            ttft_splits=tuple((t, d) for when, t, d in self._splits if since <= when < until),
         )  # fmt: skip

@@ -431,6 +431,7 @@ class RequestRun:
             rest = self.timing.ttft_s - self.timing.queue_s - self.timing.prefill_s
             self.timing.first_decode_s = max(0.0, rest - self.timing.transfer_s)
             metrics.first_token(self.timing)
+            self.router.window.split(self.timing.ttft_s, max(0.0, rest))
         elif chunk.token_ids and self.last_token_time is not None:
             metrics.inter_token(now - self.last_token_time, len(chunk.token_ids))
         if chunk.token_ids:

@@ -4,6 +4,7 @@ test isolates one rule; test_sizing_in_the_loop runs the real model (placement/s
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -209,11 +210,13 @@ def test_the_window_sees_arrivals_first_tokens_finishes_and_failures_in_its_span
     w.finished(output_tokens=0, tpot_s=None)  # ended before any token: no length to learn
     w.failed()
     w.ended(tokens[1])  # (it failed: no longer waiting)
+    w.split(ttft_s=0.5, decode_side_s=0.1)
     o = w.observe(0.0, 10.0, late_after_s=4.0)
     assert o.input_lens == (100, 200, 50) and o.rate == pytest.approx(0.3)
     assert o.ttfts == (0.5,) and o.output_lens == (11, 1) and o.tpots == (0.1,)
     assert o.num_failed == 1
     assert o.num_late == 1  # the request of t=3 has waited 7 s; the one of t=12 not yet
+    assert o.ttft_splits == ((0.5, 0.1),)
     assert o.attainment(ttft_s=1.0, tpot_s=1.0) == (pytest.approx(1 / 3), 0.5)
 
 
@@ -243,3 +246,24 @@ def test_the_rate_is_taken_over_enough_arrivals_to_be_steady():
     assert w.rate(100.0, min_span=6.0, min_arrivals=1) == pytest.approx(6 / 6)
     assert w.rate(100.0, min_span=6.0, min_arrivals=50) == pytest.approx(50 / 50)
     assert w.rate(100.0, min_span=200.0, min_arrivals=50) == pytest.approx(100 / 200)
+
+
+def test_a_ttft_breach_grows_the_pool_where_the_late_requests_waited():
+    """Requests late for their first token because no decode instance had room (their time
+    went after the prompt was computed) need decode instances, not more prefill."""
+    current = {"prefill": 2, "decode": 2}
+
+    def late(decode_side: float) -> Observation:
+        o = observed(n=20, ttft=3.0)
+        return dataclasses.replace(o, ttft_splits=((3.0, decode_side),) * 20)
+
+    c = controller(ScriptedModel(1, 1))
+    assert c.decide(late(2.5), 1.0, observed(), current).actions == (
+        Action("add", "decode", "ttft_breach"),)  # fmt: skip
+    c = controller(ScriptedModel(1, 1))
+    assert c.decide(late(0.5), 1.0, observed(), current).actions == (
+        Action("add", "prefill", "ttft_breach"),)  # fmt: skip
+    on_time = dataclasses.replace(late(2.5), ttft_splits=((0.2, 0.19),) * 20)
+    c = controller(ScriptedModel(1, 1))  # only the late ones say where the time went
+    assert c.decide(on_time, 1.0, observed(), current).actions == (
+        Action("add", "prefill", "ttft_breach"),)  # fmt: skip
