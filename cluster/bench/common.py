@@ -10,6 +10,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from cluster.bench.loadgen import BenchError
+
 
 def int_list(text: str) -> tuple[int, ...]:
     """argparse type: "1,8,32" -> (1, 8, 32), positive integers only."""
@@ -41,8 +43,6 @@ def run_reported(args: argparse.Namespace, run: Callable[[], dict],
                  table: Callable[[dict], str]) -> dict:  # fmt: skip
     """Run a benchmark and report it. A target it cannot reach or start (the load
     generator's BenchError, a child that would not serve) prints its message and exits 2."""
-    from cluster.bench.loadgen import BenchError
-
     try:
         result = run()
     except (BenchError, RuntimeError, OSError) as e:

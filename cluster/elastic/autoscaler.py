@@ -28,6 +28,9 @@ from cluster.background import spawn
 from cluster.elastic.controller import ROLES, Action, Controller, Decision
 from cluster.elastic.pools import ElasticPools
 from cluster.elastic.settings import AutoscaleSettings
+from cluster.placement import sizing
+from cluster.placement.hardware import load_catalog
+from cluster.placement.model_spec import load_model_spec
 from cluster.router.router import Router
 
 logger = logging.getLogger(__name__)
@@ -171,9 +174,6 @@ def _shape(config, role: str) -> tuple[int, int, float]:
 def _sizer(config, settings: AutoscaleSettings, shapes) -> Callable | None:
     """(rate, input lengths, output lengths) -> pool sizes: the emulated hardware's model,
     or a fitted profile's; None without either."""
-    from cluster.placement import sizing
-    from cluster.placement.hardware import load_catalog
-
     emulation = config.engine_config("prefill").emulation
     transfer_s_per_token = 0.0
     if emulation is not None:
@@ -184,8 +184,6 @@ def _sizer(config, settings: AutoscaleSettings, shapes) -> Callable | None:
         }
         link = config.engine_config("decode").emulation.kv_bandwidth  # the decode's pulls
         if link:
-            from cluster.placement.model_spec import load_model_spec
-
             transfer_s_per_token = load_model_spec(emulation.model).kv_bytes_per_token / link
     elif settings.profile:
         types = {role: sizing.profile_type(settings.profile, tp, pp)
