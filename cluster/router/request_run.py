@@ -301,7 +301,8 @@ class RequestRun:
         and the part it lacks, then the handoff), and the decode instance has KV room."""
         router = self.router
         uncached = num_tokens - cached_blocks * router.model_info.block_size
-        if not router.local_prefill.local(uncached, decode.pending_prompt_tokens, remote_tokens):
+        queue = decode.pending_prompt_tokens
+        if not router.local_prefill.local(uncached, queue, remote_tokens, decode.instance_id):
             return False
         room = decode.free_blocks - decode.num_recent_blocks >= blocks
         return room and not decode.kv_queue_full
@@ -384,6 +385,7 @@ class RequestRun:
 
     def _add_timing(self, t) -> None:
         """The first chunk's worker-side timing (protocol.EngineTiming)."""
+        computed = len(self.prompt_ids) + len(self.emitted) - t.num_cached_tokens
         if t.prefill_s is not None:
             self.timing.queue_s += t.engine_queue_s or 0.0
             self.timing.prefill_s = t.prefill_s
@@ -392,8 +394,10 @@ class RequestRun:
             self.timing.kv_bytes, self.timing.kv_reads = t.kv_bytes, t.kv_reads
             self.timing.kv_descriptors, self.timing.kv_read_s = t.kv_descriptors, t.kv_read_s
             self.timing.kv_hit_tokens = t.kv_hit_tokens
-            computed = len(self.prompt_ids) + len(self.emitted) - t.num_cached_tokens
             self.router.local_prefill.observe(t, computed)
+        elif self.timing.local_prefill and t.prefill_s is not None:
+            decode = self.timing.decode_instance
+            self.router.local_prefill.observe_local(decode, t.prefill_s, computed)
 
     async def _next(self, stream, watched: tuple[Instance, ...], lost: set[str]):
         """The stream's next chunk, unless call_timeout_s passes (TimeoutError) or a watched
@@ -463,7 +467,10 @@ class RequestRun:
         self.live.instances.clear()  # nothing left to abort anywhere
         self.router.metrics.finished(out.finish_reason or "stop", self.timing, out.usage)
         n, t = len(self.emitted), self.timing
-        self.router.window.finished(n, (t.e2e_s - t.ttft_s) / (n - 1) if n > 1 else None)
+        tpot_s = (t.e2e_s - t.ttft_s) / (n - 1) if n > 1 else None
+        self.router.window.finished(n, tpot_s)
+        if tpot_s is not None and t.decode_instance:
+            self.router.local_prefill.observe_decode(t.decode_instance, tpot_s, n - 1)
         if not logs.ACCESS.isEnabledFor(logging.INFO):
             return  # no access log: build nothing on the hot path
         t, ms = self.timing, 1000.0

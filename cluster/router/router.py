@@ -153,9 +153,9 @@ class Router:
         self._subscriptions: dict[str, asyncio.Future] = {}  # instance id -> its follower
         for instance in instances:
             self._watch(instance)
-        local = settings.local_prefill_max_tokens
         kv_disaggregated = settings.policy == "kv" and settings.mode == "disaggregated"
-        self.local_prefill = LocalPrefill(local if kv_disaggregated else 0)
+        local = settings.local_prefill_max_tokens if kv_disaggregated else 0
+        self.local_prefill = LocalPrefill(local, settings.local_prefill_tpot_s)
 
     async def shutdown(self) -> None:
         for task in (self._poller, *self._subscriptions.values()):

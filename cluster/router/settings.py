@@ -32,6 +32,10 @@ class RouterSettings:
     # at once (its headroom: what its running requests' steps take on; 0: always hand off);
     # within it, local_prefill.py's break-even decides.
     local_prefill_max_tokens: int = 512
+    # kv, disaggregated: the TPOT target local prefills keep for a decode instance's running
+    # requests; the headroom is then derived from it and measured step and prefill times
+    # (local_prefill.py), within local_prefill_max_tokens. None: the headroom is the bound.
+    local_prefill_tpot_s: float | None = None
     # How tool calls are read from the output (tool_parsers.py): hermes, llama3_json, mistral;
     # auto: from the chat template; none: `tools` with tool_choice auto is refused (400).
     tool_call_parser: str = "auto"
@@ -52,6 +56,11 @@ class RouterSettings:
         if self.local_prefill_max_tokens < 0:
             raise ValueError(
                 f"local_prefill_max_tokens must be >= 0, got {self.local_prefill_max_tokens}"
+            )
+        if self.local_prefill_tpot_s is not None and not self.local_prefill_tpot_s > 0:
+            raise ValueError(
+                "local_prefill_tpot_s (a TPOT target, seconds) must be > 0 when set, "
+                f"got {self.local_prefill_tpot_s}"
             )
         if self.failure_policy not in FAILURE_POLICIES:
             raise ValueError(
