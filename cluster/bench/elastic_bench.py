@@ -45,6 +45,7 @@ from cluster.bench.loadgen import (
 )
 from cluster.bench.routing_bench import machine
 from cluster.bench.serve_metrics import meets
+from cluster.elastic.settings import AutoscaleSettings
 from cluster.placement import sizing
 from cluster.placement.model_spec import load_model_spec
 from cluster.placement.workload import LengthDist, Workload
@@ -101,6 +102,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="real seconds between the autoscaler's decisions (2)")  # fmt: skip
     d.add_argument("--min-gpus", type=int, default=2, help="elastic pools' floor (2)")
     d.add_argument("--max-gpus", type=int, default=8, help="elastic pools' ceiling (8)")
+    headroom = AutoscaleSettings().headroom
+    d.add_argument(
+        "--headroom",
+        type=float,
+        default=headroom,
+        help=f"the autoscaler sizes for the forecast rate x this ({headroom:g})",
+    )
     d.add_argument("--static-prefill", type=int,
                    help="static-peak prefill instances (default: the planner's)")  # fmt: skip
     d.add_argument("--static-decode", type=int,
@@ -156,6 +164,7 @@ class Options:
     interval_s: float
     min_gpus: int
     max_gpus: int
+    headroom: float
     static_pools: tuple[int, int] | None  # (prefill, decode) as given
     server_log: str | None = None
     max_model_len: int = 8192
@@ -180,6 +189,8 @@ def _options(args: argparse.Namespace) -> Options:
         raise ValueError("--reaction-s must be >= 0 and --attainment in (0, 1]")
     if args.time_scale < 1:
         raise ValueError("--time-scale must be >= 1")
+    if not args.headroom >= 1:
+        raise ValueError(f"--headroom must be >= 1, got {args.headroom}")
     if not 2 <= args.min_gpus <= args.max_gpus:
         raise ValueError("need 2 <= --min-gpus <= --max-gpus (a prefill and a decode at least)")
     return Options(
@@ -197,6 +208,7 @@ def _options(args: argparse.Namespace) -> Options:
         interval_s=args.interval,
         min_gpus=args.min_gpus,
         max_gpus=args.max_gpus,
+        headroom=args.headroom,
         static_pools=_static_pools(args),
         server_log=getattr(args, "server_log", None),
         max_model_len=load_model_spec(args.model).max_position_embeddings,
@@ -311,7 +323,8 @@ def _sized_per_phase(opt: Options, trace: Trace) -> list[dict]:
 def autoscale_section(opt: Options, flip: bool) -> dict:
     return {"interval_s": opt.interval_s, "min_gpus": opt.min_gpus, "max_gpus": opt.max_gpus,
             "ttft_s": opt.slo["ttft_s"], "tpot_s": opt.slo["tpot_s"],
-            "attainment": opt.slo["attainment"], "flip": flip}  # fmt: skip
+            "attainment": opt.slo["attainment"], "flip": flip,
+            "headroom": opt.headroom}  # fmt: skip
 
 
 def serve_config(opt: Options, variant: str, static: dict) -> dict:

@@ -9,10 +9,13 @@ pools as they are (no clock, no I/O: tests script it).
     correction   an SLO breach in the last few intervals grows the pool that misses it by
                  one now, whatever the model says (TPOT: decode; TTFT: prefill, or decode
                  when the late requests spent most of their wait on the decode side);
-                 requests still waiting for a first token past the TTFT target are misses
+                 requests still waiting for a first token past the TTFT target are misses.
+                 One at a time: none while the last one starts, and a TTFT breach only on
+                 the requests that arrived once the pool's last growth was serving
     hysteresis   a pool shrinks by one, only after `scale_down_after` decisions in a row
-                 wanted it smaller and none breached, and `cooldown_s` after it last grew;
-                 it grows at once
+                 wanted it smaller and none breached, and `cooldown_s` after it last grew,
+                 and only to a size the model finds enough at the forecast x
+                 `scale_down_margin` (a band against the forecast's noise); it grows at once
     bounds       one instance per role at least; the devices within [min_gpus, max_gpus].
                  At max_gpus, a pool that must grow takes from the other's slack (what the
                  model says it does not need) at once, hysteresis or not
@@ -61,6 +64,8 @@ class Controller:
     can_flip: bool = True  # settings.flip, and the instances can (workers/elastic.py)
     _slack: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ROLES, 0))
     _grew_at: dict[str, float] = field(default_factory=dict)  # when each pool last grew
+    _growing: set[str] = field(default_factory=set)  # grew, the new instance not serving yet
+    _ready_at: dict[str, float] = field(default_factory=dict)  # ... and when it was
 
     def decide(self, recent: Observation, rate: float, history: Observation,
                current: dict[str, int], pending: dict[str, int] | None = None
@@ -75,27 +80,43 @@ class Controller:
         why: list[str] = []
         model = self._model(forecast, recent, history, current, why)
         target = dict(model)
+        if s.scale_down_margin > 1 and any(model[r] < current[r] for r in ROLES):
+            # A pool shrinks only to what still suffices at a higher rate: a band against
+            # flapping on the forecast's noise (HPA's tolerance, in the model's terms).
+            band = self._model(forecast * s.scale_down_margin, recent, history, current, [])
+            for role in ROLES:
+                target[role] = max(target[role], min(band[role], current[role]))
         causes = dict.fromkeys(ROLES, "forecast")
         attained = recent.attainment(s.ttft_s, s.tpot_s, self.time_scale)
         judged = recent.num_judged >= s.min_samples
         breached = False
         now, span = recent.end, recent.end - recent.start
+        for role in list(self._growing):  # its last growth is serving now
+            if not (pending or {}).get(role, 0):
+                self._ready_at[role] = now
+                self._growing.discard(role)
         ttft_pool = self._ttft_pool(recent)
         for role, value, name in ((ttft_pool, attained[0], "ttft"), ("decode", attained[1],
                                   "tpot")):  # fmt: skip
-            if judged and value is not None and value < s.attainment:
-                breached = True
-                why.append(f"{name.upper()} attainment {value:.0%} < {s.attainment:.0%}")
-                # One correction at a time: not while the last one still starts, nor before
-                # the requests it judges on could have seen it.
-                settling = (pending or {}).get(role, 0) > 0 or (
-                    now - self._grew_at.get(role, -math.inf) < span)  # fmt: skip
-                if target[role] <= current[role] and not settling:
-                    target[role] = current[role] + 1
-                    causes[role] = f"{name}_breach"
+            if not (judged and value is not None and value < s.attainment):
+                continue
+            breached = True
+            why.append(f"{name.upper()} attainment {value:.0%} < {s.attainment:.0%}")
+            # One correction at a time: not while the last one still starts, and only on
+            # requests that could have seen it.
+            if (pending or {}).get(role, 0) > 0 or target[role] > current[role]:
+                continue
+            if name == "ttft" and not self._misses_since_ready(recent, role):
+                why.append(f"the misses queued before {role} last grew: no correction")
+                continue
+            if name == "tpot" and now - self._grew_at.get(role, -math.inf) < span:
+                continue
+            target[role] = current[role] + 1
+            causes[role] = f"{name}_breach"
         for role in ROLES:  # grow at once; shrink by one after enough slack, never on a breach
             if target[role] > current[role]:
                 self._grew_at[role] = now
+                self._growing.add(role)
             if target[role] >= current[role] or breached:
                 self._slack[role] = 0
                 target[role] = max(target[role], current[role])
@@ -111,6 +132,19 @@ class Controller:
         actions = self._actions(current, target, causes)
         reason = "; ".join(why) or "holding"
         return Decision(dict(current), target, actions, reason, forecast, attained)
+
+    def _misses_since_ready(self, recent: Observation, role: str) -> bool:
+        """Whether the TTFT target is still missed by the requests that arrived after `role`
+        last grew and its instance was serving: a queue from before it (a step in load, the
+        instance's start) drains on the capacity there is now, and a correction for it would
+        overshoot."""
+        s = self.settings
+        ready = self._ready_at.get(role)
+        fresh = recent if ready is None else recent.arrived_since(ready)
+        if fresh.num_judged < s.min_samples:
+            return False
+        value = fresh.attainment(s.ttft_s, s.tpot_s, self.time_scale)[0]
+        return value is not None and value < s.attainment
 
     def _ttft_pool(self, recent: Observation) -> str:
         """The pool a TTFT breach grows: decode when the requests that missed spent most of

@@ -10,6 +10,7 @@ autoscale:
   headroom: 1.2          # size for the forecast rate times this
   flip: true             # move an instance between prefill and decode, not stop + start
   scale_down_after: 3    # decisions in a row with slack before a pool shrinks
+  scale_down_margin: 1.15  # ... to a size that would still do at the forecast x this
   drain_timeout_s: 120   # then the streams still open move by the failure policy
   history_s: 60          # lengths and rates are taken over this much of the past
   profile: null          # `placement profile` output: the latency model of real engines
@@ -31,6 +32,7 @@ class AutoscaleSettings:
     headroom: float = 1.2
     flip: bool = True
     scale_down_after: int = 3
+    scale_down_margin: float = 1.15
     cooldown_s: float = 30.0  # a pool shrinks no sooner than this after it grew
     drain_timeout_s: float = 120.0
     history_s: float = 60.0
@@ -43,6 +45,10 @@ class AutoscaleSettings:
                 raise ValueError(f"autoscale.{name} must be > 0, got {getattr(self, name)!r}")
         if not 0 < self.attainment <= 1:
             raise ValueError(f"autoscale.attainment must be in (0, 1], got {self.attainment!r}")
+        if not self.scale_down_margin >= 1:
+            raise ValueError(
+                f"autoscale.scale_down_margin must be >= 1, got {self.scale_down_margin!r}"
+            )
         if not self.headroom >= 1:
             raise ValueError(f"autoscale.headroom must be >= 1, got {self.headroom!r}")
         if self.min_gpus < 0 or self.max_gpus < max(1, self.min_gpus):

@@ -5,6 +5,7 @@ each); the clock is injected (scripted tests)."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections import deque
@@ -23,10 +24,17 @@ class Observation:
     output_lens: tuple[int, ...] = ()  # of the requests that finished (tokens generated)
     tpots: tuple[float, ...] = ()  # of those that finished with >= 2 tokens
     num_failed: int = 0
-    num_late: int = 0  # at `end`: waiting for a first token longer than the TTFT target
+    # at `end`: when the requests arrived that wait for a first token longer than the TTFT
+    # target (they have missed it already)
+    late_arrivals: tuple[float, ...] = ()
     # (TTFT, the part of it spent on the decode side: waiting for a decode instance or for
     # KV room, the pull, the first step) of the first tokens in the span
     ttft_splits: tuple[tuple[float, float], ...] = ()
+    ttft_arrivals: tuple[float, ...] = ()  # when each of `ttfts` arrived (empty: unknown)
+
+    @property
+    def num_late(self) -> int:
+        return len(self.late_arrivals)
 
     @property
     def rate(self) -> float:
@@ -37,6 +45,19 @@ class Observation:
     @property
     def num_judged(self) -> int:
         return len(self.ttfts) + self.num_failed + self.num_late
+
+    def arrived_since(self, since: float) -> Observation:
+        """The TTFT side of the requests that arrived at `since` or later only: what a pool
+        that changed at `since` is judged on (a backlog from before is not its doing).
+        Failures, finishes and arrivals stay as they are."""
+        if not self.ttft_arrivals:
+            return self
+        kept = [i for i, a in enumerate(self.ttft_arrivals) if a >= since]
+        return dataclasses.replace(
+            self, ttfts=tuple(self.ttfts[i] for i in kept),
+            ttft_arrivals=tuple(self.ttft_arrivals[i] for i in kept),
+            late_arrivals=tuple(a for a in self.late_arrivals if a >= since),
+        )  # fmt: skip
 
     def attainment(self, ttft_s: float, tpot_s: float, time_scale: float = 1.0
                    ) -> tuple[float | None, float | None]:  # fmt: skip
@@ -111,16 +132,18 @@ class Window:
         token at `until` (they have missed a TTFT target of that many router seconds)."""
         until = self.clock() if until is None else until
         done = [f for f in self._finishes if since <= f[0] < until]
-        late = 0
+        late: tuple[float, ...] = ()
         if late_after_s is not None:
-            late = sum(until - arrival > late_after_s for arrival in self._waiting.values())
+            late = tuple(a for a in self._waiting.values() if until - a > late_after_s)
+        first = [(t, ttft) for t, ttft in self._first if since <= t < until]
         return Observation(
             start=since, end=until,
             input_lens=tuple(n for t, n in self._arrivals if since <= t < until),
-            ttfts=tuple(ttft for t, ttft in self._first if since <= t < until),
+            ttfts=tuple(ttft for _, ttft in first),
+            ttft_arrivals=tuple(t - ttft for t, ttft in first),
             output_lens=tuple(f[1] for f in done),
             tpots=tuple(f[2] for f in done if f[2] is not None),
             num_failed=sum(since <= t < until for t in self._failures),
-            num_late=late,
+            late_arrivals=late,
             ttft_splits=tuple((t, d) for when, t, d in self._splits if since <= when < until),
         )  # fmt: skip

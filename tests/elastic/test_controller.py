@@ -35,10 +35,15 @@ class ScriptedModel:
 
 
 def observed(n: int = 40, ttft: float = 0.1, tpot: float = 0.01, failed: int = 0, late: int = 0,
-             prompt: int = 512, at: float = 10.0) -> Observation:  # fmt: skip
+             prompt: int = 512, at: float = 10.0, arrived: float | None = None
+             ) -> Observation:  # fmt: skip
+    """`arrived`: when the requests with a first token and the late ones arrived (None:
+    unknown, as if before anything the controller did)."""
+    known = arrived is not None
     return Observation(at - 10.0, at, input_lens=(prompt,) * n, ttfts=(ttft,) * n,
                        output_lens=(128,) * n, tpots=(tpot,) * n, num_failed=failed,
-                       num_late=late)  # fmt: skip
+                       late_arrivals=(arrived if known else 0.0,) * late,
+                       ttft_arrivals=(arrived,) * n if known else ())  # fmt: skip
 
 
 def controller(model=None, **settings) -> Controller:
@@ -189,7 +194,7 @@ def test_emulated_time_is_judged_in_the_models_seconds():
 
 def test_settings_refuse_what_cannot_work():
     for bad in ({"attainment": 0}, {"max_gpus": 1, "min_gpus": 2}, {"headroom": 0.5},
-                {"interval_s": 0}, {"ttft_s": -1}):  # fmt: skip
+                {"interval_s": 0}, {"ttft_s": -1}, {"scale_down_margin": 0.9}):  # fmt: skip
         with pytest.raises(ValueError, match="autoscale"):
             AutoscaleSettings(**bad)
 
@@ -218,23 +223,55 @@ def test_the_window_sees_arrivals_first_tokens_finishes_and_failures_in_its_span
     assert o.num_late == 1  # the request of t=3 has waited 7 s; the one of t=12 not yet
     assert o.ttft_splits == ((0.5, 0.1),)
     assert o.attainment(ttft_s=1.0, tpot_s=1.0) == (pytest.approx(1 / 3), 0.5)
+    assert o.ttft_arrivals == (pytest.approx(1.0),) and o.late_arrivals == (3.0,)
+    assert o.arrived_since(1.0).num_judged == 3
+    assert o.arrived_since(2.0).num_judged == 2  # the late one (t=3) and the failure
+    assert o.arrived_since(4.0).num_judged == 1  # only the failure: it has no arrival time
 
 
 def test_one_correction_at_a_time():
-    """A breach grows its pool once; while that instance starts, or before the requests it
-    judges on could have used it, the same breach adds nothing more."""
+    """A breach grows its pool once. While that instance starts, the same breach adds
+    nothing more; once it serves, only the requests that arrived after that judge it: the
+    queue from before drains on the capacity there is now."""
     c = controller(ScriptedModel(1, 1))
     current = {"prefill": 2, "decode": 1}
-    late = observed(ttft=5.0, at=100.0)
+    late = observed(ttft=5.0, at=100.0, arrived=94.0)
     assert c.decide(late, 1.0, observed(), current).actions == (
         Action("add", "prefill", "ttft_breach"),)  # fmt: skip
     grown = {"prefill": 3, "decode": 1}
-    still = observed(ttft=5.0, at=102.0)
+    still = observed(ttft=5.0, at=102.0, arrived=96.0)
     assert c.decide(still, 1.0, observed(), grown, pending={"prefill": 1}).actions == ()
-    assert c.decide(still, 1.0, observed(), grown).actions == ()  # within the 10 s judged
-    later = observed(ttft=5.0, at=111.0)
-    assert c.decide(later, 1.0, observed(), grown).actions == (
+    backlog = observed(ttft=5.0, at=104.0, late=5, arrived=100.0)  # serving since 104
+    d = c.decide(backlog, 1.0, observed(), grown)
+    assert d.actions == () and "no correction" in d.reason
+    fresh_but_few = dataclasses.replace(
+        backlog, end=110.0, ttft_arrivals=(100.0,) * 35 + (105.0,) * 5
+    )
+    assert c.decide(fresh_but_few, 1.0, observed(), grown).actions == ()  # < min_samples
+    still_late = observed(ttft=5.0, at=112.0, arrived=105.0)
+    assert c.decide(still_late, 1.0, observed(), grown).actions == (
         Action("add", "prefill", "ttft_breach"),)  # fmt: skip
+    # Unknown arrivals (a window that does not record them) are judged all.
+    c = controller(ScriptedModel(1, 1))
+    assert c.decide(late, 1.0, observed(), current).actions != ()
+
+
+def test_a_pool_shrinks_only_to_what_would_still_do_at_a_higher_rate():
+    """The band against flapping: a forecast that dips just below what the current pools
+    are sized for does not shrink them; one well below does."""
+
+    class Threshold:  # 2 prefill instances from 10 req/s on
+        def __call__(self, rate, input_lens, output_lens):
+            return Sizes(2 if rate >= 10.0 else 1, 1)
+
+    c = controller(Threshold(), headroom=1.0, scale_down_after=1, scale_down_margin=1.15)
+    current = {"prefill": 2, "decode": 1}
+    assert c.decide(observed(), 9.5, observed(), current).actions == ()  # 9.5 x 1.15 >= 10
+    assert c.decide(observed(), 8.0, observed(), current).actions == (
+        Action("remove", "prefill", "slack"),)  # fmt: skip
+    c = controller(Threshold(), headroom=1.0, scale_down_after=1, scale_down_margin=1.0)
+    assert c.decide(observed(), 9.5, observed(), current).actions == (
+        Action("remove", "prefill", "slack"),)  # fmt: skip
 
 
 def test_the_rate_is_taken_over_enough_arrivals_to_be_steady():
