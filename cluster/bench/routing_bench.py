@@ -110,6 +110,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     d.add_argument("--time-scale", type=float,
                    help="the emulated cluster runs this many times slower (8)")  # fmt: skip
+    d.add_argument("--tp", type=int, default=1,
+                   help="with --emulate: each instance stands for this many devices, "
+                        "tensor-parallel (1)")  # fmt: skip
+    d.add_argument(
+        "--local-prefill-max-tokens",
+        type=int,
+        help="kv: router.local_prefill_max_tokens (default: the router's)",
+    )
+    d.add_argument("--local-prefill-tpot", type=float,
+                   help="kv: router.local_prefill_tpot_s, seconds (emulated seconds under "
+                        "--emulate; default: unset)")  # fmt: skip
     d.add_argument("--target", help="host:port of a running cluster (gRPC) to measure instead")
     d.add_argument("--api-key", default=None)
 
@@ -145,6 +156,8 @@ class Options:
     model: str | None
     emulate: str | None
     time_scale: float
+    tp: int
+    local_prefill: dict  # router settings of conditional disaggregation, as given
     target: str | None
     api_key: str | None
 
@@ -173,6 +186,8 @@ def _options(args: argparse.Namespace) -> Options:
         raise ValueError("--ttft and --tpot must be > 0 and --attainment in (0, 1]")
     if opt["time_scale"] < 1:
         raise ValueError("--time-scale must be >= 1")
+    if args.tp < 1 or (args.tp > 1 and not args.emulate):
+        raise ValueError("--tp must be >= 1, and above 1 only with --emulate")
     conversations = Conversations(
         opt["system_prompts"], opt["system_len"], opt["turns"], opt["user_len"],
         args.user_spread, opt["answer_len"], opt["think_time"],
@@ -198,6 +213,8 @@ def _options(args: argparse.Namespace) -> Options:
         model=args.model,
         emulate=args.emulate,
         time_scale=opt["time_scale"],
+        tp=args.tp,
+        local_prefill=_local_prefill(args, opt["time_scale"] if args.emulate else 1.0),
         target=args.target,
         api_key=args.api_key,
     )
@@ -234,6 +251,7 @@ def _run(opt: Options) -> dict:
         "workload": _workload_summary(opt),
         "slo": opt.slo,
         "emulated": _emulated(opt),
+        "router": opt.local_prefill,  # (router seconds)
         "policies": policies,
         "ratios": ratios(policies),
         "machine": machine(),
@@ -249,7 +267,7 @@ def serve_config(opt: Options, policy: str) -> dict:
     router without the setting fails with its own message, not a silent child process."""
     from cluster.launch import DeploymentConfig
 
-    router = {"policy": policy}
+    router = {"policy": policy, **opt.local_prefill}
     if opt.emulate:  # the engines' seats and KV are the limits, as in emulated_bench
         router.update(max_in_flight=100_000, max_queued=100_000)
     config = DeploymentConfig(
@@ -258,6 +276,8 @@ def serve_config(opt: Options, policy: str) -> dict:
         router=router,
     )
     config.prefill.num_instances, config.decode.num_instances = opt.prefill, opt.decode
+    if opt.tp > 1:
+        config.engine["tensor_parallel_size"] = opt.tp
     config.router_settings()  # ValueError: this build's router has no such policy
     if opt.emulate:
         from cluster.emulate import EmulationSettings, emulate
@@ -266,9 +286,21 @@ def serve_config(opt: Options, policy: str) -> dict:
     return dataclasses.asdict(config)
 
 
+def _local_prefill(args: argparse.Namespace, time_scale: float) -> dict:
+    """The kv policy's conditional-disaggregation settings given on the command line, in the
+    router's seconds (a TPOT target in emulated seconds runs time_scale times longer)."""
+    out = {}
+    if args.local_prefill_max_tokens is not None:
+        out["local_prefill_max_tokens"] = args.local_prefill_max_tokens
+    if args.local_prefill_tpot is not None:
+        out["local_prefill_tpot_s"] = args.local_prefill_tpot * time_scale
+    return out
+
+
 def describe(opt: Options) -> str:
     if opt.emulate:
-        return (f"{opt.prefill} prefill + {opt.decode} decode, emulated {opt.model} on "
+        tp = f" TP{opt.tp}" if opt.tp > 1 else ""
+        return (f"{opt.prefill} prefill + {opt.decode} decode{tp}, emulated {opt.model} on "
                 f"{opt.emulate}, time scale {opt.time_scale:g}")  # fmt: skip
     return f"{opt.prefill} prefill + {opt.decode} decode, {opt.model or 'tiny model'}, CPU"
 

@@ -78,6 +78,13 @@ def test_each_policy_gets_its_router_setting():
     assert config["router"]["policy"] == "load"
     assert config["decode"]["engine"]["emulation"]["model"] == "opt-13b"
     assert emulated.kv_bytes_scale > 1  # stand-in blocks count as the model's KV
+    big = _options("--emulate", "A100-80GB", "--model", "llama-3-70b", "--tp", "4",
+                   "--time-scale", "4", "--local-prefill-tpot", "0.05",
+                   "--local-prefill-max-tokens", "2048")  # fmt: skip
+    config = routing_bench.serve_config(big, "kv")
+    assert config["prefill"]["engine"]["emulation"]["tp"] == 4
+    assert config["router"]["local_prefill_max_tokens"] == 2048
+    assert config["router"]["local_prefill_tpot_s"] == pytest.approx(0.2)  # router seconds
 
 
 def test_bad_options_are_clear_errors():
@@ -87,6 +94,8 @@ def test_bad_options_are_clear_errors():
         _options("--emulate", "A100-80GB")
     with pytest.raises(ValueError, match="turns"):
         _options("--turns", "5,2")
+    with pytest.raises(ValueError, match="--tp"):
+        _options("--tp", "2")  # a real CPU cluster is one process per instance
 
 
 # --- end to end ----------------------------------------------------------------------------
