@@ -35,7 +35,7 @@ from cluster.router.router import Router
 
 logger = logging.getLogger(__name__)
 _RECENT_INTERVALS = 3  # attainment, the rate and the prompts arriving: over this many
-_RATE_ARRIVALS = 50  # ... and the rate over at least this many arrivals (±14 % Poisson noise)
+_RATE_ARRIVALS = 100  # ... and the rate over at least this many arrivals (±10 % Poisson noise)
 
 
 class Autoscaler:

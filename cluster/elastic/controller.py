@@ -15,7 +15,8 @@ pools as they are (no clock, no I/O: tests script it).
     hysteresis   a pool shrinks by one, only after `scale_down_after` decisions in a row
                  wanted it smaller and none breached, and `cooldown_s` after it last grew,
                  and only to a size the model finds enough at the forecast x
-                 `scale_down_margin` (a band against the forecast's noise); it grows at once
+                 `scale_down_margin` (a band against the forecast's noise) and the largest
+                 recommended over the last `scale_down_window_s`; it grows at once
     bounds       one instance per role at least; the devices within [min_gpus, max_gpus].
                  At max_gpus, a pool that must grow takes from the other's slack (what the
                  model says it does not need) at once, hysteresis or not
@@ -26,6 +27,7 @@ pools as they are (no clock, no I/O: tests script it).
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -66,6 +68,7 @@ class Controller:
     _grew_at: dict[str, float] = field(default_factory=dict)  # when each pool last grew
     _growing: set[str] = field(default_factory=set)  # grew, the new instance not serving yet
     _ready_at: dict[str, float] = field(default_factory=dict)  # ... and when it was
+    _recommended: deque = field(default_factory=deque)  # (when, sizes) of recent decisions
 
     def decide(self, recent: Observation, rate: float, history: Observation,
                current: dict[str, int], pending: dict[str, int] | None = None
@@ -86,11 +89,20 @@ class Controller:
             band = self._model(forecast * s.scale_down_margin, recent, history, current, [])
             for role in ROLES:
                 target[role] = max(target[role], min(band[role], current[role]))
+        # ... and only to the largest size recommended over the last scale_down_window_s
+        # (HPA's scale-down stabilization): one low forecast does not shrink a pool.
+        now = recent.end
+        self._recommended.append((now, dict(target)))
+        while now - self._recommended[0][0] > s.scale_down_window_s:
+            self._recommended.popleft()
+        for role in ROLES:
+            highest = max(r[role] for _, r in self._recommended)
+            target[role] = max(target[role], min(highest, current[role]))
         causes = dict.fromkeys(ROLES, "forecast")
         attained = recent.attainment(s.ttft_s, s.tpot_s, self.time_scale)
         judged = recent.num_judged >= s.min_samples
         breached = False
-        now, span = recent.end, recent.end - recent.start
+        span = recent.end - recent.start
         for role in list(self._growing):  # its last growth is serving now
             if not (pending or {}).get(role, 0):
                 self._ready_at[role] = now

@@ -11,6 +11,7 @@ autoscale:
   flip: true             # move an instance between prefill and decode, not stop + start
   scale_down_after: 3    # decisions in a row with slack before a pool shrinks
   scale_down_margin: 1.15  # ... to a size that would still do at the forecast x this
+  scale_down_window_s: 60  # ... and to the largest size recommended over this long
   drain_timeout_s: 120   # then the streams still open move by the failure policy
   history_s: 60          # lengths and rates are taken over this much of the past
   profile: null          # `placement profile` output: the latency model of real engines
@@ -33,6 +34,7 @@ class AutoscaleSettings:
     flip: bool = True
     scale_down_after: int = 3
     scale_down_margin: float = 1.15
+    scale_down_window_s: float = 60.0
     cooldown_s: float = 30.0  # a pool shrinks no sooner than this after it grew
     drain_timeout_s: float = 120.0
     history_s: float = 60.0
@@ -58,6 +60,10 @@ class AutoscaleSettings:
             )
         if self.scale_down_after < 1 or self.min_samples < 1:
             raise ValueError("autoscale.scale_down_after and min_samples must be >= 1")
+        if self.scale_down_window_s < 0:
+            raise ValueError(
+                f"autoscale.scale_down_window_s must be >= 0, got {self.scale_down_window_s}"
+            )
         if self.cooldown_s < 0:
             raise ValueError(f"autoscale.cooldown_s must be >= 0, got {self.cooldown_s}")
         if self.drain_timeout_s < 0:

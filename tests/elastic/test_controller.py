@@ -47,7 +47,14 @@ def observed(n: int = 40, ttft: float = 0.1, tpot: float = 0.01, failed: int = 0
 
 
 def controller(model=None, **settings) -> Controller:
-    base = {"ttft_s": 1.0, "tpot_s": 0.1, "max_gpus": 8, "scale_down_after": 3, "cooldown_s": 0}
+    base = {
+        "ttft_s": 1.0,
+        "tpot_s": 0.1,
+        "max_gpus": 8,
+        "scale_down_after": 3,
+        "cooldown_s": 0,
+        "scale_down_window_s": 0,
+    }
     return Controller(AutoscaleSettings(**{**base, **settings}), GPUS, model)
 
 
@@ -194,7 +201,8 @@ def test_emulated_time_is_judged_in_the_models_seconds():
 
 def test_settings_refuse_what_cannot_work():
     for bad in ({"attainment": 0}, {"max_gpus": 1, "min_gpus": 2}, {"headroom": 0.5},
-                {"interval_s": 0}, {"ttft_s": -1}, {"scale_down_margin": 0.9}):  # fmt: skip
+                {"interval_s": 0}, {"ttft_s": -1}, {"scale_down_margin": 0.9},
+                {"scale_down_window_s": -1}):  # fmt: skip
         with pytest.raises(ValueError, match="autoscale"):
             AutoscaleSettings(**bad)
 
@@ -256,6 +264,21 @@ def test_one_correction_at_a_time():
     assert c.decide(late, 1.0, observed(), current).actions != ()
 
 
+def test_a_pool_shrinks_only_to_the_largest_size_recommended_within_its_window():
+    """HPA's scale-down stabilization: one low forecast amid higher ones shrinks nothing;
+    a window of low ones does."""
+    model = ScriptedModel(3, 1)
+    c = controller(model, headroom=1.0, scale_down_after=1, scale_down_window_s=30.0,
+                   scale_down_margin=1.0)  # fmt: skip
+    current = {"prefill": 3, "decode": 1}
+    assert c.decide(observed(at=100.0), 9.0, observed(), current).actions == ()
+    model.sizes = Sizes(2, 1)
+    for at in (110.0, 120.0, 130.0):  # 3 prefill were recommended within the last 30 s
+        assert c.decide(observed(at=at), 6.0, observed(), current).actions == ()
+    assert c.decide(observed(at=131.0), 6.0, observed(), current).actions == (
+        Action("remove", "prefill", "slack"),)  # fmt: skip
+
+
 def test_a_pool_shrinks_only_to_what_would_still_do_at_a_higher_rate():
     """The band against flapping: a forecast that dips just below what the current pools
     are sized for does not shrink them; one well below does."""
@@ -266,11 +289,11 @@ def test_a_pool_shrinks_only_to_what_would_still_do_at_a_higher_rate():
 
     c = controller(Threshold(), headroom=1.0, scale_down_after=1, scale_down_margin=1.15)
     current = {"prefill": 2, "decode": 1}
-    assert c.decide(observed(), 9.5, observed(), current).actions == ()  # 9.5 x 1.15 >= 10
-    assert c.decide(observed(), 8.0, observed(), current).actions == (
+    assert c.decide(observed(at=10), 9.5, observed(), current).actions == ()  # 9.5 x 1.15 >= 10
+    assert c.decide(observed(at=20), 8.0, observed(), current).actions == (
         Action("remove", "prefill", "slack"),)  # fmt: skip
     c = controller(Threshold(), headroom=1.0, scale_down_after=1, scale_down_margin=1.0)
-    assert c.decide(observed(), 9.5, observed(), current).actions == (
+    assert c.decide(observed(at=10), 9.5, observed(), current).actions == (
         Action("remove", "prefill", "slack"),)  # fmt: skip
 
 
