@@ -121,8 +121,9 @@ def _bench(capsys, *argv: str) -> dict:
 def test_quick_run_reports_both_policies(tmp_path: Path, capsys):
     trace = tmp_path / "workload.jsonl"
     result = _bench(capsys, "--save-trace", str(trace))
-    assert set(result) == {"workload", "slo", "emulated", "policies", "ratios", "machine",
-                           "date"}  # fmt: skip
+    assert set(result) == {"workload", "slo", "emulated", "router", "policies", "ratios",
+                           "machine", "date"}  # fmt: skip
+    assert result["router"] == {}  # no local-prefill setting given: the router's own
     assert set(result["policies"]) == {"load", "kv"} and result["emulated"] is None
     for name, policy in result["policies"].items():
         assert policy["policy"] == name and policy["instances"] == 3
