@@ -408,16 +408,11 @@ class RequestRun:
             async with asyncio.timeout(router.settings.call_timeout_s):
                 return await anext(stream, None)
         nxt = asyncio.ensure_future(anext(stream, None))
-        nxt.add_done_callback(_retrieved)  # (its failure may come after no one waits on it)
         signals = [i.lost for i in watched]
-        try:
-            done, _ = await asyncio.wait(
-                (nxt, *signals), timeout=router.settings.call_timeout_s,
-                return_when=asyncio.FIRST_COMPLETED,
-            )  # fmt: skip
-        except BaseException:  # cancelled (the client left, the router stops)
-            nxt.cancel()
-            raise
+        done, _ = await asyncio.wait(
+            (nxt, *signals), timeout=router.settings.call_timeout_s,
+            return_when=asyncio.FIRST_COMPLETED,
+        )  # fmt: skip
         if nxt in done:
             return nxt.result()
         nxt.cancel()
@@ -495,9 +490,3 @@ class RequestRun:
         out = StreamChunk(self.live.request_id, [], "", finished=True, finish_reason="abort")
         self._finish(out)
         return out
-
-
-def _retrieved(task: asyncio.Future) -> None:
-    """Mark a side task's outcome as seen (asyncio logs an exception no one retrieved)."""
-    if not task.cancelled():
-        task.exception()
