@@ -14,12 +14,16 @@ in prompt tokens' worth of prefill time (token_s each):
 Local wins while the first token comes no later than from a prefill instance, the decode
 instance has headroom (`cap`: the prompt tokens it may prefill itself at once) and KV room:
 
-    local_queue + uncached <= min(handoff_s / token_s + remote_tokens, cap)
+    (local_queue + uncached) * local_token_s <= handoff_s + remote_tokens * token_s
+    local_queue + uncached <= cap
 
-Both measured terms are moving averages of what handed-off requests report:
+The measured terms are moving averages of what requests report:
 
-    token_s    prefill_s / prompt tokens computed on the prefill instance
-    handoff_s  transfer_s + the prefill call's time outside the prefill engine
+    token_s        prefill_s / prompt tokens computed on the prefill instances
+    handoff_s      transfer_s + the prefill call's time outside the prefill engine
+    local_token_s  the decode instance's own cost per prompt token (below), token_s until
+                   it has prefilled a prompt itself: a decode instance on slower hardware,
+                   or one whose steps carry many decodes, takes fewer prompts
 
 so the rule is the latency model as measured on this deployment, emulated or not; until
 the first handoff is measured every request is handed off. A follow-up turn whose history
@@ -41,7 +45,7 @@ measured per decode instance, from what its requests report:
 
     decode_tpot_s  TPOT of the requests that finished there ((e2e - TTFT) / (tokens - 1))
     num_steps      their decode steps (output tokens - 1): the steps a stall is averaged over
-    token_s        its own local prefills' (prefill_s - decode_tpot_s) / prompt tokens, the
+    local_token_s  its own local prefills' (prefill_s - decode_tpot_s) / prompt tokens, the
                    prompt's share of the step it ran in; else the prefill instances' token_s
 
 The measured TPOT already carries the stalls of recent local prefills, so the cap shrinks as
@@ -99,7 +103,7 @@ class LocalPrefill:
         """One prompt prefilled on decode instance `decode`: its engine prefill_s (the
         step(s) it ran in, the running requests' decodes included) and the tokens computed."""
         side = self._decodes.get(decode)
-        if self.tpot_s is None or side is None or side.tpot_s.value is None:
+        if side is None or side.tpot_s.value is None:
             return  # (no decode step to take out of prefill_s yet)
         prompt_s = prefill_s - side.tpot_s.value
         if prompt_s > 0 and num_computed_tokens > 0:
@@ -108,7 +112,7 @@ class LocalPrefill:
     def observe_decode(self, decode: str, tpot_s: float, num_steps: int) -> None:
         """One request finished on decode instance `decode`: its TPOT over `num_steps`
         decode steps (output tokens - 1)."""
-        if self.tpot_s is None or not self.max_tokens or num_steps < 1:
+        if not self.max_tokens or num_steps < 1:
             return
         side = self._decodes.setdefault(decode, _Decode())
         side.tpot_s.add(tpot_s)
@@ -127,13 +131,20 @@ class LocalPrefill:
             return 0
         return min(self.max_tokens, int(slack_s / token_s * side.num_steps.value))
 
-    def threshold(self, remote_tokens: int) -> int:
-        """What handing off costs, in prompt tokens: the handoff's measured time over the
-        prefill time per token, plus `remote_tokens` (0: off, or nothing measured yet)."""
+    def forget(self, decode: str) -> None:
+        """Decode instance `decode` left the deployment (elastic pools mint new ids)."""
+        self._decodes.pop(decode, None)
+
+    def threshold(self, remote_tokens: int, decode: str = "") -> int:
+        """What handing off costs, in prompt tokens of `decode`'s own prefill time: the
+        handoff's measured time plus `remote_tokens` at the prefill instances' time per
+        token (0: off, or nothing measured yet)."""
         token_s, handoff_s = self._token_s.value, self._handoff_s.value
         if not self.max_tokens or token_s is None or handoff_s is None or token_s <= 0:
             return 0
-        return int(handoff_s / token_s + remote_tokens)
+        side = self._decodes.get(decode)
+        local_token_s = (side.token_s.value if side is not None else None) or token_s
+        return int((handoff_s + remote_tokens * token_s) / local_token_s)
 
     def local(self, uncached: int, local_queue: int, remote_tokens: int,
               decode: str = "") -> bool:  # fmt: skip
@@ -143,9 +154,11 @@ class LocalPrefill:
         and the tokens it lacks)."""
         if local_queue + uncached > self.cap(decode):
             return False
-        return local_queue + uncached <= self.threshold(remote_tokens)
+        return local_queue + uncached <= self.threshold(remote_tokens, decode)
 
     def describe(self) -> dict:
+        decodes = self._decodes.items()
         return {"token_s": self._token_s.value, "handoff_s": self._handoff_s.value,
                 "max_tokens": self.max_tokens, "tpot_s": self.tpot_s,
-                "caps": {d: self.cap(d) for d in self._decodes}}  # fmt: skip
+                "caps": {d: self.cap(d) for d, _ in decodes},
+                "local_token_s": {d: m.token_s.value for d, m in decodes}}  # fmt: skip

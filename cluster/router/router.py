@@ -197,6 +197,7 @@ class Router:
                 await task
         if self.index is not None:
             self.index.drop(instance.instance_id)
+        self.local_prefill.forget(instance.instance_id)
         instance.client.close()
 
     def _watch(self, instance: Instance) -> None:

@@ -115,3 +115,31 @@ def test_the_tpot_target_must_be_positive(tpot_s):
 def test_the_tpot_target_is_optional():
     assert RouterSettings().local_prefill_tpot_s is None
     assert RouterSettings(local_prefill_tpot_s=0.03).local_prefill_tpot_s == 0.03
+
+
+def test_the_break_even_prices_local_tokens_at_the_decode_instances_own_cost():
+    local = measured(2**-6, num_steps=8)  # handoff 0.5 s at 2**-12 s a token: 2048 tokens
+    assert local.threshold(0, "d") == local.threshold(0) == 2048
+    assert local.threshold(1024, "d") == 2048 + 1024
+    # "d" prefills at twice the prefill instances' cost per token: half as many tokens of
+    # its own break even with the same handoff and the same remote queue
+    local.observe_local("d", 2**-6 + 64 * 2**-11, 64)
+    assert local.threshold(0, "d") == 1024
+    assert local.threshold(1024, "d") == (2048 + 1024) // 2
+    assert local.threshold(0, "other") == 2048  # not measured there: the prefill cost
+    untargeted = LocalPrefill(1 << 20)  # measured without a TPOT target too
+    untargeted.observe(HANDOFF, 64)
+    untargeted.observe_decode("d", 2**-6, 8)
+    untargeted.observe_local("d", 2**-6 + 64 * 2**-11, 64)
+    assert untargeted.threshold(0, "d") == 1024
+    assert untargeted.cap("d") == 1 << 20  # (no target: the cap stays the bound)
+
+
+def test_a_decode_instance_that_left_is_forgotten():
+    local = measured(2**-6, num_steps=8)
+    local.observe_local("d", 2**-6 + 64 * 2**-11, 64)
+    assert "d" in local.describe()["caps"]
+    local.forget("d")
+    assert local.describe()["caps"] == {}
+    assert local.cap("d") == 1 << 20 and local.threshold(0, "d") == 2048
+    local.forget("never-seen")  # (no error)
