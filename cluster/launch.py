@@ -34,6 +34,7 @@ import yaml
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster import tracing
+from cluster.elastic.hardware import pool_hardware
 from cluster.elastic.settings import AutoscaleSettings
 from cluster.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from cluster.engine.parallel import check_parallel
@@ -227,14 +228,35 @@ def _worker_class(config: DeploymentConfig, role: str):
     return ElasticWorker if config.flips_roles() else _WORKERS[role]
 
 
-def _worker_args(config: DeploymentConfig, role: str, instance_id: str, registry) -> tuple:
+def _worker_args(config: DeploymentConfig, role: str, instance_id: str, registry,
+                 hardware: str | None = None) -> tuple:  # fmt: skip
     if config.flips_roles():
-        engines = {r: config.engine_config(r) for r in ("prefill", "decode")}
+        engines = {r: _engine(config, r, hardware) for r in ("prefill", "decode")}
         return (instance_id, engines, config.transfer, registry)
-    engine = config.engine_config(role)
+    engine = _engine(config, role, hardware)
     if role == "colocated":
         return (instance_id, engine)
     return (instance_id, engine, config.transfer, registry)
+
+
+def _engine(config: DeploymentConfig, role: str, hardware: str | None) -> EngineConfig:
+    """`role`'s engine config; an emulated one on `hardware` (a catalog name) when given. (A
+    real engine's device type is where Ray places it: the accelerator_type option.)"""
+    engine = config.engine_config(role)
+    if hardware is None or engine.emulation is None:
+        return engine
+    emulation = dataclasses.replace(engine.emulation, hardware=hardware)
+    return dataclasses.replace(engine, emulation=emulation)
+
+
+def _start_types(config: DeploymentConfig) -> dict[str, str | None]:
+    """The device type each role's first instances start on: under autoscale with mixed
+    pools, the role's first listed type (checked here, before anything starts); else None,
+    the config's own."""
+    if config.autoscale is None or config.mode != "disaggregated":
+        return dict.fromkeys(config.roles())
+    kinds = pool_hardware(config)
+    return {role: kinds.start_type(role) for role in config.roles()}
 
 
 async def create_local(model_dir: str | None = None, mode: str = "colocated", **settings: Any
@@ -247,8 +269,9 @@ async def create_local(model_dir: str | None = None, mode: str = "colocated", **
 
 async def start_local(config: DeploymentConfig, settings=None):
     """Every instance as an object in this process (no Ray): tests and quick local runs."""
+    types = _start_types(config)
     launcher = LocalLauncher(config)
-    clients = [await launcher.start(role) for role in config.roles()
+    clients = [await launcher.start(role, types[role]) for role in config.roles()
                for _ in range(getattr(config, role).num_instances)]  # fmt: skip
     return await _router(config, settings, clients, launcher)
 
@@ -266,8 +289,12 @@ class LocalLauncher:
     def new_id(self, role: str) -> str:
         return f"{role}-{next(self._numbers[role])}"
 
-    async def start(self, role: str) -> tuple[str, LocalClient]:
-        args = _worker_args(self.config, role, self.new_id(role), self.registry)
+    async def start(self, role: str, hardware: str | None = None) -> tuple[str, LocalClient]:
+        """One instance of `role`; emulated, on `hardware` (a catalog name) when given."""
+        if hardware is not None and self.config.engine_config(role).emulation is None:
+            raise ValueError(f"a {role} instance in this process runs on this machine: device "
+                             f"type {hardware} needs an emulated deployment or Ray")  # fmt: skip
+        args = _worker_args(self.config, role, self.new_id(role), self.registry, hardware)
         worker = await asyncio.to_thread(_worker_class(self.config, role), *args)
         self.clients.append(client := LocalClient(worker))
         return role, client
@@ -308,12 +335,13 @@ async def start_ray(config: DeploymentConfig, settings=None, ready_timeout_s: fl
     `stop_detached(tag)` ends them. Elastic pools (`autoscale`) re-attach to every instance
     that runs under the tag, in the role it serves now, whatever the pools' sizes became."""
     _check_parallel(config)
+    types = _start_types(config)
     launcher = RayLauncher(config, detached_as)
     try:
         if detached_as is not None and config.autoscale is not None:
             clients = await launcher.attach()  # elastic: whatever runs under the tag now
         else:
-            clients = [await launcher.start(role) for role in config.roles()
+            clients = [await launcher.start(role, types[role]) for role in config.roles()
                        for _ in range(getattr(config, role).num_instances)]  # fmt: skip
         return await asyncio.wait_for(_router(config, settings, clients, launcher),
                                       ready_timeout_s)  # fmt: skip
@@ -377,10 +405,12 @@ class RayLauncher:
         if n.isdigit():
             self._next[role] = max(self._next[role], int(n) + 1)
 
-    async def start(self, role: str) -> tuple[str, RayClient]:
+    async def start(self, role: str, hardware: str | None = None) -> tuple[str, RayClient]:
+        """One instance of `role` as an actor: on `hardware` when given (emulated: the
+        catalog type it emulates; real: Ray's accelerator_type)."""
         actor_cls = ray.remote(_worker_class(self.config, role))
         client, pg = await _start_instance(self.config, role, self.new_id(role), actor_cls,
-                                           self.detached)  # fmt: skip
+                                           self.detached, hardware)  # fmt: skip
         self.clients.append(client)
         if pg is not None:
             self._groups[id(client)] = pg
@@ -408,17 +438,25 @@ class RayLauncher:
 
 
 async def _start_instance(config: DeploymentConfig, role: str, instance_id: str, actor_cls,
-                          detached: bool):  # fmt: skip
+                          detached: bool, hardware: str | None = None):  # fmt: skip
     """One instance's worker actor (rank 0; its placement group first when it has more ranks)
-    and the router's client of it. Detached, both are found by name when they run already."""
-    pool, engine = getattr(config, role), config.engine_config(role)
+    and the router's client of it. Detached, both are found by name when they run already.
+    `hardware`: see RayLauncher.start."""
+    pool, engine = getattr(config, role), _engine(config, role, hardware)
     num_gpus = pool.num_gpus
     if num_gpus is None:
         num_gpus = 1 if engine.device.startswith("cuda") else 0
     name = f"pd-cluster-{instance_id}"
     pg, options = None, {}
+    resources = dict(pool.resources)
+    if hardware is not None and engine.emulation is None:  # a real device of that type
+        if engine.world_size > 1:  # (the bundle holds it: Ray's accelerator_type resource)
+            resources[f"accelerator_type:{hardware}"] = _ACCELERATOR_SHARE
+        else:
+            options["accelerator_type"] = hardware
     if engine.world_size > 1:
-        pg = await _instance_placement_group(engine, pool, num_gpus, name if detached else None)
+        pg = await _instance_placement_group(engine, pool, num_gpus, name if detached else None,
+                                             resources)  # fmt: skip
         options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, 0)
     if detached:
         options.update(lifetime="detached", get_if_exists=True)
@@ -428,12 +466,12 @@ async def _start_instance(config: DeploymentConfig, role: str, instance_id: str,
         namespace=RAY_NAMESPACE,
         num_cpus=pool.num_cpus,
         num_gpus=num_gpus,
-        resources=dict(pool.resources),
+        resources=resources,
         max_restarts=-1,
         max_task_retries=0,
         **options,
     )
-    args = _worker_args(config, role, instance_id, "ray")
+    args = _worker_args(config, role, instance_id, "ray", hardware)
     if not detached:
         return RayClient(actor.remote(*args)), pg
     return _NamedClient(name, lambda: actor.remote(*args)), pg
@@ -560,14 +598,15 @@ def _runtime_env(config: DeploymentConfig) -> dict | None:
 
 
 async def _instance_placement_group(engine: EngineConfig, pool: PoolSpec, num_gpus: float,
-                                    name: str | None = None):  # fmt: skip
+                                    name: str | None = None,
+                                    resources: dict[str, float] | None = None):  # fmt: skip
     """One bundle per rank of a parallel instance, all on one node (STRICT_PACK: the ranks'
     process group and, on GPUs, NVLink); the worker (rank 0) goes in bundle 0 with the pool's
-    resources, its follower ranks in the others (ranks.py). Named: detached, and the one of
-    that name if it exists already."""
+    resources (or `resources`), its follower ranks in the others (ranks.py). Named: detached,
+    and the one of that name if it exists already."""
     pg = _named_placement_group(name) if name else None
     if pg is None:
-        first = {"CPU": max(pool.num_cpus, _BUNDLE_CPU), **pool.resources}
+        first = {"CPU": max(pool.num_cpus, _BUNDLE_CPU), **(resources or pool.resources)}
         rank = {"CPU": _BUNDLE_CPU}
         if num_gpus:
             first["GPU"] = num_gpus
@@ -580,6 +619,7 @@ async def _instance_placement_group(engine: EngineConfig, pool: PoolSpec, num_gp
 
 
 _BUNDLE_CPU = 0.01  # a bundle needs some resource; ranks use what their engines need
+_ACCELERATOR_SHARE = 0.001  # what Ray's accelerator_type option asks of a node's type resource
 
 
 def _check_kv_compatible(infos: list[InstanceInfo]) -> None:

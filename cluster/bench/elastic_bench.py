@@ -10,11 +10,16 @@ multiple of `--base-rate`, lengths log-normal (a tail, clipped to the context) f
 chat (short prompts, long answers) or summarization (long prompts, short answers). The
 default steps the rate 1x -> 3x -> 1x while the mix shifts from chat to summarization.
 
+Mixed hardware: `--prefill-hardware A,B` and `--decode-hardware C,D` (catalog names; default:
+the --emulate type) are the types the autoscaler may choose from (`autoscale.hardware`); its
+pools start on the first of each. The static plan is the cheapest pair of types (per
+GPU-hour, choose_types' rule) whose largest per-phase pools meet the target in every phase.
+
 While a variant runs, /metrics is sampled every 0.5 s (pool sizes, devices held and their
-device-seconds, scaling actions, failed requests). Per window of `--window-s` it reports the
-joint SLO attainment of the requests arriving in it (failed requests miss) and the pools it
-ran with; windows starting within `--reaction-s` of a phase change are reported but left out
-of the "every window meets the target" check. Every rate, SLO and duration is in the
+device-seconds and cost, scaling actions, failed requests). Per window of `--window-s` it
+reports the joint SLO attainment of the requests arriving in it (failed requests miss) and the
+pools it ran with; windows starting within `--reaction-s` of a phase change are reported but
+left out of the "every window meets the target" check. Every rate, SLO and duration is in the
 emulated hardware's seconds: the cluster runs `--time-scale` times slower (docs/emulation.md).
 """
 
@@ -47,6 +52,7 @@ from cluster.bench.routing_bench import machine
 from cluster.bench.serve_metrics import meets
 from cluster.elastic.settings import AutoscaleSettings
 from cluster.placement import sizing
+from cluster.placement.hardware import load_catalog
 from cluster.placement.model_spec import load_model_spec
 from cluster.placement.workload import LengthDist, Workload
 
@@ -96,6 +102,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = parser.add_argument_group("the deployment")
     d.add_argument("--emulate", default="A100-80GB", metavar="HARDWARE",
                    help="catalog hardware of the emulated instances (A100-80GB)")  # fmt: skip
+    d.add_argument("--prefill-hardware", metavar="A,B",
+                   help="types the prefill pool may run on (default: --emulate's)")  # fmt: skip
+    d.add_argument("--decode-hardware", metavar="C,D",
+                   help="types the decode pool may run on (default: --emulate's)")  # fmt: skip
     d.add_argument("--model", default="llama-3-8b", help="emulated model preset (llama-3-8b)")
     d.add_argument("--time-scale", type=float, default=4.0, help="runs this many times slower (4)")
     d.add_argument("--interval", type=float, default=2.0,
@@ -168,6 +178,11 @@ class Options:
     static_pools: tuple[int, int] | None  # (prefill, decode) as given
     server_log: str | None = None
     max_model_len: int = 8192
+    hardware: dict[str, tuple[str, ...]] | None = None  # role -> types; None: emulate's only
+
+    def types(self, role: str) -> tuple[str, ...]:
+        """The types `role` may run on; the first is where the pool starts."""
+        return (self.hardware or {}).get(role, (self.emulate,))
 
     @property
     def duration_s(self) -> float:
@@ -212,7 +227,30 @@ def _options(args: argparse.Namespace) -> Options:
         static_pools=_static_pools(args),
         server_log=getattr(args, "server_log", None),
         max_model_len=load_model_spec(args.model).max_position_embeddings,
+        hardware=_hardware(args),
     )
+
+
+def _hardware(args: argparse.Namespace) -> dict[str, tuple[str, ...]] | None:
+    """--prefill-hardware / --decode-hardware, checked against the catalog and the model;
+    None when neither is given."""
+    given = {r: getattr(args, f"{r}_hardware", None) for r in ROLES}
+    if not any(given.values()):
+        return None
+    catalog = load_catalog()
+    out = {}
+    for role, text in given.items():
+        names = tuple(n.strip() for n in (text or args.emulate).split(",") if n.strip())
+        flag = f"--{role}-hardware"
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"{flag}: give distinct catalog names, e.g. A100-80GB,L40S")
+        for name in names:
+            try:
+                sizing.instance_type(args.model, name, 1, 1, catalog)
+            except ValueError as e:
+                raise ValueError(f"{flag}: {e}") from None
+        out[role] = names
+    return out
 
 
 def _check_positive(args: argparse.Namespace, *names: str) -> None:
@@ -288,23 +326,44 @@ def phase_summary(opt: Options, trace: Trace) -> list[dict]:
 
 def static_plan(opt: Options, trace: Trace) -> dict:
     """The static pools for the peak: per pool, the largest the planner sizes over the phases
-    (or --static-prefill/--static-decode)."""
+    (or --static-prefill/--static-decode), on the cheapest pair of the allowed types whose
+    pools meet the target in every phase (choose_types' rule: then $/hour, then devices)."""
+    kinds = {r: {n: sizing.instance_type(opt.model, n, 1, 1) for n in opt.types(r)}
+             for r in ROLES}  # fmt: skip
     if opt.static_pools is not None:
         prefill, decode = opt.static_pools
-        return {"num_prefill": prefill, "num_decode": decode, "num_gpus": prefill + decode,
+        pair = (opt.types("prefill")[0], opt.types("decode")[0])
+        return {**_plan(prefill, decode, pair, kinds),
                 "source": "--static-prefill/--static-decode"}  # fmt: skip
-    phases = _sized_per_phase(opt, trace)
-    prefill = max(p["num_prefill"] for p in phases)
-    decode = max(p["num_decode"] for p in phases)
-    return {"num_prefill": prefill, "num_decode": decode, "num_gpus": prefill + decode,
-            "source": "cluster.placement.sizing.size_pools per phase, the largest of each pool",
-            "phases": phases}  # fmt: skip
+    best, best_key = None, None
+    for pair in ((p, d) for p in opt.types("prefill") for d in opt.types("decode")):
+        phases = _sized_per_phase(opt, trace, kinds["prefill"][pair[0]], kinds["decode"][pair[1]])
+        plan = _plan(max(p["num_prefill"] for p in phases),
+                     max(p["num_decode"] for p in phases), pair, kinds)  # fmt: skip
+        plan["phases"] = phases
+        meets = all(p.get("meets_target", True) for p in phases)
+        key = (not meets, plan["cost_per_hour"], plan["num_gpus"])
+        if best_key is None or key < best_key:
+            best, best_key = plan, key
+    source = "cluster.placement.sizing.size_pools per phase, the largest of each pool"
+    if len(opt.types("prefill")) * len(opt.types("decode")) > 1:
+        source += "; of each pair of types, the cheapest meeting the target"
+    return {**best, "source": source}
 
 
-def _sized_per_phase(opt: Options, trace: Trace) -> list[dict]:
+def _plan(prefill: int, decode: int, pair: tuple[str, str], kinds: dict) -> dict:
+    p_kind, d_kind = kinds["prefill"][pair[0]], kinds["decode"][pair[1]]
+    cost = p_kind.cost_per_hour(prefill) + d_kind.cost_per_hour(decode)
+    return {"num_prefill": prefill, "num_decode": decode,
+            "num_gpus": prefill * p_kind.num_gpus + decode * d_kind.num_gpus,
+            "prefill_hardware": pair[0], "decode_hardware": pair[1],
+            "cost_per_hour": cost}  # fmt: skip
+
+
+def _sized_per_phase(opt: Options, trace: Trace, prefill: sizing.InstanceType,
+                     decode: sizing.InstanceType) -> list[dict]:  # fmt: skip
     """size_pools for each phase's rate and its sampled lengths (a phase without requests
     needs nothing)."""
-    kind = sizing.instance_type(opt.model, opt.emulate, 1, 1)
     rows = []
     for index, phase in enumerate(opt.phases):
         part = trace.phase(index)
@@ -312,19 +371,22 @@ def _sized_per_phase(opt: Options, trace: Trace) -> list[dict]:
             continue
         window = sizing.LoadWindow(opt.base_rate * phase.rate_multiple, part.input_lens,
                                    part.output_lens)  # fmt: skip
-        sizes = sizing.size_pools(window, kind, kind, opt.slo["ttft_s"], opt.slo["tpot_s"],
+        sizes = sizing.size_pools(window, prefill, decode, opt.slo["ttft_s"], opt.slo["tpot_s"],
                                   opt.slo["attainment"], seed=opt.seed)  # fmt: skip
         rows.append({"phase": phase.describe(), "num_prefill": sizes.num_prefill,
                      "num_decode": sizes.num_decode, "attainment": sizes.attainment,
-                     "reason": sizes.reason})  # fmt: skip
+                     "meets_target": sizes.meets_target, "reason": sizes.reason})  # fmt: skip
     return rows or [{"phase": "none", "num_prefill": 1, "num_decode": 1}]
 
 
 def autoscale_section(opt: Options, flip: bool) -> dict:
-    return {"interval_s": opt.interval_s, "min_gpus": opt.min_gpus, "max_gpus": opt.max_gpus,
-            "ttft_s": opt.slo["ttft_s"], "tpot_s": opt.slo["tpot_s"],
-            "attainment": opt.slo["attainment"], "flip": flip,
-            "headroom": opt.headroom}  # fmt: skip
+    section = {"interval_s": opt.interval_s, "min_gpus": opt.min_gpus,
+               "max_gpus": opt.max_gpus, "ttft_s": opt.slo["ttft_s"],
+               "tpot_s": opt.slo["tpot_s"], "attainment": opt.slo["attainment"], "flip": flip,
+               "headroom": opt.headroom}  # fmt: skip
+    if opt.hardware is not None:
+        section["hardware"] = {r: list(opt.types(r)) for r in ROLES}
+    return section
 
 
 def serve_config(opt: Options, variant: str, static: dict) -> dict:
@@ -343,6 +405,9 @@ def serve_config(opt: Options, variant: str, static: dict) -> dict:
         config.prefill.num_instances = static["num_prefill"]
         config.decode.num_instances = static["num_decode"]
     emulate(config, EmulationSettings(opt.emulate, opt.model, opt.time_scale))
+    if is_static:  # each pool on its plan's type (the KV link stays --emulate's)
+        for role in ROLES:
+            getattr(config, role).engine["emulation"]["hardware"] = static[f"{role}_hardware"]
     return dataclasses.asdict(config)
 
 
@@ -361,6 +426,7 @@ class PoolSample:
     gpu_seconds_total: float | None  # real device-seconds
     actions: dict[tuple[str, str, str], float]  # (action, role, cause) -> total
     num_failed: float
+    cost_seconds_total: float | None = None  # $/hour x real seconds (pool_cost_seconds)
 
     def gpus_held(self, devices: dict[str, int]) -> float:
         if self.num_gpus is not None:
@@ -395,6 +461,7 @@ def parse_metrics(text: str, t_s: float) -> PoolSample:
         gpu_seconds_total=scalar("pdcluster:gpu_seconds"),
         actions=actions,
         num_failed=scalar("pdcluster:requests_failed") or 0.0,
+        cost_seconds_total=scalar("pdcluster:pool_cost_seconds"),
     )
 
 
@@ -446,6 +513,21 @@ def gpu_seconds(samples: list[PoolSample], devices: dict[str, int]) -> tuple[flo
         return last.gpu_seconds_total - first.gpu_seconds_total, "pdcluster:gpu_seconds_total"
     held = sum(a.gpus_held(devices) * (b.t_s - a.t_s) for a, b in pairwise(samples))
     return held, "instances x devices per instance x time, from the samples"
+
+
+def dollars(samples: list[PoolSample], devices: dict[str, int], price: float
+            ) -> tuple[float, str]:  # fmt: skip
+    """Cost-seconds over the samples' span (real seconds; /3600 and / the time scale for the
+    emulated dollars), and where they came from: the cluster's own counter, else the
+    device-seconds at `price` $/device-hour (the static plan's, for a cluster that does not
+    count its cost)."""
+    if len(samples) < 2:
+        return 0.0, "none"
+    first, last = samples[0], samples[-1]
+    if first.cost_seconds_total is not None and last.cost_seconds_total is not None:
+        return last.cost_seconds_total - first.cost_seconds_total, "pdcluster:pool_cost_seconds"
+    used, source = gpu_seconds(samples, devices)
+    return used * price, f"{source}, at the static plan's ${price:.4g}/device-hour"
 
 
 def action_counts(samples: list[PoolSample]) -> list[dict]:
@@ -534,8 +616,11 @@ def variant_figures(records: list[RequestRecord], samples: list[PoolSample], opt
     k, devices = opt.time_scale, {r: 1 for r in ROLES}
     windows = window_figures(records, samples, opt, devices)
     used, source = gpu_seconds(samples, devices)
+    price = static.get("cost_per_hour", 0.0) / static["num_gpus"] if static["num_gpus"] else 0.0
+    spent, spent_source = dollars(samples, devices, price)
     duration_s = samples[-1].t_s / k if samples else 0.0
     static_s = static["num_gpus"] * duration_s
+    static_dollars = static.get("cost_per_hour", 0.0) * duration_s / 3600
     ttft, tpot = opt.slo["ttft_s"] * k, opt.slo["tpot_s"] * k
     client_failed = sum(not r.ok for r in records)
     return {
@@ -549,6 +634,10 @@ def variant_figures(records: list[RequestRecord], samples: list[PoolSample], opt
         "gpu_seconds_source": source,
         "static_peak_gpu_seconds": static_s,
         "gpu_seconds_over_static_peak": used / k / static_s if static_s else None,
+        "dollars": spent / k / 3600,
+        "dollars_source": spent_source,
+        "static_peak_dollars": static_dollars,
+        "dollars_over_static_peak": spent / k / 3600 / static_dollars if static_dollars else None,
         "actions": action_counts(samples),
         "lost": {
             "client_failed": client_failed,
@@ -589,6 +678,9 @@ def comparison(variants: dict) -> dict:
         mine = variants[name]
         base = static["gpu_seconds"] if static else mine["static_peak_gpu_seconds"]
         out[f"{name}_over_static_gpu_seconds"] = mine["gpu_seconds"] / base if base else None
+        if "dollars" in mine:
+            base = static["dollars"] if static else mine["static_peak_dollars"]
+            out[f"{name}_over_static_dollars"] = mine["dollars"] / base if base else None
     if out and not static:  # not run: its plan held for as long as each variant ran
         out["static_basis"] = "the static plan's devices x each variant's own run time"
     return out
@@ -652,8 +744,10 @@ async def _warm_up(backend: GrpcBackend, info: dict) -> None:
 
 
 def describe(opt: Options) -> str:
-    return (f"emulated {opt.model} on {opt.emulate} (TP1 instances), time scale "
-            f"{opt.time_scale:g}")  # fmt: skip
+    on = opt.emulate
+    if opt.hardware is not None:
+        on = ", ".join(f"{role} {'|'.join(opt.types(role))}" for role in ROLES)
+    return f"emulated {opt.model} on {on} (TP1 instances), time scale {opt.time_scale:g}"
 
 
 def _workload(opt: Options, trace: Trace) -> dict:
@@ -666,6 +760,8 @@ def _workload(opt: Options, trace: Trace) -> dict:
 
 def _emulated(opt: Options) -> dict:
     return {"hardware": opt.emulate, "model": opt.model, "time_scale": opt.time_scale,
+            "prefill_hardware": list(opt.types("prefill")),
+            "decode_hardware": list(opt.types("decode")),
             "note": "emulated accelerators: every figure is the emulator's, in the emulated "
                     "hardware's time, not measured on it"}  # fmt: skip
 
@@ -687,6 +783,7 @@ def _variant_line(name: str, v: dict) -> str:
     check, lost = v["window_check"], v["lost"]
     return (f"  {name}: attainment {v['attainment']:.1%}, windows after reaction "
             f"{check['num_meeting']}/{check['num_checked']}, {v['gpu_seconds']:.0f} GPU-s, "
+            f"${v.get('dollars', 0.0):.2f}, "
             f"{sum(a['count'] for a in v['actions'])} actions, {lost['total']} lost")  # fmt: skip
 
 
@@ -699,14 +796,15 @@ def format_table(result: dict) -> str:
         f"{e['model']} on {e['hardware']} (not measured on it)",
         f"SLO: TTFT {slo['ttft_s']:g} s, TPOT {slo['tpot_s']:g} s, {slo['attainment']:.0%} "
         f"per window after {result['reaction']['reaction_s']:g} s of reaction",
-        f"{'variant':<16}{'attain':>8}{'windows ok':>12}{'GPU-s':>9}{'/static':>9}"
-        f"{'actions':>9}{'lost':>6}{'failed':>8}",
+        f"{'variant':<16}{'attain':>8}{'windows ok':>12}{'GPU-s':>9}{'/static':>9}{'$':>8}"
+        f"{'/static':>9}{'actions':>9}{'lost':>6}{'failed':>8}",
     ]
     for name, v in result["variants"].items():
         c, lost = v["window_check"], v["lost"]
         ok = f"{c['num_meeting']}/{c['num_checked']}"
         lines.append(f"{name:<16}{v['attainment']:>8.1%}{ok:>12}{v['gpu_seconds']:>9.0f}"
                      f"{_pct(v['gpu_seconds_over_static_peak']):>9}"
+                     f"{v.get('dollars', 0.0):>8.2f}{_pct(v.get('dollars_over_static_peak')):>9}"
                      f"{sum(a['count'] for a in v['actions']):>9}{lost['total']:>6}"
                      f"{lost['server_failed']:>8.0f}")  # fmt: skip
     for name, v in result["variants"].items():

@@ -7,11 +7,16 @@ counted in /metrics:
     pdcluster:autoscale_actions{action,role,cause}
     pdcluster:pool_gpus                       devices held now, starting and draining too
     pdcluster:gpu_seconds                     device-seconds held since start
+    pdcluster:pool_gpus_by_hardware{hardware}     ... by device type
+    pdcluster:gpu_seconds_by_hardware{hardware}
+    pdcluster:pool_cost_per_hour              $/hour of the devices held now (known prices)
+    pdcluster:pool_cost_seconds               $/hour integrated over seconds (/3600: dollars)
 
 The model it sizes with: the emulated hardware's latency model for an emulated cluster (the
 one the emulated instances step at: predictions and emulation agree), a fitted profile
 (`autoscale.profile`, from `placement profile`) for real engines, or none: then it scales
-on SLO breaches and slack alone.
+on SLO breaches and slack alone. With `autoscale.hardware` (mixed pools, elastic/hardware.py)
+it sizes every pair of allowed types and the controller keeps the cheapest.
 """
 
 from __future__ import annotations
@@ -25,11 +30,11 @@ from collections.abc import Callable
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from cluster.background import spawn
-from cluster.elastic.controller import ROLES, Action, Controller, Decision
+from cluster.elastic.controller import ROLES, Action, Controller, Decision, TypedSizes
+from cluster.elastic.hardware import PoolHardware, pool_hardware
 from cluster.elastic.pools import ElasticPools
 from cluster.elastic.settings import AutoscaleSettings
 from cluster.placement import sizing
-from cluster.placement.hardware import load_catalog
 from cluster.placement.model_spec import load_model_spec
 from cluster.router.router import Router
 
@@ -90,13 +95,15 @@ class Autoscaler:
             history,
             self.pools.counts(),
             dict(self.pools.starting),
+            self.pools.counts_by_type(),
+            {role: dict(c) for role, c in self.pools.starting_by_type.items()},
         )
         if decision.actions:
             self.decisions = [*self.decisions[-999:], decision]
             logger.warning(
-                "autoscale: %s -> %s (%s): %s", _pools(decision.current),
-                _pools(decision.target), ", ".join(_action(a) for a in decision.actions),
-                decision.reason,
+                "autoscale: %s -> %s%s (%s): %s", _pools(decision.current),
+                _pools(decision.target), _types(decision.hardware),
+                ", ".join(_action(a) for a in decision.actions), decision.reason,
             )  # fmt: skip
         for action in decision.actions:
             task = spawn(self._act(action))
@@ -109,7 +116,8 @@ class Autoscaler:
         run = {"add": pools.add, "remove": pools.remove, "flip": pools.flip}[action.kind]
         self.router.metrics.scaled(action.kind, action.role, action.cause)
         try:
-            await run(action.role)
+            await (run(action.role) if action.hardware is None
+                   else run(action.role, hardware=action.hardware))  # fmt: skip
         except ValueError as e:  # refused (the last of a role, an instance that cannot flip)
             logger.warning("autoscale: %s refused: %s", _action(action), e)
         except Exception:  # noqa: BLE001 - a failed start or drain: the next decision retries
@@ -120,8 +128,15 @@ def _pools(counts: dict[str, int]) -> str:
     return " + ".join(f"{counts[r]} {r}" for r in ROLES)
 
 
+def _types(hardware: dict[str, str] | None) -> str:
+    if hardware is None:
+        return ""
+    return " [" + ", ".join(f"{r} on {hardware[r]}" for r in ROLES) + "]"
+
+
 def _action(action: Action) -> str:
-    return f"{action.kind} {action.role} ({action.cause})"
+    on = "" if action.hardware is None else f" on {action.hardware}"
+    return f"{action.kind} {action.role}{on} ({action.cause})"
 
 
 class _Collector:
@@ -139,6 +154,39 @@ class _Collector:
         seconds.add_metric([], self.pools.device_seconds)
         yield gpus
         yield seconds
+        yield from self._by_type()
+        if self.pools.cost_known:
+            cost = GaugeMetricFamily(
+                "pdcluster:pool_cost_per_hour",
+                "$/hour of the devices the pools hold now (the catalog's or profiles' prices).",
+            )
+            cost.add_metric([], self.pools.cost_per_hour)
+            spent = CounterMetricFamily(
+                "pdcluster:pool_cost_seconds",
+                "The pools' $/hour integrated over seconds since the router started: /3600 "
+                "for dollars.",
+            )
+            spent.add_metric([], self.pools.cost_seconds)
+            yield cost
+            yield spent
+
+    def _by_type(self):
+        gpus = GaugeMetricFamily("pdcluster:pool_gpus_by_hardware",
+                                 "Devices the pools hold now, by device type.",
+                                 labels=["hardware"])  # fmt: skip
+        for kind, n in sorted(self.pools.devices_by_type().items(), key=str):
+            gpus.add_metric([_label(kind)], n)
+        seconds = CounterMetricFamily("pdcluster:gpu_seconds_by_hardware",
+                                      "Device-seconds the pools held, by device type.",
+                                      labels=["hardware"])  # fmt: skip
+        for kind, s in sorted(self.pools.device_seconds_by_type().items(), key=str):
+            seconds.add_metric([_label(kind)], s)
+        yield gpus
+        yield seconds
+
+
+def _label(kind: str | None) -> str:
+    return "" if kind is None else kind
 
 
 # -- built from a deployment config --------------------------------------------------------
@@ -154,9 +202,13 @@ def start_autoscaler(router: Router, config) -> Autoscaler:
     shapes = {role: _shape(config, role) for role in ROLES}
     gpus = {role: tp * pp for role, (tp, pp, _) in shapes.items()}
     time_scale = shapes["prefill"][2]
-    pools = ElasticPools(router, router.launcher, gpus, settings.drain_timeout_s)
-    controller = Controller(settings, gpus, _sizer(config, settings, shapes), time_scale,
-                            can_flip=config.flips_roles())  # fmt: skip
+    kinds = pool_hardware(config)
+    pools = ElasticPools(router, router.launcher, gpus, settings.drain_timeout_s,
+                         hardware={r: kinds.default(r) for r in ROLES},
+                         prices=kinds.prices)  # fmt: skip
+    controller = Controller(settings, gpus, _sizer(config, settings, kinds), time_scale,
+                            can_flip=config.flips_roles(),
+                            hardware=kinds.allowed if kinds.is_mixed else None)  # fmt: skip
     autoscaler = Autoscaler(router, pools, controller)
     autoscaler.start()
     return autoscaler
@@ -171,32 +223,38 @@ def _shape(config, role: str) -> tuple[int, int, float]:
     return engine.tensor_parallel_size, engine.pipeline_parallel_size, 1.0
 
 
-def _sizer(config, settings: AutoscaleSettings, shapes) -> Callable | None:
+def _sizer(config, settings: AutoscaleSettings, kinds: PoolHardware) -> Callable | None:
     """(rate, input lengths, output lengths) -> pool sizes: the emulated hardware's model,
-    or a fitted profile's; None without either."""
-    emulation = config.engine_config("prefill").emulation
-    transfer_s_per_token = 0.0
-    if emulation is not None:
-        catalog = load_catalog(emulation.catalog)
-        types = {
-            role: sizing.instance_type(emulation.model, emulation.hardware, tp, pp, catalog)
-            for role, (tp, pp, _) in shapes.items()
-        }
-        link = config.engine_config("decode").emulation.kv_bandwidth  # the decode's pulls
-        if link:
-            transfer_s_per_token = load_model_spec(emulation.model).kv_bytes_per_token / link
-    elif settings.profile:
-        types = {role: sizing.profile_type(settings.profile, tp, pp)
-                 for role, (tp, pp, _) in shapes.items()}  # fmt: skip
-    else:
+    or a fitted profile's; None without either. Mixed pools: (..., hardware=None) ->
+    TypedSizes, on the pair asked for, else the cheapest pair meeting the SLOs."""
+    if kinds.kinds is None:
         return None
-    limit = max(1, settings.max_gpus)
+    emulation = config.engine_config("decode").emulation
+    transfer_s_per_token = 0.0
+    if emulation is not None and emulation.kv_bandwidth:  # the decode's pulls
+        transfer_s_per_token = load_model_spec(emulation.model).kv_bytes_per_token / (
+            emulation.kv_bandwidth
+        )
+    options = {"attainment": settings.attainment, "max_instances": max(1, settings.max_gpus),
+               "transfer_s_per_token": transfer_s_per_token}  # fmt: skip
+    slo = (settings.ttft_s, settings.tpot_s)
+    by_role = kinds.kinds
 
-    def size(rate, input_lens, output_lens):
+    def size(rate, input_lens, output_lens, hardware: dict[str, str] | None = None):
         window = sizing.LoadWindow(rate, input_lens, output_lens)
-        return sizing.size_pools(
-            window, types["prefill"], types["decode"], settings.ttft_s, settings.tpot_s,
-            settings.attainment, max_instances=limit, transfer_s_per_token=transfer_s_per_token,
-        )  # fmt: skip
+        if not kinds.is_mixed:
+            first = {r: next(iter(by_role[r].values())) for r in ROLES}
+            return sizing.size_pools(window, first["prefill"], first["decode"], *slo, **options)
+        if hardware is None:
+            sizes = sizing.choose_types(window, list(by_role["prefill"].values()),
+                                        list(by_role["decode"].values()), *slo,
+                                        **options)  # fmt: skip
+        else:
+            sizes = sizing.size_pools(window, by_role["prefill"][hardware["prefill"]],
+                                      by_role["decode"][hardware["decode"]], *slo,
+                                      **options)  # fmt: skip
+        named = {r: next(n for n, k in by_role[r].items() if k is getattr(sizes, f"{r}_type"))
+                 for r in ROLES}  # fmt: skip
+        return TypedSizes(sizes.num_prefill, sizes.num_decode, named, sizes.meets_target)
 
     return size

@@ -22,6 +22,14 @@ pools as they are (no clock, no I/O: tests script it).
                  model says it does not need) at once, hysteresis or not
     flips        a pool that grows while the other shrinks takes the other's instance:
                  a flip (drain, change role), not a stop and a start
+    hardware     mixed pools (`autoscale.hardware`): the model sizes every pair of allowed
+                 types and the cheapest meeting the SLOs is chosen, after it was the cheapest
+                 `scale_down_after` decisions in a row (at once when the chosen pair cannot
+                 meet them). Every rule above counts the chosen type's instances; the others'
+                 count against max_gpus while they serve on. A role whose chosen type changes
+                 migrates make-before-break: the new type is added, and once none of it is
+                 starting and the target needs no more of it, the other types' instances go
+                 (cause `migrate`). Flips only within one type chosen by both roles
 """
 
 from __future__ import annotations
@@ -42,7 +50,8 @@ _OTHER = {"prefill": "decode", "decode": "prefill"}
 class Action:
     kind: str  # add | remove | flip (from the other role)
     role: str  # the pool that grows (add, flip) or shrinks (remove)
-    cause: str  # forecast | ttft_breach | tpot_breach | slack | bounds
+    cause: str  # forecast | ttft_breach | tpot_breach | slack | bounds | migrate
+    hardware: str | None = None  # the type added, removed or flipped (None: the pool's one)
 
 
 @dataclass(slots=True, frozen=True)
@@ -53,6 +62,49 @@ class Decision:
     reason: str  # one line, for the log
     forecast_rate: float  # requests/s, model seconds
     attainment: tuple[float | None, float | None]  # (TTFT, TPOT) of the last interval
+    hardware: dict[str, str] | None = None  # mixed pools: each role's chosen type
+
+
+@dataclass(slots=True, frozen=True)
+class TypedSizes:
+    """A mixed-pools sizer's answer: the pools on a pair of named types (the cheapest pair
+    when it was not asked for one) and whether they meet the SLOs."""
+
+    num_prefill: int
+    num_decode: int
+    hardware: dict[str, str]  # role -> type
+    meets_target: bool = True
+
+
+@dataclass(slots=True)
+class _Mix:
+    """One decision's view of mixed pools: per role, the chosen type's instances and the
+    others' ("legacy": what a migration replaces)."""
+
+    chosen: dict[str, str]
+    current: dict[str, int]  # of the chosen type, starting included
+    pending: dict[str, int]  # ... still starting
+    legacy: dict[str, dict[str, int]]  # other types, starting included
+    serving: dict[str, dict[str, int]]  # ... those serving (what can be drained)
+
+    @classmethod
+    def of(cls, chosen: dict[str, str], counts: dict[str, dict[str, int]],
+           starting: dict[str, dict[str, int]]) -> _Mix:  # fmt: skip
+        legacy = {r: {t: n for t, n in counts[r].items() if t != chosen[r] and n > 0}
+                  for r in ROLES}  # fmt: skip
+        serving = {r: {t: n - starting[r].get(t, 0) for t, n in legacy[r].items()
+                       if n > starting[r].get(t, 0)} for r in ROLES}  # fmt: skip
+        return cls(
+            chosen,
+            {r: counts[r].get(chosen[r], 0) for r in ROLES},
+            {r: starting[r].get(chosen[r], 0) for r in ROLES},
+            legacy,
+            serving,
+        )
+
+    def migrating(self, role: str, target: int) -> bool:
+        """Whether `role`'s other types must stay: its chosen type still starts or grows."""
+        return bool(self.pending[role]) or target > self.current[role]
 
 
 @dataclass(slots=True)
@@ -64,6 +116,11 @@ class Controller:
     sizer: Callable | None = None
     time_scale: float = 1.0  # router seconds per model second (emulation)
     can_flip: bool = True  # settings.flip, and the instances can (workers/elastic.py)
+    # Mixed pools: the types each role may run on; the sizer then takes hardware= (a role ->
+    # type pair: the pools on it) and answers TypedSizes (the cheapest pair without it).
+    hardware: dict[str, tuple[str, ...]] | None = None
+    _chosen: dict[str, str] = field(default_factory=dict)  # each role's type (mixed pools)
+    _votes: int = 0  # decisions in a row whose cheapest pair was not the chosen one
     _slack: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ROLES, 0))
     _grew_at: dict[str, float] = field(default_factory=dict)  # when each pool last grew
     _growing: set[str] = field(default_factory=set)  # grew, the new instance not serving yet
@@ -71,22 +128,33 @@ class Controller:
     _recommended: deque = field(default_factory=deque)  # (when, sizes) of recent decisions
 
     def decide(self, recent: Observation, rate: float, history: Observation,
-               current: dict[str, int], pending: dict[str, int] | None = None
-               ) -> Decision:  # fmt: skip
+               current: dict[str, int], pending: dict[str, int] | None = None,
+               by_type: dict[str, dict[str, int]] | None = None,
+               pending_by_type: dict[str, dict[str, int]] | None = None) -> Decision:  # fmt: skip
         """`recent`: the last few intervals (attainment, and the prompt lengths arriving
         now); `rate`: arrivals per router second; `history`: the longer past's lengths;
         `current`: the instances of each pool, counting those starting and not those
-        draining; `pending`: of those, the ones still starting (or flipping in). `recent.end`
-        is now."""
+        draining; `pending`: of those, the ones still starting (or flipping in). Mixed pools
+        (`hardware`): `by_type` and `pending_by_type` split both by type. `recent.end` is
+        now."""
         s = self.settings
         forecast = rate * self.time_scale * s.headroom
         why: list[str] = []
-        model = self._model(forecast, recent, history, current, why)
+        lens = self._lengths(recent, history, forecast)
+        total, mix, sizes = current, None, None
+        if self.hardware is not None:
+            if by_type is None:
+                raise ValueError("mixed pools: decide needs the counts by type (by_type)")
+            sizes = self._choose(forecast, lens, by_type, why)
+            mix = _Mix.of(dict(self._chosen), by_type, pending_by_type or
+                          {r: {} for r in ROLES})  # fmt: skip
+            current = mix.current
+        model = self._model(forecast, lens, current, why, sizes)
         target = dict(model)
         if s.scale_down_margin > 1 and any(model[r] < current[r] for r in ROLES):
             # A pool shrinks only to what still suffices at a higher rate: a band against
             # flapping on the forecast's noise (HPA's tolerance, in the model's terms).
-            band = self._model(forecast * s.scale_down_margin, recent, history, current, [])
+            band = self._model(forecast * s.scale_down_margin, lens, current, [])
             for role in ROLES:
                 target[role] = max(target[role], min(band[role], current[role]))
         # ... and only to the largest size recommended over the last scale_down_window_s
@@ -140,10 +208,62 @@ class Controller:
             else:
                 target[role], causes[role] = current[role] - 1, "slack"
                 self._slack[role] = 0
-        self._bound(target, model, current, causes, why)
-        actions = self._actions(current, target, causes)
-        reason = "; ".join(why) or "holding"
-        return Decision(dict(current), target, actions, reason, forecast, attained)
+        if mix is None:
+            self._bound(target, model, current, causes, why)
+            actions = self._actions(current, target, causes)
+            return Decision(dict(current), target, actions, "; ".join(why) or "holding",
+                            forecast, attained)  # fmt: skip
+        drops = self._make_room(target, mix, why)
+        staying = sum(n * self.gpus[r] for r in ROLES if r in drops or mix.migrating(r, target[r])
+                      for n in mix.legacy[r].values())  # fmt: skip
+        floor = {r: 0 if r in drops else 1 for r in ROLES}  # (its other type serves on)
+        self._bound(target, model, current, causes, why, staying, floor)
+        return self._migrate(total, target, causes, why, forecast, attained, mix, drops)
+
+    def _make_room(self, target: dict[str, int], mix: _Mix, why: list[str]
+                   ) -> dict[str, str]:  # fmt: skip
+        """Mixed pools at max_gpus: a role that migrates but has no room for one instance of
+        its new type drains one of another type first (if it keeps a serving instance), and
+        grows at a later decision. The roles and the type each drains."""
+        held = self._devices(mix.current) + sum(
+            n * self.gpus[r] for r in ROLES for n in mix.legacy[r].values())  # fmt: skip
+        drops = {}
+        for role in ROLES:
+            serving = sum(mix.serving[role].values()) + mix.current[role] - mix.pending[role]
+            if target[role] <= mix.current[role] or not mix.serving[role] or serving < 2:
+                continue
+            if held + self.gpus[role] > self.settings.max_gpus:
+                drops[role] = min(mix.serving[role])
+                target[role] = mix.current[role]
+                why.append(f"no room for {role} on {mix.chosen[role]}: one on {drops[role]} "
+                           "drains first")  # fmt: skip
+        return drops
+
+    def _migrate(self, total: dict[str, int], target: dict[str, int], causes: dict[str, str],
+                 why: list[str], forecast: float, attained, mix: _Mix,
+                 drops: dict[str, str]) -> Decision:  # fmt: skip
+        """Mixed pools: the chosen types' actions, then the other types' instances that the
+        target no longer needs (make-before-break: none while the chosen type starts or
+        grows), or the one that makes room. The decision's target: each role's instances
+        after its actions."""
+        for role in ROLES:
+            if mix.legacy[role] and causes[role] == "forecast":
+                causes[role] = "migrate"
+        actions = list(self._actions(mix.current, target, causes, mix.chosen))
+        after = dict(target)
+        for role in ROLES:
+            after[role] += sum(mix.legacy[role].values())
+            if role in drops:
+                names = [drops[role]]
+            elif mix.migrating(role, target[role]):
+                continue
+            else:
+                names = [t for t, n in sorted(mix.serving[role].items()) for _ in range(n)]
+                why.append(f"{role} on {mix.chosen[role]}: {', '.join(names)} not needed")
+            actions += [Action("remove", role, "migrate", name) for name in names]
+            after[role] -= len(names)
+        return Decision(dict(total), after, tuple(actions), "; ".join(why) or "holding",
+                        forecast, attained, dict(mix.chosen))  # fmt: skip
 
     def _misses_since_ready(self, recent: Observation, role: str) -> bool:
         """Whether the TTFT target is still missed by the requests that arrived after `role`
@@ -168,30 +288,72 @@ class Controller:
             return "decode"
         return "prefill"
 
-    def _model(self, forecast: float, recent: Observation, history: Observation,
-               current: dict[str, int], why: list[str]) -> dict[str, int]:  # fmt: skip
-        """The model's pools at the forecast rate, over the prompt lengths arriving now (the
-        history's when few arrived) and the history's output lengths (known only when
-        requests finish); the current pools without a model or samples."""
+    def _lengths(self, recent: Observation, history: Observation, forecast: float
+                 ) -> tuple | None:  # fmt: skip
+        """The prompt lengths arriving now (the history's when few arrived) and the history's
+        output lengths (known only when requests finish): what the model sizes for; None
+        without a model, samples or load."""
         least = self.settings.min_samples
         inputs = recent.input_lens if len(recent.input_lens) >= least else history.input_lens
         outputs = history.output_lens
         if self.sizer is None or min(len(inputs), len(outputs)) < least or forecast <= 0:
+            return None
+        return inputs, outputs
+
+    def _model(self, forecast: float, lens: tuple | None, current: dict[str, int],
+               why: list[str], sizes=None) -> dict[str, int]:  # fmt: skip
+        """The model's pools at the forecast rate (`sizes`: its answer already, mixed pools:
+        on the chosen types); the current pools without a model or samples."""
+        if lens is None:
             return dict(current)
-        sizes = self.sizer(forecast, inputs, outputs)
+        if sizes is None:
+            sizes = (self.sizer(forecast, *lens) if self.hardware is None
+                     else self.sizer(forecast, *lens, hardware=dict(self._chosen)))  # fmt: skip
+        on = f" on {self._chosen['prefill']} + {self._chosen['decode']}" if self._chosen else ""
         why.append(f"model at {forecast:.2f} req/s: {sizes.num_prefill} prefill + "
-                   f"{sizes.num_decode} decode")  # fmt: skip
+                   f"{sizes.num_decode} decode{on}")  # fmt: skip
         return {"prefill": sizes.num_prefill, "decode": sizes.num_decode}
+
+    def _choose(self, forecast: float, lens: tuple | None, by_type: dict[str, dict[str, int]],
+                why: list[str]) -> TypedSizes | None:  # fmt: skip
+        """Mixed pools: each role's type, and the model's pools on it. The cheapest pair
+        replaces the chosen one after `scale_down_after` decisions in a row (against the
+        forecast's noise: a migration moves every instance), or at once when the chosen pair
+        cannot meet the SLOs. At first, the types most instances run on."""
+        if not self._chosen:
+            self._chosen = {r: max(self.hardware[r], key=lambda t, r=r: (
+                by_type[r].get(t, 0), -self.hardware[r].index(t))) for r in ROLES}  # fmt: skip
+        if lens is None:
+            return None
+        best = self.sizer(forecast, *lens)
+        if best.hardware == self._chosen:
+            self._votes = 0
+            return best
+        here = self.sizer(forecast, *lens, hardware=dict(self._chosen))
+        self._votes += 1
+        new = f"{best.hardware['prefill']} + {best.hardware['decode']}"
+        if self._votes < self.settings.scale_down_after and here.meets_target:
+            why.append(f"cheaper on {new} ({self._votes}/{self.settings.scale_down_after})")
+            return here
+        why.append(f"hardware -> {new}" + ("" if here.meets_target else
+                                          " (the chosen pair cannot meet the SLOs)"))  # fmt: skip
+        self._chosen, self._votes = dict(best.hardware), 0
+        self._recommended.clear()  # (sizes of the other types)
+        return best
 
     def _devices(self, counts: dict[str, int]) -> int:
         return sum(counts[r] * self.gpus[r] for r in ROLES)
 
     def _bound(self, target: dict[str, int], model: dict[str, int], current: dict[str, int],
-               causes: dict[str, str], why: list[str]) -> None:  # fmt: skip
+               causes: dict[str, str], why: list[str], extra: int = 0,
+               floor: dict[str, int] | None = None) -> None:  # fmt: skip
+        """`extra`: devices held besides the targets' (mixed pools: other types that stay);
+        `floor`: the least of each role (one instance, unless another type's serves it)."""
         s = self.settings
+        floor = floor or dict.fromkeys(ROLES, 1)
         for role in ROLES:
-            target[role] = max(1, target[role])
-        while self._devices(target) > s.max_gpus:
+            target[role] = max(floor[role], target[role])
+        while self._devices(target) + extra > s.max_gpus:
             growing = [r for r in ROLES if target[r] > current[r]]
             role = max(growing or ROLES, key=lambda r: target[r] - current[r])
             other = _OTHER[role]
@@ -199,31 +361,36 @@ class Controller:
                 target[other] -= 1
                 causes[other] = "slack"
                 continue
-            if target[role] > 1:
+            if target[role] > floor[role]:
                 target[role] -= 1
-            elif target[other] > 1:
+            elif target[other] > floor[other]:
                 target[other] -= 1
             else:
                 break  # one instance per role is the least there is
             why.append(f"capped at {s.max_gpus} devices")
-        while self._devices(target) < s.min_gpus:
+        while self._devices(target) + extra < s.min_gpus:
             role = min(ROLES, key=lambda r: target[r] * self.gpus[r])
             target[role] += 1
             causes[role] = "bounds"
 
     def _actions(self, current: dict[str, int], target: dict[str, int],
-                 causes: dict[str, str]) -> tuple[Action, ...]:  # fmt: skip
+                 causes: dict[str, str], chosen: dict[str, str] | None = None
+                 ) -> tuple[Action, ...]:  # fmt: skip
+        """`chosen`: mixed pools, each role's type (a flip keeps an instance's type: only
+        when both roles chose the same)."""
+        hw = chosen or dict.fromkeys(ROLES)
         delta = {r: target[r] - current[r] for r in ROLES}
         actions: list[Action] = []
         up = next((r for r in ROLES if delta[r] > 0), None)
-        if up is not None and self.can_flip and self.gpus["prefill"] == self.gpus["decode"]:
+        same = self.gpus["prefill"] == self.gpus["decode"] and hw["prefill"] == hw["decode"]
+        if up is not None and self.can_flip and same:
             down = _OTHER[up]
             flips = min(delta[up], -delta[down]) if delta[down] < 0 else 0
-            actions += [Action("flip", up, causes[up])] * flips
+            actions += [Action("flip", up, causes[up], hw[up])] * flips
             delta[up] -= flips
             delta[down] += flips
         for role in ROLES:  # capacity comes before capacity goes
-            actions += [Action("add", role, causes[role])] * max(0, delta[role])
+            actions += [Action("add", role, causes[role], hw[role])] * max(0, delta[role])
         for role in ROLES:
-            actions += [Action("remove", role, causes[role])] * max(0, -delta[role])
+            actions += [Action("remove", role, causes[role], hw[role])] * max(0, -delta[role])
         return tuple(actions)

@@ -15,6 +15,10 @@ autoscale:
   drain_timeout_s: 120   # then the streams still open move by the failure policy
   history_s: 60          # lengths and rates are taken over this much of the past
   profile: null          # `placement profile` output: the latency model of real engines
+                         # (or {hardware name: path}, one per type listed below)
+  hardware:              # mixed pools: the device types each role may run on (optional;
+    prefill: [A100-80GB, H100-80GB]  # default: the config's own one type per role);
+    decode: [A100-80GB]  # the first of each list is where the pools start
 """
 
 from __future__ import annotations
@@ -39,9 +43,12 @@ class AutoscaleSettings:
     drain_timeout_s: float = 120.0
     history_s: float = 60.0
     min_samples: int = 10  # finished requests a window needs before its attainment counts
-    profile: str | None = None
+    profile: str | dict[str, str] | None = None
+    # role -> device type names (catalog names when emulated, Ray accelerator types else)
+    hardware: dict[str, list[str]] | None = None
 
     def __post_init__(self) -> None:
+        self._check_hardware()
         for name in ("interval_s", "ttft_s", "tpot_s", "history_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"autoscale.{name} must be > 0, got {getattr(self, name)!r}")
@@ -68,3 +75,47 @@ class AutoscaleSettings:
             raise ValueError(f"autoscale.cooldown_s must be >= 0, got {self.cooldown_s}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"autoscale.drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+
+    def _check_hardware(self) -> None:
+        """The shape of `hardware` and `profile` (names against the catalog: elastic/hardware.py,
+        once the deployment's engines are known)."""
+        if self.hardware is not None:
+            if not isinstance(self.hardware, dict) or not self.hardware:
+                raise ValueError("autoscale.hardware is a mapping {prefill: [names], decode: "
+                                 f"[names]}}, got {self.hardware!r}")  # fmt: skip
+            unknown = sorted(set(self.hardware) - {"prefill", "decode"})
+            if unknown:
+                raise ValueError(f"autoscale.hardware: unknown roles {unknown}: list types under "
+                                 "prefill and decode only")  # fmt: skip
+            for role, names in self.hardware.items():
+                if isinstance(names, str):
+                    names = [names]
+                if not isinstance(names, list | tuple) or not names or \
+                        not all(isinstance(n, str) and n for n in names):  # fmt: skip
+                    raise ValueError(f"autoscale.hardware.{role} must be a non-empty list of "
+                                     f"device type names, got {names!r}")  # fmt: skip
+                if len(set(names)) != len(names):
+                    raise ValueError(f"autoscale.hardware.{role} lists a type twice: {names}")
+                self.hardware[role] = list(names)
+        if isinstance(self.profile, dict):
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.profile.items()):
+                raise ValueError("autoscale.profile as a mapping is {hardware name: profile path}")
+            listed = {n for names in (self.hardware or {}).values() for n in names}
+            if not listed:
+                raise ValueError(
+                    "autoscale.profile maps hardware names to profiles: list those "
+                    "names under autoscale.hardware (prefill: [...], decode: [...])"
+                )
+            missing = sorted(listed - set(self.profile))
+            if missing:
+                raise ValueError(
+                    f"autoscale.profile has no profile for {missing}: give one "
+                    "`placement profile` file per type in autoscale.hardware"
+                )
+        elif self.profile is not None and not isinstance(self.profile, str):
+            raise ValueError(f"autoscale.profile is a path or a mapping {{hardware name: path}}, "
+                             f"got {self.profile!r}")  # fmt: skip
+
+    def hardware_names(self, role: str) -> tuple[str, ...]:
+        """The types `role` may run on (empty: the config's own one type)."""
+        return tuple((self.hardware or {}).get(role, ()))

@@ -6,6 +6,7 @@ needs the autoscaler and minutes of emulated load: not a unit test."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from cluster.bench import elastic_bench as eb
 from cluster.bench.loadgen import RequestRecord
 from cluster.cli import main
+from cluster.placement.hardware import load_catalog
 
 
 def _options(*argv: str) -> eb.Options:
@@ -119,11 +121,17 @@ def test_variant_figures_count_the_lost_and_the_static_ratio():
     opt = _options("--phases", "1:chat", "--phase-s", "20", "--time-scale", "2")
     records = [_record(1, k=2), _record(2, ok=False, k=2)]
     samples = [_sample(0, failed=1), _sample(40, counter=None, failed=2)]
-    static = {"num_prefill": 3, "num_decode": 1, "num_gpus": 4, "source": "given"}
+    static = {"num_prefill": 3, "num_decode": 1, "num_gpus": 4, "cost_per_hour": 36.0,
+              "source": "given"}  # fmt: skip
     out = eb.variant_figures(records, samples, opt, num_planned=3, static=static)
     assert out["duration_s"] == 20 and out["gpu_seconds"] == pytest.approx(2 * 20)
     assert out["static_peak_gpu_seconds"] == 80
     assert out["gpu_seconds_over_static_peak"] == pytest.approx(0.5)
+    # No cost counter: the device-seconds at the plan's $9/device-hour; emulated seconds.
+    assert out["dollars"] == pytest.approx(40 * 9 / 3600)
+    assert out["static_peak_dollars"] == pytest.approx(36 * 20 / 3600)
+    assert out["dollars_over_static_peak"] == pytest.approx(0.5)
+    assert "static plan" in out["dollars_source"]
     assert out["lost"]["client_failed"] == 1 and out["lost"]["not_sent"] == 1
     assert out["lost"]["total"] == 2 and out["lost"]["server_failed"] == 1
     assert out["attainment"] == 0.5
@@ -147,6 +155,8 @@ pdcluster:gpu_seconds_created 1.7e9
 # TYPE pdcluster:autoscale_actions counter
 pdcluster:autoscale_actions_total{action="add",role="prefill",cause="ttft_breach"} 2.0
 pdcluster:autoscale_actions_total{action="flip",role="prefill",cause="slack"} 1.0
+# TYPE pdcluster:pool_cost_seconds counter
+pdcluster:pool_cost_seconds_total 3600.0
 # TYPE pdcluster:requests_failed counter
 pdcluster:requests_failed_total{role="router",reason="engine"} 1.0
 pdcluster:requests_failed_total{role="router",reason="policy"} 2.0
@@ -159,8 +169,10 @@ def test_metrics_parse_into_a_sample():
     assert s.num_draining == {"prefill": 1, "decode": 0}
     assert (s.num_gpus, s.gpu_seconds_total, s.num_failed) == (5.0, 120.5, 3.0)
     assert s.actions == {("add", "prefill", "ttft_breach"): 2.0, ("flip", "prefill", "slack"): 1.0}
+    assert s.cost_seconds_total == 3600.0
     static = eb.parse_metrics(EXPOSITION.split("# TYPE pdcluster:pool_instances_d")[0], 0.0)
     assert static.num_gpus is None and static.gpu_seconds_total is None
+    assert static.cost_seconds_total is None
     assert static.num_failed == 0 and static.actions == {}
 
 
@@ -177,6 +189,15 @@ def test_gpu_seconds_from_the_counter_or_integrated_from_the_pools():
     assert eb.gpu_seconds(pools[:1], devices)[0] == 0.0
 
 
+def test_dollars_from_the_cost_counter_or_the_plans_price():
+    devices = {"prefill": 1, "decode": 1}
+    counted = [dataclasses.replace(_sample(0), cost_seconds_total=100.0),
+               dataclasses.replace(_sample(10), cost_seconds_total=460.0)]  # fmt: skip
+    assert eb.dollars(counted, devices, 99.0) == (360.0, "pdcluster:pool_cost_seconds")
+    used, source = eb.dollars([_sample(0), _sample(10, prefill=2)], devices, 5.0)
+    assert used == pytest.approx(2 * 10 * 5.0) and "static plan" in source
+
+
 def test_actions_are_the_counters_growth_over_the_run():
     before = {("add", "prefill", "forecast"): 1.0}
     after = {("add", "prefill", "forecast"): 3.0, ("remove", "decode", "slack"): 1.0,
@@ -189,17 +210,22 @@ def test_actions_are_the_counters_growth_over_the_run():
 
 
 def test_comparison_of_flip_and_static():
-    def variant(attainment, gpu_s, static_s=None):
-        return {"attainment": attainment, "gpu_seconds": gpu_s, "static_peak_gpu_seconds": static_s}
+    def variant(attainment, gpu_s, static_s=None, dollars=None, static_dollars=None):
+        return {"attainment": attainment, "gpu_seconds": gpu_s, "static_peak_gpu_seconds": static_s,
+                "dollars": dollars if dollars is not None else gpu_s / 10,
+                "static_peak_dollars": static_dollars}  # fmt: skip
 
-    out = eb.comparison({"elastic": variant(0.95, 60), "elastic-noflip": variant(0.9, 80),
+    out = eb.comparison({"elastic": variant(0.95, 60, dollars=3.0),
+                         "elastic-noflip": variant(0.9, 80),
                          "static-peak": variant(0.99, 100)})  # fmt: skip
     assert out["flip_minus_noflip"]["attainment"] == pytest.approx(0.05)
     assert out["flip_minus_noflip"]["gpu_seconds"] == -20
     assert out["elastic_over_static_gpu_seconds"] == 0.6
     assert out["elastic-noflip_over_static_gpu_seconds"] == 0.8
-    alone = eb.comparison({"elastic": variant(0.95, 60, static_s=120)})
+    assert out["elastic_over_static_dollars"] == pytest.approx(0.3)  # cheaper types: < GPU-s
+    alone = eb.comparison({"elastic": variant(0.95, 60, static_s=120, static_dollars=24.0)})
     assert alone["elastic_over_static_gpu_seconds"] == 0.5 and "static_basis" in alone
+    assert alone["elastic_over_static_dollars"] == pytest.approx(0.25)
 
 
 # -- the deployments and options ----------------------------------------------------------------
@@ -221,6 +247,44 @@ def test_each_variant_gets_its_deployment():
     peak = eb.serve_config(opt, "static-peak", static)
     assert peak["autoscale"] is None
     assert (peak["prefill"]["num_instances"], peak["decode"]["num_instances"]) == (4, 2)
+    assert elastic["autoscale"]["hardware"] is None  # one type: the config's own
+    assert static["prefill_hardware"] == static["decode_hardware"] == "A100-80GB"
+
+
+def test_mixed_hardware_flags_reach_the_autoscaler_and_the_static_plan():
+    opt = _options("--prefill-hardware", "L40S,A100-80GB", "--static-prefill", "2",
+                   "--static-decode", "1")  # fmt: skip
+    assert opt.types("prefill") == ("L40S", "A100-80GB") and opt.types("decode") == ("A100-80GB",)
+    static = eb.static_plan(opt, eb.build_trace(opt))
+    assert (static["prefill_hardware"], static["decode_hardware"]) == ("L40S", "A100-80GB")
+    catalog = load_catalog()
+    assert static["cost_per_hour"] == pytest.approx(
+        2 * catalog["L40S"].price_per_hour + catalog["A100-80GB"].price_per_hour
+    )
+    elastic = eb.serve_config(opt, "elastic", static)
+    assert elastic["autoscale"]["hardware"] == {"prefill": ["L40S", "A100-80GB"],
+                                                "decode": ["A100-80GB"]}  # fmt: skip
+    peak = eb.serve_config(opt, "static-peak", static)
+    assert peak["prefill"]["engine"]["emulation"]["hardware"] == "L40S"
+    assert peak["decode"]["engine"]["emulation"]["hardware"] == "A100-80GB"
+    assert "L40S|A100-80GB" in eb.describe(opt)
+
+
+def test_the_static_plan_over_mixed_types_is_the_cheapest_pair_meeting_every_phase():
+    argv = ("--phase-s", "20", "--phases", "1:chat,3:chat")
+    mixed = eb.static_plan(_options(*argv, "--decode-hardware", "A100-80GB,L40S"),
+                           eb.build_trace(_options(*argv)))  # fmt: skip
+    singles = {d: eb.static_plan(_options(*argv, "--decode-hardware", d),
+                                 eb.build_trace(_options(*argv)))
+               for d in ("A100-80GB", "L40S")}  # fmt: skip
+    assert mixed["decode_hardware"] in singles
+    chosen = singles[mixed["decode_hardware"]]
+    assert (mixed["num_prefill"], mixed["num_decode"]) == (chosen["num_prefill"],
+                                                           chosen["num_decode"])  # fmt: skip
+    meeting = [p["cost_per_hour"] for p in singles.values()
+               if all(r["meets_target"] for r in p["phases"])]  # fmt: skip
+    assert mixed["cost_per_hour"] == min(meeting)
+    assert "cheapest" in mixed["source"]
 
 
 def test_the_static_plan_is_the_planners_peak_of_each_pool():
@@ -254,6 +318,9 @@ def test_the_static_plan_is_the_planners_peak_of_each_pool():
         (["--min-gpus", "6", "--max-gpus", "4"], "--max-gpus"),
         (["--static-prefill", "2"], "--static-decode"),
         (["--model", "no-such-model"], "no-such-model"),
+        (["--prefill-hardware", "A100-80GB,B300"], "--prefill-hardware: unknown hardware"),
+        (["--decode-hardware", "L40S,L40S"], "--decode-hardware: give distinct"),
+        (["--decode-hardware", ","], "--decode-hardware"),
     ],
 )
 def test_bad_options_are_refused(argv, message):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from cluster.elastic.controller import Action, Controller
+from cluster.elastic.controller import Action, Controller, TypedSizes
 from cluster.elastic.settings import AutoscaleSettings
 from cluster.elastic.window import Observation, Window
 
@@ -327,3 +327,118 @@ def test_a_ttft_breach_grows_the_pool_where_the_late_requests_waited():
     c = controller(ScriptedModel(1, 1))  # only the late ones say where the time went
     assert c.decide(on_time, 1.0, observed(), current).actions == (
         Action("add", "prefill", "ttft_breach"),)  # fmt: skip
+
+
+# -- mixed hardware pools ---------------------------------------------------------------------
+
+
+class PairModel:
+    """A mixed-pools model: the pools (and whether they meet the SLOs) of each (prefill type,
+    decode type) pair, settable; without a pair asked for, `cheapest`'s."""
+
+    def __init__(self, pairs: dict, cheapest: tuple[str, str]):
+        self.pairs, self.cheapest = pairs, cheapest
+
+    def __call__(self, rate, input_lens, output_lens, hardware=None):
+        pair = self.cheapest if hardware is None else (hardware["prefill"], hardware["decode"])
+        n_p, n_d, meets = self.pairs[pair]
+        return TypedSizes(n_p, n_d, {"prefill": pair[0], "decode": pair[1]}, meets)
+
+
+def mixed(model, prefill=("A", "B"), decode=("A", "B"), **settings) -> Controller:
+    c = controller(model, **settings)
+    c.hardware = {"prefill": tuple(prefill), "decode": tuple(decode)}
+    return c
+
+
+def decide(c: Controller, by_type: dict, starting: dict | None = None, at: float = 10.0):
+    """One decision on pools given by type: {role: {type: instances}} (starting included)."""
+    starting = starting or {}
+    current = {r: sum(by_type[r].values()) for r in by_type}
+    pending = {r: sum(starting.get(r, {}).values()) for r in by_type}
+    return c.decide(observed(at=at), 1.0, observed(), current, pending, by_type,
+                    {r: starting.get(r, {}) for r in by_type})  # fmt: skip
+
+
+def test_mixed_pools_add_and_remove_the_chosen_type():
+    c = mixed(PairModel({("A", "A"): (3, 1, True)}, ("A", "A")), scale_down_after=1)
+    d = decide(c, {"prefill": {"A": 1}, "decode": {"A": 2}})
+    assert d.hardware == {"prefill": "A", "decode": "A"}
+    # decode's slack flips to prefill (one type for both roles), prefill adds the rest
+    assert d.actions == (Action("flip", "prefill", "forecast", "A"),
+                         Action("add", "prefill", "forecast", "A"))  # fmt: skip
+    with pytest.raises(ValueError, match="by_type"):
+        c.decide(observed(), 1.0, observed(), {"prefill": 1, "decode": 1})
+
+
+def test_a_cheaper_pair_is_taken_after_it_was_cheapest_in_a_row_and_migrates_make_before_break():
+    model = PairModel({("A", "A"): (2, 1, True), ("B", "A"): (1, 1, True)}, ("B", "A"))
+    c = mixed(model, scale_down_after=2)
+    pools = {"prefill": {"A": 2}, "decode": {"A": 1}}
+    d = decide(c, pools, at=10.0)
+    assert d.actions == () and d.hardware["prefill"] == "A"  # once: the forecast's noise?
+    assert "cheaper on B + A (1/2)" in d.reason
+    d = decide(c, pools, at=20.0)
+    assert d.hardware == {"prefill": "B", "decode": "A"}
+    assert d.actions == (Action("add", "prefill", "migrate", "B"),)  # the old ones stay
+    assert d.target == {"prefill": 3, "decode": 1}
+    starting = {"prefill": {"A": 2, "B": 1}, "decode": {"A": 1}}
+    d = decide(c, starting, {"prefill": {"B": 1}}, at=30.0)
+    assert d.actions == ()  # while the new one starts, the old ones serve
+    d = decide(c, starting, at=40.0)
+    assert d.actions == (Action("remove", "prefill", "migrate", "A"),) * 2
+    assert d.target == {"prefill": 1, "decode": 1}
+    d = decide(c, {"prefill": {"B": 1}, "decode": {"A": 1}}, at=50.0)
+    assert d.actions == () and d.hardware == {"prefill": "B", "decode": "A"}
+
+
+def test_a_chosen_pair_that_cannot_meet_the_slos_is_left_at_once():
+    model = PairModel({("A", "A"): (4, 1, False), ("A", "B"): (2, 2, True)}, ("A", "B"))
+    c = mixed(model, scale_down_after=5)
+    d = decide(c, {"prefill": {"A": 2}, "decode": {"A": 1}})
+    assert d.hardware == {"prefill": "A", "decode": "B"}
+    assert d.actions == (Action("add", "decode", "migrate", "B"),) * 2
+    assert "cannot meet" in d.reason
+
+
+def test_at_max_gpus_a_migration_drains_one_old_instance_before_each_new_one():
+    """Every type's devices count against max_gpus: with no room for the new type, one old
+    instance drains first; the new type then grows into the room it left."""
+    model = PairModel({("A", "A"): (2, 2, False), ("B", "A"): (2, 2, True)}, ("B", "A"))
+    c = mixed(model, max_gpus=4)
+    held = {"prefill": {"A": 2}, "decode": {"A": 2}}
+    d = decide(c, held, at=10.0)
+    assert d.actions == (Action("remove", "prefill", "migrate", "A"),)
+    assert d.target == {"prefill": 1, "decode": 2} and "no room" in d.reason
+    d = decide(c, {"prefill": {"A": 1}, "decode": {"A": 2}}, at=20.0)
+    assert d.actions == (Action("add", "prefill", "migrate", "B"),)  # fits: 1 A + 1 B + 2
+    d = decide(c, {"prefill": {"A": 1, "B": 1}, "decode": {"A": 2}}, at=30.0)
+    assert d.actions == (Action("remove", "prefill", "migrate", "A"),)  # no room for more B
+    d = decide(c, {"prefill": {"B": 1}, "decode": {"A": 2}}, at=40.0)
+    assert d.actions == (Action("add", "prefill", "forecast", "B"),)  # (migrated: growing)
+    # Devices per instance differ by role (a TP2 decode instance counts 2). The last serving
+    # instance of a role never drains: its replacement comes first, past max_gpus if it must
+    # (one instance per role is the least there is, as without mixed pools).
+    c = mixed(PairModel({("A", "A"): (1, 1, False), ("A", "B"): (1, 1, True)}, ("A", "B")),
+              max_gpus=4)  # fmt: skip
+    c.gpus = {"prefill": 1, "decode": 2}
+    d = decide(c, {"prefill": {"A": 1}, "decode": {"A": 1}})
+    assert d.actions == (Action("add", "decode", "migrate", "B"),)
+    d = decide(c, {"prefill": {"A": 1}, "decode": {"A": 1, "B": 1}}, at=20.0)
+    assert d.actions == (Action("remove", "decode", "migrate", "A"),)
+    assert d.target == {"prefill": 1, "decode": 1}
+
+
+def test_flips_only_between_instances_of_the_type_both_roles_chose():
+    same = PairModel({("A", "A"): (1, 3, True)}, ("A", "A"))
+    c = mixed(same, scale_down_after=1)
+    d = decide(c, {"prefill": {"A": 3}, "decode": {"A": 1}})
+    assert d.actions == (Action("flip", "decode", "forecast", "A"),
+                         Action("add", "decode", "forecast", "A"))  # fmt: skip
+    apart = PairModel({("A", "B"): (1, 3, True)}, ("A", "B"))
+    c = mixed(apart, scale_down_after=1)
+    d = decide(c, {"prefill": {"A": 3}, "decode": {"B": 1}})
+    expected = [Action("add", "decode", "forecast", "B")] * 2
+    expected.append(Action("remove", "prefill", "slack", "A"))
+    assert sorted(d.actions, key=str) == sorted(expected, key=str)
+    assert not any(a.kind == "flip" for a in d.actions)
