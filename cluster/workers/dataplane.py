@@ -337,11 +337,21 @@ class Peer:
             if event == zmq.EVENT_CONNECTED:
                 connected = True
             elif event == zmq.EVENT_CONNECT_RETRIED and not connected:
-                self._lose(PeerLost(f"{self.address} refused the connection"))
+                self._close_lost(PeerLost(f"{self.address} refused the connection"))
                 return
             elif event in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED) and connected:
-                self._lose(PeerLost(f"{self.address} disconnected"))
+                self._close_lost(PeerLost(f"{self.address} disconnected"))
                 return
+
+    def _close_lost(self, error: PeerLost) -> None:
+        """Lost for good: close the socket at once. Left open, ZeroMQ would retry the dead
+        address every 100 ms for ever, and its monitor events, which no one reads any more,
+        would fill the monitor's pipe; libzmq then blocks the context's I/O thread on the
+        next event, and every connection of this process stops (heartbeats included: its
+        peers see it disconnect minutes later)."""
+        self._lose(error)
+        self._tasks = [t for t in self._tasks if t is not asyncio.current_task()]
+        self.close(error)
 
     def _lose(self, error: PeerLost) -> None:
         if self.lost is not None:

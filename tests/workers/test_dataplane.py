@@ -195,6 +195,9 @@ def test_a_dead_or_hung_peer_fails_what_waits_on_it(how):
                 await call
             with pytest.raises(PeerLost):  # and the peer stays lost
                 await peer.call(LoadQuery(), Load)
+            # ... with its socket closed at once: no reconnecting to the dead address, and no
+            # monitor events left unread (libzmq would block the I/O thread on them).
+            assert peer._sock.closed and peer._monitor.closed
             peer.close()
 
         asyncio.run(main())
