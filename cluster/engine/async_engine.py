@@ -47,8 +47,20 @@ class AsyncLLMEngine:
         self._sinks: dict[str, _Sink] = {}
         self._error: BaseException | None = None
         self._stopped = False
+        self._observer: Callable[[], Any] | None = None
+        self.observed: Any = None  # the observer's latest result (observe)
         self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
         self._thread.start()
+
+    def observe(self, fn: Callable[[], Any]) -> None:
+        """Run fn() under the engine lock now and after every change (each call, each step);
+        its latest result is `observed`, read from any thread without waiting for a step.
+        Work only enters the engine through a call and only leaves it through a step, so
+        `observed` never shows an engine idler than it is (a worker's load report: a long
+        step must not look like a hang to the router's poll)."""
+        with self._work:
+            self._observer = fn
+            self.observed = fn()
 
     @classmethod
     def from_config(cls, config: EngineConfig | None = None) -> AsyncLLMEngine:
@@ -136,6 +148,8 @@ class AsyncLLMEngine:
         if self._stopped:
             raise RuntimeError("engine is shut down")
         result = fn(*args)
+        if self._observer is not None:
+            self.observed = self._observer()
         self._work.notify()
         return result
 
@@ -185,6 +199,8 @@ class AsyncLLMEngine:
                     self._error = e
                     self._fail_all(RuntimeError(f"engine failed: {e}"))
                     return
+                if self._observer is not None:
+                    self.observed = self._observer()
                 if self.engine.last_step_num_tokens == 0:
                     self._work.wait(_IDLE_WAIT_S)  # woken early by new work
                     continue

@@ -22,6 +22,7 @@ import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import msgspec
 import ray
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -124,6 +125,7 @@ class EngineWorker:
         # (tests, create_local) have no one to restart them: theirs stays failed.
         on_failure = _exit_instance if _in_ray_actor() else None
         self.engine = AsyncLLMEngine(self.llm, on_failure=on_failure)
+        self.engine.observe(self._load)
         self.node = socket.gethostname()
         self.registry = CollectorRegistry()
         labels = ("role", "instance")
@@ -232,8 +234,9 @@ class EngineWorker:
                 subscriber.wake.set()
 
     async def load(self) -> Load:
-        """What the router balances on; taken under the engine lock (off the event loop)."""
-        return await self.engine.acall(self._load)
+        """What the router balances on: as of the engine's last change (AsyncLLMEngine.observe),
+        so it is answered at once even while a long step runs."""
+        return msgspec.structs.replace(self.engine.observed)
 
     def _load(self) -> Load:
         scheduler = self.llm.scheduler

@@ -360,6 +360,47 @@ def test_async_streams_and_cancels(tiny_model_dir):
         engine.shutdown()
 
 
+def test_what_is_observed_is_read_during_a_long_step_and_never_idler_than_the_engine(
+    tiny_model_dir,
+):
+    """A worker's load report (AsyncLLMEngine.observe) answers while a step holds the engine
+    lock (here a forward made 2 s long by a fault point): the router's poll must not take a
+    long step for a hang. It shows the request that step runs, never an idle engine."""
+    import threading
+    import time
+
+    sync = LLMEngine(EngineConfig(model=str(tiny_model_dir), fault_injection=True))
+    engine = AsyncLLMEngine(sync)
+    engine.observe(lambda: len(sync.scheduler.waiting) + len(sync.scheduler.running))
+    assert engine.observed == 0
+    sync.faults.arm("engine.forward", "sleep:2.0", match="long")
+    stepping = threading.Event()
+
+    async def main():
+        async def run():
+            async for _ in engine.generate(PROMPTS[0], GREEDY, request_id="long"):
+                stepping.set()
+
+        task = asyncio.ensure_future(run())
+        while sync.faults.hits("engine.forward") == 0:  # the long step has begun
+            await asyncio.sleep(0.01)
+        started = time.monotonic()
+        seen = engine.observed  # no lock: at once
+        assert time.monotonic() - started < 0.5 and not engine.try_call(lambda: None)[0]
+        assert seen == 1  # the request in that step
+        await task
+        for _ in range(500):  # its last step's update lands just after its last output
+            if engine.observed == 0:
+                return 0
+            await asyncio.sleep(0.01)
+        return engine.observed
+
+    try:
+        assert asyncio.run(main()) == 0  # it finished: observed after the last step
+    finally:
+        engine.shutdown()
+
+
 def test_bucket_by_length_bounds_padding():
     from cluster.engine.model_runner import bucket_by_length
 
