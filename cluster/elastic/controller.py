@@ -24,12 +24,13 @@ pools as they are (no clock, no I/O: tests script it).
                  a flip (drain, change role), not a stop and a start
     hardware     mixed pools (`autoscale.hardware`): the model sizes every pair of allowed
                  types and the cheapest meeting the SLOs is chosen, after it was the cheapest
-                 `scale_down_after` decisions in a row (at once when the chosen pair cannot
-                 meet them). Every rule above counts the chosen type's instances; the others'
-                 count against max_gpus while they serve on. A role whose chosen type changes
-                 migrates make-before-break: the new type is added, and once none of it is
-                 starting and the target needs no more of it, the other types' instances go
-                 (cause `migrate`). Flips only within one type chosen by both roles
+                 `scale_down_after` decisions in a row and over `scale_down_window_s` (at once
+                 when the chosen pair cannot meet them). Every rule above counts the chosen
+                 type's instances; the others' count against max_gpus while they serve on.
+                 A role whose chosen type changes migrates make-before-break: the new type
+                 is added, and once none of it is starting and the target needs no more of
+                 it, the other types' instances go (cause `migrate`). Flips only within one
+                 type chosen by both roles
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ class Controller:
     hardware: dict[str, tuple[str, ...]] | None = None
     _chosen: dict[str, str] = field(default_factory=dict)  # each role's type (mixed pools)
     _votes: int = 0  # decisions in a row whose cheapest pair was not the chosen one
+    _cheaper: tuple | None = None  # (that pair, when it first was the cheapest in the row)
     _slack: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ROLES, 0))
     _grew_at: dict[str, float] = field(default_factory=dict)  # when each pool last grew
     _growing: set[str] = field(default_factory=set)  # grew, the new instance not serving yet
@@ -145,7 +147,7 @@ class Controller:
         if self.hardware is not None:
             if by_type is None:
                 raise ValueError("mixed pools: decide needs the counts by type (by_type)")
-            sizes = self._choose(forecast, lens, by_type, why)
+            sizes = self._choose(forecast, lens, by_type, recent.end, why)
             mix = _Mix.of(dict(self._chosen), by_type, pending_by_type or
                           {r: {} for r in ROLES})  # fmt: skip
             current = mix.current
@@ -315,11 +317,14 @@ class Controller:
         return {"prefill": sizes.num_prefill, "decode": sizes.num_decode}
 
     def _choose(self, forecast: float, lens: tuple | None, by_type: dict[str, dict[str, int]],
-                why: list[str]) -> TypedSizes | None:  # fmt: skip
+                now: float, why: list[str]) -> TypedSizes | None:  # fmt: skip
         """Mixed pools: each role's type, and the model's pools on it. The cheapest pair
-        replaces the chosen one after `scale_down_after` decisions in a row (against the
-        forecast's noise: a migration moves every instance), or at once when the chosen pair
-        cannot meet the SLOs. At first, the types most instances run on."""
+        replaces the chosen one once it was the cheapest for `scale_down_after` decisions in
+        a row and over `scale_down_window_s` (a migration moves every instance: near the
+        boundary between two pairs, the samples' noise alone makes either the cheapest), or
+        at once when the chosen pair cannot meet the SLOs. At first, the types most
+        instances run on."""
+        s = self.settings
         if not self._chosen:
             self._chosen = {r: max(self.hardware[r], key=lambda t, r=r: (
                 by_type[r].get(t, 0), -self.hardware[r].index(t))) for r in ROLES}  # fmt: skip
@@ -327,17 +332,23 @@ class Controller:
             return None
         best = self.sizer(forecast, *lens)
         if best.hardware == self._chosen:
-            self._votes = 0
+            self._votes, self._cheaper = 0, None
             return best
         here = self.sizer(forecast, *lens, hardware=dict(self._chosen))
+        if self._cheaper is None or self._cheaper[0] != best.hardware:
+            self._votes, self._cheaper = 0, (dict(best.hardware), now)  # a new row
         self._votes += 1
+        held = now - self._cheaper[1]
         new = f"{best.hardware['prefill']} + {best.hardware['decode']}"
-        if self._votes < self.settings.scale_down_after and here.meets_target:
-            why.append(f"cheaper on {new} ({self._votes}/{self.settings.scale_down_after})")
+        if (self._votes < s.scale_down_after or held < s.scale_down_window_s) and \
+                here.meets_target:  # fmt: skip
+            window = f", {held:.0f} of {s.scale_down_window_s:.0f} s" if s.scale_down_window_s \
+                else ""  # fmt: skip
+            why.append(f"cheaper on {new} ({self._votes}/{s.scale_down_after}{window})")
             return here
         why.append(f"hardware -> {new}" + ("" if here.meets_target else
                                           " (the chosen pair cannot meet the SLOs)"))  # fmt: skip
-        self._chosen, self._votes = dict(best.hardware), 0
+        self._chosen, self._votes, self._cheaper = dict(best.hardware), 0, None
         self._recommended.clear()  # (sizes of the other types)
         return best
 

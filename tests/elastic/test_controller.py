@@ -392,6 +392,33 @@ def test_a_cheaper_pair_is_taken_after_it_was_cheapest_in_a_row_and_migrates_mak
     assert d.actions == () and d.hardware == {"prefill": "B", "decode": "A"}
 
 
+def test_a_cheaper_pair_must_stay_the_cheapest_over_the_stabilization_window():
+    """Near the boundary between two pairs the samples' noise makes either the cheapest:
+    the row restarts whenever another pair (or the chosen one) is the cheapest, and a switch
+    also needs the row to last scale_down_window_s (seen: a decode pool migrating L40S <->
+    A100 every 40 s)."""
+    model = PairModel({("A", "A"): (1, 1, True), ("A", "B"): (1, 1, True),
+                       ("B", "A"): (1, 1, True)}, ("A", "B"))  # fmt: skip
+    c = mixed(model, scale_down_after=2, scale_down_window_s=30.0)
+    pools = {"prefill": {"A": 1}, "decode": {"A": 1}}
+    for at in (10.0, 20.0, 30.0):  # 3 in a row, but only 20 s of the 30
+        d = decide(c, pools, at=at)
+        assert d.hardware == {"prefill": "A", "decode": "A"} and d.actions == ()
+    assert "cheaper on A + B (3/2, 20 of 30 s)" in d.reason
+    model.cheapest = ("B", "A")  # another pair is the cheapest now: a new row
+    d = decide(c, pools, at=40.0)
+    assert "cheaper on B + A (1/2, 0 of 30 s)" in d.reason
+    model.cheapest = ("A", "A")  # the chosen pair again: the row ends
+    decide(c, pools, at=50.0)
+    model.cheapest = ("A", "B")
+    for at in (60.0, 70.0, 80.0):
+        d = decide(c, pools, at=at)
+        assert d.hardware == {"prefill": "A", "decode": "A"}
+    d = decide(c, pools, at=90.0)  # cheapest since 60 s: 30 s, 4 decisions
+    assert d.hardware == {"prefill": "A", "decode": "B"}
+    assert d.actions == (Action("add", "decode", "migrate", "B"),)
+
+
 def test_a_chosen_pair_that_cannot_meet_the_slos_is_left_at_once():
     model = PairModel({("A", "A"): (4, 1, False), ("A", "B"): (2, 2, True)}, ("A", "B"))
     c = mixed(model, scale_down_after=5)
