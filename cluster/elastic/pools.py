@@ -51,8 +51,8 @@ class ElasticPools:
         self.clock = clock
         self.hardware = hardware or dict.fromkeys(gpus)
         self.prices = prices or {}
-        self.starting = dict.fromkeys(gpus, 0)  # instances coming (started, or flipping in)
-        self.starting_by_type = {role: Counter() for role in gpus}  # ... by type
+        # instances coming (started, or flipping in), by role and device type
+        self.starting_by_type = {role: Counter() for role in gpus}
         self.num_moved = 0  # requests moved off an instance whose drain timed out
         self._types = {i.client: self.hardware.get(i.role) for i in router.instances}
         self._held: Counter = Counter()  # devices now, by type
@@ -73,6 +73,11 @@ class ElasticPools:
             + sum(1 for i in self.router.pool(role) if i.healthy and not i.draining)
             for role in self.gpus
         }  # fmt: skip
+
+    @property
+    def starting(self) -> dict[str, int]:
+        """Instances coming (started, or flipping in), by role."""
+        return {role: c.total() for role, c in self.starting_by_type.items()}
 
     def counts_by_type(self) -> dict[str, dict[str | None, int]]:
         """counts(), split by device type."""
@@ -136,7 +141,6 @@ class ElasticPools:
     async def add(self, role: str, hardware: str | None = None) -> Instance:
         """Start an instance of `role` on `hardware` (default: the role's type)."""
         hardware = hardware if hardware is not None else self.hardware.get(role)
-        self.starting[role] += 1
         self.starting_by_type[role][hardware] += 1
         self._hold(hardware, self.gpus[role])
         client = None
@@ -154,7 +158,6 @@ class ElasticPools:
             self._hold(hardware, -self.gpus[role])
             raise
         finally:
-            self.starting[role] -= 1
             self.starting_by_type[role][hardware] -= 1
         logger.info("elastic: %s started%s", instance.instance_id, _on(hardware))
         return instance
@@ -190,7 +193,6 @@ class ElasticPools:
             return await self.add(role, hardware)
         instance = self._take(other, instance, hardware)
         kind = self.hardware_of(instance)
-        self.starting[role] += 1
         self.starting_by_type[role][kind] += 1
         try:
             try:
@@ -207,7 +209,6 @@ class ElasticPools:
             flipped = Instance(new_id, role, client)
             self.router.add_instance(flipped)
         finally:
-            self.starting[role] -= 1
             self.starting_by_type[role][kind] -= 1
         self._hold(kind, self.gpus[role] - self.gpus[other])
         logger.info("elastic: %s is now %s%s", instance.instance_id, new_id, _on(kind))
