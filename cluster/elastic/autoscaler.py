@@ -116,8 +116,7 @@ class Autoscaler:
         run = {"add": pools.add, "remove": pools.remove, "flip": pools.flip}[action.kind]
         self.router.metrics.scaled(action.kind, action.role, action.cause)
         try:
-            await (run(action.role) if action.hardware is None
-                   else run(action.role, hardware=action.hardware))  # fmt: skip
+            await run(action.role, hardware=action.hardware)
         except ValueError as e:  # refused (the last of a role, an instance that cannot flip)
             logger.warning("autoscale: %s refused: %s", _action(action), e)
         except Exception:  # noqa: BLE001 - a failed start or drain: the next decision retries

@@ -145,8 +145,7 @@ class ElasticPools:
         self._hold(hardware, self.gpus[role])
         client = None
         try:
-            start = self.launcher.start
-            _, client = await (start(role) if hardware is None else start(role, hardware=hardware))
+            _, client = await self.launcher.start(role, hardware)
             self._types[client] = hardware
             info = await client.connect()
             instance = Instance(info.instance_id, role, client)
