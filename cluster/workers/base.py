@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import itertools
 import logging
 import os
@@ -43,7 +44,7 @@ from cluster.workers.ranks import agent_kwargs, start_followers
 from cluster.workers.registry import RayKVRegistry
 
 _HEARTBEAT_INTERVAL_S = 10.0  # an idle parallel instance's leader checks on its ranks
-_KV_EVENTS_INTERVAL_S = 0.005  # prefix-cache events go to subscribers this often
+_KV_EVENTS_INTERVAL_S = 0.01  # prefix-cache events go to subscribers at most this often
 _LATENCY_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -153,7 +154,8 @@ class EngineWorker:
         self._housekeeping: list[threading.Thread] = []
         self.server: Server | None = None  # the data plane (started by ready())
         self._kv_subscribers: set[_Subscriber] = set()  # kv_events() streams open
-        self._kv_pump: asyncio.Future | None = None
+        self._kv_flush: asyncio.TimerHandle | None = None  # the next send of KV events
+        self._kv_flushed = 0.0  # (loop time) the last one
         if self.rank_followers:
             # Often enough that idle followers, waiting in a broadcast, never time out.
             every = min(_HEARTBEAT_INTERVAL_S, engine_config.dist_timeout_s / 3)
@@ -201,8 +203,8 @@ class EngineWorker:
         evicted. Registered before the snapshot is taken, so no event falls between."""
         bm = self.llm.block_manager
         if bm.events is None:
-            bm.events = KVEventLog()
-            self._kv_pump = asyncio.ensure_future(self._pump_kv_events())
+            loop = asyncio.get_running_loop()
+            bm.events = KVEventLog(on_ready=lambda: _call_soon(loop, self._kv_events_ready))
         subscriber = _Subscriber()
         self._kv_subscribers.add(subscriber)
         try:
@@ -221,17 +223,26 @@ class EngineWorker:
         finally:
             self._kv_subscribers.discard(subscriber)
 
-    async def _pump_kv_events(self) -> None:
+    def _kv_events_ready(self) -> None:
+        """The engine recorded events since the last flush: send them, at most once every
+        _KV_EVENTS_INTERVAL_S (a busy engine's events go out in batches; an idle one's
+        loop is never woken for them)."""
+        if self._kv_flush is None and self.llm.block_manager.events is not None:
+            loop = asyncio.get_running_loop()
+            delay = self._kv_flushed + _KV_EVENTS_INTERVAL_S - loop.time()
+            self._kv_flush = loop.call_later(max(delay, 0.0), self._flush_kv_events)
+
+    def _flush_kv_events(self) -> None:
         """Move the engine's events to every subscriber (none: they are dropped)."""
+        self._kv_flush = None
+        self._kv_flushed = asyncio.get_running_loop().time()
         log = self.llm.block_manager.events
-        while True:
-            await asyncio.sleep(_KV_EVENTS_INTERVAL_S)
-            events = log.drain()
-            if not events:
-                continue
-            for subscriber in self._kv_subscribers:
-                subscriber.pending.extend(events)
-                subscriber.wake.set()
+        events = log.drain() if log is not None else ()
+        if not events:
+            return
+        for subscriber in self._kv_subscribers:
+            subscriber.pending.extend(events)
+            subscriber.wake.set()
 
     async def load(self) -> Load:
         """What the router balances on: as of the engine's last change (AsyncLLMEngine.observe),
@@ -301,9 +312,9 @@ class EngineWorker:
 
     async def shutdown(self) -> None:
         self._closed.set()
-        if self._kv_pump is not None:
-            self._kv_pump.cancel()
-            self.llm.block_manager.events = None  # (a next role's worker starts its own)
+        if self._kv_flush is not None:
+            self._kv_flush.cancel()
+        self.llm.block_manager.events = None  # (a next role's worker starts its own)
         if self.server is not None:
             self.server.close()
         await asyncio.to_thread(self.engine.shutdown)
@@ -387,6 +398,12 @@ _LIVE: weakref.WeakSet = weakref.WeakSet()
 def _stop_all_housekeeping() -> None:
     for worker in list(_LIVE):
         worker._stop_housekeeping(timeout_s=2.0)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn) -> None:
+    """fn() on `loop` from another thread; nothing once the loop is closed (shut down)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn)
 
 
 def _data_plane_host() -> str:

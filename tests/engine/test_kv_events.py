@@ -156,6 +156,28 @@ def test_eviction_announces_each_cached_block_removed():
     assert bm.cached_hashes() == []
 
 
+def test_log_wakes_its_consumer_once_per_drain_and_merges_adjacent_removals():
+    woken = []
+    log = KVEventLog(on_ready=lambda: woken.append(1))
+    log.append(BlockStored([b"a", b"b"]))
+    log.append(BlockRemoved([b"x"]))
+    log.append(BlockRemoved([b"y"]))
+    assert len(woken) == 1  # an engine step's many events wake the worker once
+    assert log.drain() == [(1, BlockStored([b"a", b"b"])), (3, BlockRemoved([b"x", b"y"]))]
+    assert log.drain() == []  # nothing appended: nothing to wake for
+    assert len(woken) == 1
+    log.append(BlockRemoved([b"z"]))
+    log.append(BlockStored([b"x"]))
+    log.append(BlockRemoved([b"a"]))
+    assert len(woken) == 2
+    # a removal is never merged across a store: the index sees them in order
+    assert [e for _, e in log.drain()] == [
+        BlockRemoved([b"z"]),
+        BlockStored([b"x"]),
+        BlockRemoved([b"a"]),
+    ]
+
+
 def test_reset_prefix_cache_is_one_all_blocks_cleared():
     bm = with_events(BlockManager(12, BS))
     for i in range(3):
