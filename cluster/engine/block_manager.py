@@ -163,11 +163,15 @@ class BlockManager:
             self._take(block_id)
             table.append(block_id)
         total = request.num_computed_tokens + len(cached_ids) * self.block_size + num_new_tokens
+        evicted = []
         for _ in range(self.num_blocks_needed(total) - len(table)):
             block_id = next(iter(self.free_queue))
-            self._evict(block_id)
+            if (block_hash := self._evict(block_id)) is not None:
+                evicted.append(block_hash)
             self._take(block_id)
             table.append(block_id)
+        if evicted and self.events is not None:  # one event for the allocation's evictions
+            self.events.append(BlockRemoved(evicted))
         return True
 
     def free(self, request_id: str) -> None:
@@ -181,7 +185,7 @@ class BlockManager:
 
     def reset_prefix_cache(self) -> None:
         for block_id in list(self.cached_block_ids.values()):
-            self._evict(block_id, announce=False)  # one AllBlocksCleared, not a removal each
+            self._evict(block_id)  # one AllBlocksCleared, not a removal each
         if self.events is not None:
             self.events.append(AllBlocksCleared())
 
@@ -202,13 +206,15 @@ class BlockManager:
             del self.free_queue[block_id]
         block.ref_count += 1
 
-    def _evict(self, block_id: int, announce: bool = True) -> None:
+    def _evict(self, block_id: int) -> bytes | None:
+        """Make the block blank; the hash it took out of the prefix cache, if any."""
         block = self.blocks[block_id]
+        removed = None
         if block.hash is not None and self.cached_block_ids.get(block.hash) == block_id:
             del self.cached_block_ids[block.hash]
-            if announce and self.events is not None:
-                self.events.append(BlockRemoved([block.hash]))
+            removed = block.hash
         block.hash, block.parent_hash, block.token_ids = None, None, ()
+        return removed
 
     # -- integrity --------------------------------------------------------------------------
 

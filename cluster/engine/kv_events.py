@@ -8,7 +8,7 @@ which instance holds how much of it, and tenants with different salts never shar
 Unlike vLLM's BlockStored, no token ids travel: a chained hash already names its prefix.
 
     engine thread: block manager records (seq, event) ─▶ KVEventLog (a deque: thread-safe);
-                   the first event since the last drain calls on_ready (wakes the worker)
+                   an event into an empty log calls on_ready (wakes the worker)
     worker loop:   drains it (at most every few ms) ─▶ each subscriber's stream (KVEventBatch)
     a new subscriber first gets a snapshot (AllBlocksCleared + BlockStored of every cached
     block) taken under the engine lock with the log's seq at that moment; it then skips
@@ -55,32 +55,27 @@ class KVEventBatch(msgspec.Struct, frozen=True):
 class KVEventLog:
     """Events the engine thread appends and one consumer (the worker) drains; each event
     carries a sequence number so a snapshot can say where it stands. `on_ready()` is called
-    on the appending thread by the first event after a drain: the consumer is woken only
-    when there is something to send, never polls an idle engine."""
+    on the appending thread by an event into an empty log: the consumer is woken only when
+    there is something to send, never polls an idle engine."""
 
     def __init__(self, maxlen: int = 1 << 20, on_ready=None):
         self._events: deque[tuple[int, KVEvent]] = deque(maxlen=maxlen)
         self._seq = itertools.count(1)
         self.last_seq = 0  # the latest event's seq (read under the engine lock)
         self._on_ready = on_ready
-        self._armed = True  # the next append calls on_ready
 
     def append(self, event: KVEvent) -> None:
+        # An event into an empty log wakes the consumer; one into a non-empty log comes out
+        # with the events before it (a drain under way takes it too, or it finds the log
+        # empty and wakes the consumer again).
+        wake = not self._events and self._on_ready is not None
         self.last_seq = next(self._seq)
         self._events.append((self.last_seq, event))
-        if self._armed and self._on_ready is not None:
-            self._armed = False
+        if wake:
             self._on_ready()
 
     def drain(self) -> list[tuple[int, KVEvent]]:
-        """Every event not drained yet, adjacent removals merged into one. Re-armed first:
-        an event appended while this runs either comes out now or calls on_ready again."""
-        self._armed = True
-        out: list[tuple[int, KVEvent]] = []
+        out = []
         while self._events:
-            seq, event = self._events.popleft()
-            if out and type(event) is BlockRemoved and type(out[-1][1]) is BlockRemoved:
-                event = BlockRemoved(out[-1][1].block_hashes + event.block_hashes)
-                out.pop()
-            out.append((seq, event))
+            out.append(self._events.popleft())
         return out

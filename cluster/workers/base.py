@@ -236,8 +236,7 @@ class EngineWorker:
         """Move the engine's events to every subscriber (none: they are dropped)."""
         self._kv_flush = None
         self._kv_flushed = asyncio.get_running_loop().time()
-        log = self.llm.block_manager.events
-        events = log.drain() if log is not None else ()
+        events = self.llm.block_manager.events.drain()  # (shutdown cancels a flush)
         if not events:
             return
         for subscriber in self._kv_subscribers:
